@@ -1,0 +1,190 @@
+//! `out[T, N] (+)= x[T, K] · Wᵀ` for weights in any stored format, on the rayon pool.
+//!
+//! Work is split over the rows of W (output columns), so each thread streams its own slice
+//! of the weights exactly once per step whatever T is: decode is bound by reading weights,
+//! and prefill reuses each converted row for every token. With few tokens a row is consumed
+//! in its stored format (converted in registers); with four or more the rows of a chunk are
+//! first widened to f32 in a per-thread scratch and then shared by four tokens at a time.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::simd;
+use super::CpuWeight;
+use crate::quant::{dequantize_row, DType};
+
+/// A raw output pointer that rayon jobs may share: each job writes a disjoint set of
+/// columns, so no element is written by two jobs.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: see above — jobs write disjoint elements and the owner waits for all of them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+thread_local! {
+    /// Per-thread f32 copy of the weight rows being processed.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Rows of W handed to one job.
+const MIN_ROWS_PER_JOB: usize = 16;
+
+/// Computes `out[t, n] = Σ_k x[t, k]·W[n, k]` (or adds it when `accumulate`) for `t < rows`.
+/// `x` has row stride K = `w.cols`; `out` has row stride N = `w.rows`.
+pub fn matmul(x: &[f32], w: &CpuWeight, rows: usize, out: &mut [f32], accumulate: bool) {
+    let (n, k) = (w.rows, w.cols);
+    assert!(x.len() >= rows * k && out.len() >= rows * n, "matmul buffers too small");
+    let threads = rayon::current_num_threads().max(1);
+    let per_job = (n / (threads * 8)).max(MIN_ROWS_PER_JOB);
+    // (part, first row in part, row count, first output column)
+    let mut jobs = Vec::with_capacity(n / per_job + w.parts.len());
+    let mut col = 0;
+    for (p, part) in w.parts.iter().enumerate() {
+        let part_rows = part.rows_cols().0;
+        let mut r = 0;
+        while r < part_rows {
+            let len = per_job.min(part_rows - r);
+            jobs.push((p, r, len, col + r));
+            r += len;
+        }
+        col += part_rows;
+    }
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    jobs.par_iter().for_each(|&(p, r0, len, c0)| {
+        let part = &w.parts[p];
+        let row_bytes = part.dtype.bytes_for(k).expect("validated at load");
+        let data = &part.data.as_slice()[r0 * row_bytes..(r0 + len) * row_bytes];
+        let out_ptr = out_ptr;
+        let store = |t: usize, c: usize, v: f32| {
+            // SAFETY: t < rows and c < n, inside `out`; columns c0..c0+len belong to this job.
+            unsafe {
+                let p = out_ptr.0.add(t * n + c);
+                if accumulate {
+                    *p += v;
+                } else {
+                    *p = v;
+                }
+            }
+        };
+        if rows < 4 && !part.dtype.is_quantized() {
+            for (i, row) in data.chunks_exact(row_bytes).enumerate() {
+                for t in 0..rows {
+                    let xt = &x[t * k..(t + 1) * k];
+                    let v = match part.dtype {
+                        DType::BF16 => simd::dot_bf16(xt, row),
+                        DType::F16 => simd::dot_f16(xt, row),
+                        DType::F32 => simd::dot_f32_bytes(xt, row),
+                        _ => unreachable!(),
+                    };
+                    store(t, c0 + i, v);
+                }
+            }
+            return;
+        }
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < len * k {
+                s.resize(len * k, 0.0);
+            }
+            for (i, row) in data.chunks_exact(row_bytes).enumerate() {
+                widen(part.dtype, row, &mut s[i * k..(i + 1) * k]);
+            }
+            for i in 0..len {
+                let wr = &s[i * k..(i + 1) * k];
+                let mut t = 0;
+                while t + 4 <= rows {
+                    let xs = [0, 1, 2, 3].map(|j| &x[(t + j) * k..(t + j + 1) * k]);
+                    let v = simd::dot4_f32(wr, xs);
+                    for j in 0..4 {
+                        store(t + j, c0 + i, v[j]);
+                    }
+                    t += 4;
+                }
+                while t < rows {
+                    store(t, c0 + i, simd::dot_f32(wr, &x[t * k..(t + 1) * k]));
+                    t += 1;
+                }
+            }
+        });
+    });
+}
+
+/// Widens one stored row to f32.
+fn widen(dtype: DType, src: &[u8], dst: &mut [f32]) {
+    match dtype {
+        DType::BF16 => simd::bf16_to_f32(src, dst),
+        DType::F16 => simd::f16_to_f32(src, dst),
+        _ => dequantize_row(dtype, src, dst),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::{Bytes, HostTensor};
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn tensor(name: &str, dtype: DType, rows: usize, cols: usize, v: &[f32]) -> HostTensor {
+        let bytes: Vec<u8> = match dtype {
+            DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            DType::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+            DType::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+            _ => unreachable!(),
+        };
+        HostTensor {
+            name: name.into(),
+            dtype,
+            shape: vec![rows, cols],
+            data: Bytes::from_vec(bytes),
+        }
+    }
+
+    /// Naive reference over the dequantized weights.
+    fn reference(x: &[f32], w: &[f32], t: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut out = vec![0.0; t * n];
+        for i in 0..t {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|l| x[i * k + l] * w[j * k + l]).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_reference_on_odd_shapes_and_stacked_parts() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for &(t, n1, n2, k) in &[(1, 1, 7, 33), (3, 33, 1, 7), (7, 40, 17, 64), (5, 4097, 3, 9)] {
+                let w1 = tensor("a", dtype, n1, k, &values(n1 * k, 1));
+                let w2 = tensor("b", dtype, n2, k, &values(n2 * k, 2));
+                let w = CpuWeight::new(&[&w1, &w2]).unwrap();
+                let x = values(t * k, 3);
+                let mut dense = w1.to_f32();
+                dense.extend(w2.to_f32());
+                let want = reference(&x, &dense, t, n1 + n2, k);
+                let mut out = vec![1.0; t * (n1 + n2)];
+                matmul(&x, &w, t, &mut out, false);
+                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{dtype} t={t} k={k} [{i}] {a} vs {b}");
+                }
+                // Accumulate adds onto what is there.
+                let mut acc = vec![1.0; t * (n1 + n2)];
+                matmul(&x, &w, t, &mut acc, true);
+                for (a, b) in acc.iter().zip(&want) {
+                    assert!((a - (b + 1.0)).abs() <= 1e-4 * (1.0 + b.abs()));
+                }
+            }
+        }
+    }
+}

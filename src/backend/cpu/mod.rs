@@ -1,0 +1,327 @@
+//! The CPU backend: f32 activations in host memory, weights read in place from the memory
+//! map, work spread over a rayon pool of `--threads` threads.
+//!
+//! Kernels: [`matmul`] (all weight formats), [`attention`] (paged, causal, GQA), and the
+//! row-wise ops in this file. SIMD lives in [`simd`], chosen at run time.
+
+pub mod attention;
+pub mod matmul;
+pub mod simd;
+
+use rayon::prelude::*;
+
+use super::{AttentionDims, Backend, Batch, KvLayout};
+use crate::error::{Error, Result};
+use crate::loader::HostTensor;
+use crate::quant::dequantize_row;
+
+/// The CPU backend.
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+}
+
+impl CpuBackend {
+    /// A backend on `threads` threads (0 = one per core).
+    pub fn new(threads: usize) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("wick-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::Device(format!("cannot start {threads} CPU threads: {e}")))?;
+        Ok(CpuBackend { pool })
+    }
+
+    /// Number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+}
+
+/// An f32 activation matrix.
+pub struct CpuTensor {
+    data: Vec<f32>,
+    cols: usize,
+}
+
+impl CpuTensor {
+    /// The first `rows` rows.
+    pub fn rows(&self, rows: usize) -> &[f32] {
+        &self.data[..rows * self.cols]
+    }
+}
+
+/// A weight: one or more stored tensors stacked by rows, read in place.
+pub struct CpuWeight {
+    parts: Vec<HostTensor>,
+    /// Total rows (N of a matmul).
+    rows: usize,
+    /// Columns (K of a matmul).
+    cols: usize,
+    /// An f32 copy when the weight is a single vector (norm weights are read every step).
+    vector: Option<Vec<f32>>,
+}
+
+impl CpuWeight {
+    /// Stacks `parts` by rows; they must agree on the number of columns.
+    pub fn new(parts: &[&HostTensor]) -> Result<Self> {
+        let first = parts
+            .first()
+            .ok_or_else(|| Error::UnsupportedModel("empty weight".into()))?;
+        let cols = first.rows_cols().1;
+        let mut rows = 0;
+        for p in parts {
+            let (r, c) = p.rows_cols();
+            if c != cols {
+                return Err(Error::ShapeMismatch {
+                    name: p.name.clone(),
+                    expected: vec![r, cols],
+                    found: p.shape.clone(),
+                });
+            }
+            if p.dtype.bytes_for(c).is_none() {
+                return Err(Error::UnsupportedModel(format!(
+                    "tensor `{}`: rows of {c} elements are not whole {} blocks",
+                    p.name, p.dtype
+                )));
+            }
+            rows += r;
+        }
+        let vector = (parts.len() == 1 && first.shape.len() == 1).then(|| first.to_f32());
+        Ok(CpuWeight {
+            parts: parts.iter().map(|p| (*p).clone()).collect(),
+            rows,
+            cols,
+            vector,
+        })
+    }
+
+    /// Dequantizes row `r` into `dst`.
+    fn row_to_f32(&self, mut r: usize, dst: &mut [f32]) {
+        for p in &self.parts {
+            let pr = p.rows_cols().0;
+            if r < pr {
+                let rb = p.dtype.bytes_for(self.cols).expect("validated");
+                dequantize_row(p.dtype, &p.data.as_slice()[r * rb..(r + 1) * rb], dst);
+                return;
+            }
+            r -= pr;
+        }
+        panic!("row out of range");
+    }
+
+    fn vector(&self) -> &[f32] {
+        self.vector.as_deref().expect("a norm weight is a vector")
+    }
+}
+
+/// K and V pools of every layer, f32, `[num_blocks · block_size, Hkv · D]` each.
+pub struct CpuKvCache {
+    layout: KvLayout,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+/// `out = x / rms(x) * w` on one row.
+fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ss + eps).sqrt();
+    for ((o, xi), wi) in out.iter_mut().zip(x).zip(w) {
+        *o = xi * inv * wi;
+    }
+}
+
+/// Rotate-half RoPE of one head at angles given by `cos`/`sin` (`[D/2]` each).
+fn rope_head(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    let (a, b) = x.split_at_mut(half);
+    for i in 0..half {
+        let (x0, x1) = (a[i], b[i]);
+        a[i] = x0 * cos[i] - x1 * sin[i];
+        b[i] = x1 * cos[i] + x0 * sin[i];
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+    type KvCache = CpuKvCache;
+
+    fn describe(&self) -> String {
+        format!("cpu ({} threads, {})", self.threads(), simd::isa_name())
+    }
+
+    fn weight(&self, parts: &[&HostTensor]) -> Result<CpuWeight> {
+        CpuWeight::new(parts)
+    }
+
+    fn tensor(&self, rows: usize, cols: usize) -> CpuTensor {
+        CpuTensor {
+            data: vec![0.0; rows * cols],
+            cols,
+        }
+    }
+
+    fn kv_cache(&self, layout: KvLayout) -> Result<CpuKvCache> {
+        let n = layout.num_blocks * layout.block_size * layout.num_kv_heads * layout.head_dim;
+        // Zeroed allocations are mapped lazily by the OS: unused blocks cost no memory.
+        Ok(CpuKvCache {
+            layout,
+            k: (0..layout.num_layers).map(|_| vec![0.0; n]).collect(),
+            v: (0..layout.num_layers).map(|_| vec![0.0; n]).collect(),
+        })
+    }
+
+    fn begin_step(&self, batch: &Batch) {
+        debug_assert!(batch.num_tokens() > 0);
+    }
+
+    fn embed(&self, table: &CpuWeight, batch: &Batch, out: &mut CpuTensor) {
+        let c = out.cols;
+        assert_eq!(table.cols, c);
+        self.pool.install(|| {
+            out.data[..batch.num_tokens() * c]
+                .par_chunks_mut(c)
+                .zip(&batch.token_ids)
+                .for_each(|(o, &id)| table.row_to_f32(id as usize, o));
+        });
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32, rows: usize, out: &mut CpuTensor) {
+        let c = x.cols;
+        let w = w.vector();
+        assert_eq!(w.len(), c);
+        self.pool.install(|| {
+            out.data[..rows * c]
+                .par_chunks_mut(c)
+                .zip(x.data[..rows * c].par_chunks(c))
+                .for_each(|(o, xr)| rms_norm_row(xr, w, eps, o));
+        });
+    }
+
+    fn matmul(&self, x: &CpuTensor, w: &CpuWeight, rows: usize, out: &mut CpuTensor) {
+        assert_eq!((x.cols, out.cols), (w.cols, w.rows));
+        self.pool
+            .install(|| matmul::matmul(&x.data, w, rows, &mut out.data, false));
+    }
+
+    fn matmul_add(&self, x: &CpuTensor, w: &CpuWeight, rows: usize, out: &mut CpuTensor) {
+        assert_eq!((x.cols, out.cols), (w.cols, w.rows));
+        self.pool
+            .install(|| matmul::matmul(&x.data, w, rows, &mut out.data, true));
+    }
+
+    fn qk_norm_rope(
+        &self,
+        qkv: &mut CpuTensor,
+        q_norm: Option<&CpuWeight>,
+        k_norm: Option<&CpuWeight>,
+        dims: AttentionDims,
+        batch: &Batch,
+    ) {
+        let d = dims.head_dim;
+        let width = dims.qkv_width();
+        assert_eq!(qkv.cols, width);
+        let qk_heads = dims.num_heads + dims.num_kv_heads;
+        // Inverse frequencies in f32, computed as transformers does, so that angles at long
+        // positions round the same way.
+        let inv_freq: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / dims.rope_theta.powf((2 * i) as f32 / d as f32))
+            .collect();
+        let (qn, kn) = (q_norm.map(CpuWeight::vector), k_norm.map(CpuWeight::vector));
+        self.pool.install(|| {
+            qkv.data[..batch.num_tokens() * width]
+                .par_chunks_mut(width)
+                .zip(&batch.positions)
+                .for_each_init(
+                    || (vec![0.0f32; d / 2], vec![0.0f32; d / 2], vec![0.0f32; d]),
+                    |(cos, sin, tmp), (row, &pos)| {
+                        for i in 0..d / 2 {
+                            let angle = pos as f32 * inv_freq[i];
+                            cos[i] = angle.cos();
+                            sin[i] = angle.sin();
+                        }
+                        for (hd, head) in row[..qk_heads * d].chunks_exact_mut(d).enumerate() {
+                            let norm = if hd < dims.num_heads { qn } else { kn };
+                            if let Some(w) = norm {
+                                tmp.copy_from_slice(head);
+                                rms_norm_row(tmp, w, dims.eps, head);
+                            }
+                            rope_head(head, cos, sin);
+                        }
+                    },
+                );
+        });
+    }
+
+    fn kv_write(
+        &self,
+        qkv: &CpuTensor,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        dims: AttentionDims,
+        batch: &Batch,
+    ) {
+        let kv_dim = dims.num_kv_heads * dims.head_dim;
+        let q_dim = dims.num_heads * dims.head_dim;
+        let width = qkv.cols;
+        let (k, v) = (&mut cache.k[layer], &mut cache.v[layer]);
+        for (row, &slot) in batch.slot_mapping.iter().enumerate() {
+            let src = &qkv.data[row * width..(row + 1) * width];
+            let dst = slot as usize * kv_dim..(slot as usize + 1) * kv_dim;
+            k[dst.clone()].copy_from_slice(&src[q_dim..q_dim + kv_dim]);
+            v[dst].copy_from_slice(&src[q_dim + kv_dim..q_dim + 2 * kv_dim]);
+        }
+    }
+
+    fn attention(
+        &self,
+        qkv: &CpuTensor,
+        cache: &CpuKvCache,
+        layer: usize,
+        dims: AttentionDims,
+        batch: &Batch,
+        out: &mut CpuTensor,
+    ) {
+        assert_eq!(out.cols, dims.num_heads * dims.head_dim);
+        self.pool.install(|| {
+            attention::attention(
+                &qkv.data,
+                &cache.k[layer],
+                &cache.v[layer],
+                cache.layout.block_size,
+                dims,
+                batch,
+                &mut out.data,
+            )
+        });
+    }
+
+    fn silu_mul(&self, gate_up: &CpuTensor, rows: usize, out: &mut CpuTensor) {
+        let f = out.cols;
+        assert_eq!(gate_up.cols, 2 * f);
+        self.pool.install(|| {
+            out.data[..rows * f]
+                .par_chunks_mut(f)
+                .zip(gate_up.data[..rows * 2 * f].par_chunks(2 * f))
+                .for_each(|(o, gu)| {
+                    let (g, u) = gu.split_at(f);
+                    for ((oi, gi), ui) in o.iter_mut().zip(g).zip(u) {
+                        *oi = gi / (1.0 + (-gi).exp()) * ui;
+                    }
+                });
+        });
+    }
+
+    fn gather_rows(&self, x: &CpuTensor, batch: &Batch, out: &mut CpuTensor) {
+        let c = x.cols;
+        assert_eq!(out.cols, c);
+        for (i, &r) in batch.logits_rows.iter().enumerate() {
+            let r = r as usize;
+            out.data[i * c..(i + 1) * c].copy_from_slice(&x.data[r * c..(r + 1) * c]);
+        }
+    }
+
+    fn read(&self, t: &CpuTensor, rows: usize, dst: &mut [f32]) {
+        dst.copy_from_slice(&t.data[..rows * t.cols]);
+    }
+}

@@ -1,0 +1,379 @@
+//! Dot products and row conversions, with AVX2/FMA/F16C versions chosen at run time.
+//!
+//! Every function has a scalar twin (`*_scalar`) that is the reference the SIMD version is
+//! tested against. The instruction set is detected once; the per-call check is one relaxed
+//! atomic load, negligible next to a dot product of a model row. On other architectures
+//! (and on x86 without AVX2+FMA+F16C) the scalar code runs.
+
+use std::sync::OnceLock;
+
+/// Whether AVX2, FMA and F16C are all available (and not disabled with `WICK_NO_SIMD=1`).
+pub fn has_avx2() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        if std::env::var_os("WICK_NO_SIMD").is_some_and(|v| v == "1") {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Name of the kernels in use, for `describe()`.
+pub fn isa_name() -> &'static str {
+    if has_avx2() {
+        "avx2+fma+f16c"
+    } else {
+        "scalar"
+    }
+}
+
+/// `Σ a[i]·b[i]`.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { x86::dot_f32(a, b) };
+    }
+    dot_f32_scalar(a, b)
+}
+
+/// Scalar reference of [`dot_f32`].
+pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Four dot products of one row `w` with four activation rows, sharing the loads of `w`.
+pub fn dot4_f32(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::dot4_f32(w, x) };
+    }
+    x.map(|xi| dot_f32_scalar(w, xi))
+}
+
+/// `Σ x[i]·bf16(w[2i..2i+2])`, the weight row stored as little-endian bf16 bytes.
+pub fn dot_bf16(x: &[f32], w: &[u8]) -> f32 {
+    debug_assert_eq!(w.len(), 2 * x.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::dot_bf16(x, w) };
+    }
+    dot_bf16_scalar(x, w)
+}
+
+/// Scalar reference of [`dot_bf16`].
+pub fn dot_bf16_scalar(x: &[f32], w: &[u8]) -> f32 {
+    x.iter()
+        .zip(w.chunks_exact(2))
+        .map(|(a, b)| a * half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+        .sum()
+}
+
+/// `Σ x[i]·f16(w[2i..2i+2])`.
+pub fn dot_f16(x: &[f32], w: &[u8]) -> f32 {
+    debug_assert_eq!(w.len(), 2 * x.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::dot_f16(x, w) };
+    }
+    dot_f16_scalar(x, w)
+}
+
+/// Scalar reference of [`dot_f16`].
+pub fn dot_f16_scalar(x: &[f32], w: &[u8]) -> f32 {
+    x.iter()
+        .zip(w.chunks_exact(2))
+        .map(|(a, b)| a * half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+        .sum()
+}
+
+/// `Σ x[i]·f32(w[4i..4i+4])` for an f32 row given as (possibly unaligned) bytes.
+pub fn dot_f32_bytes(x: &[f32], w: &[u8]) -> f32 {
+    debug_assert_eq!(w.len(), 4 * x.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::dot_f32_bytes(x, w) };
+    }
+    x.iter()
+        .zip(w.chunks_exact(4))
+        .map(|(a, b)| a * f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .sum()
+}
+
+/// Converts a bf16 row to f32.
+pub fn bf16_to_f32(src: &[u8], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::bf16_to_f32(src, dst) };
+    }
+    crate::quant::dequantize_row(crate::quant::DType::BF16, src, dst)
+}
+
+/// Converts an f16 row to f32.
+pub fn f16_to_f32(src: &[u8], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::f16_to_f32(src, dst) };
+    }
+    crate::quant::dequantize_row(crate::quant::DType::F16, src, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The AVX2 bodies. Loads are unaligned: rows come straight from memory-mapped files.
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                acc1,
+            );
+            i += 16;
+        }
+        while i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            s += a[i] * b[i];
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4_f32(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+        let n = w.len();
+        let pw = w.as_ptr();
+        let px = x.map(|r| r.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 8 <= n {
+            let wv = _mm256_loadu_ps(pw.add(i));
+            for j in 0..4 {
+                acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px[j].add(i)), acc[j]);
+            }
+            i += 8;
+        }
+        let mut out = [0.0f32; 4];
+        for j in 0..4 {
+            out[j] = hsum(acc[j]);
+            for k in i..n {
+                out[j] += w[k] * x[j][k];
+            }
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_bf16x8(p: *const u8) -> __m256 {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f16x8(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_bf16(x: &[f32], w: &[u8]) -> f32 {
+        let n = x.len();
+        let (px, pw) = (x.as_ptr(), w.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i)), load_bf16x8(pw.add(2 * i)), acc0);
+            acc1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(px.add(i + 8)),
+                load_bf16x8(pw.add(2 * i + 16)),
+                acc1,
+            );
+            i += 16;
+        }
+        while i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i)), load_bf16x8(pw.add(2 * i)), acc0);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            s += x[i] * half::bf16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32();
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(x: &[f32], w: &[u8]) -> f32 {
+        let n = x.len();
+        let (px, pw) = (x.as_ptr(), w.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i)), load_f16x8(pw.add(2 * i)), acc0);
+            acc1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(px.add(i + 8)),
+                load_f16x8(pw.add(2 * i + 16)),
+                acc1,
+            );
+            i += 16;
+        }
+        while i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i)), load_f16x8(pw.add(2 * i)), acc0);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            s += x[i] * half::f16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32();
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32_bytes(x: &[f32], w: &[u8]) -> f32 {
+        let n = x.len();
+        let (px, pw) = (x.as_ptr(), w.as_ptr() as *const f32);
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(pw.add(i)), acc);
+            i += 8;
+        }
+        let mut s = hsum(acc);
+        while i < n {
+            s += x[i] * pw.add(i).read_unaligned();
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn bf16_to_f32(src: &[u8], dst: &mut [f32]) {
+        let n = dst.len();
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), load_bf16x8(src.as_ptr().add(2 * i)));
+            i += 8;
+        }
+        while i < n {
+            dst[i] = half::bf16::from_le_bytes([src[2 * i], src[2 * i + 1]]).to_f32();
+            i += 1;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn f16_to_f32(src: &[u8], dst: &mut [f32]) {
+        let n = dst.len();
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), load_f16x8(src.as_ptr().add(2 * i)));
+            i += 8;
+        }
+        while i < n {
+            dst[i] = half::f16::from_le_bytes([src[2 * i], src[2 * i + 1]]).to_f32();
+            i += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1) without a dependency.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn close(a: f32, b: f32, n: usize) -> bool {
+        (a - b).abs() <= 1e-5 * (n as f32).sqrt() * (1.0 + b.abs())
+    }
+
+    #[test]
+    fn simd_matches_scalar_on_odd_lengths() {
+        for n in [1usize, 7, 8, 15, 16, 17, 33, 64, 4097] {
+            let a = values(n, 1);
+            let b = values(n, 2);
+            let bf: Vec<u8> = b.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+            let hf: Vec<u8> = b.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+            let fb: Vec<u8> = b.iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert!(close(dot_f32(&a, &b), dot_f32_scalar(&a, &b), n), "f32 n={n}");
+            assert!(close(dot_bf16(&a, &bf), dot_bf16_scalar(&a, &bf), n), "bf16 n={n}");
+            assert!(close(dot_f16(&a, &hf), dot_f16_scalar(&a, &hf), n), "f16 n={n}");
+            assert!(close(dot_f32_bytes(&a, &fb), dot_f32_scalar(&a, &b), n), "f32 bytes n={n}");
+            let c = values(n, 3);
+            let d = values(n, 4);
+            let e = values(n, 5);
+            let r = dot4_f32(&a, [&b, &c, &d, &e]);
+            for (got, x) in r.iter().zip([&b, &c, &d, &e]) {
+                assert!(close(*got, dot_f32_scalar(&a, x), n), "dot4 n={n}");
+            }
+            let mut out = vec![0.0; n];
+            let mut reference = vec![0.0; n];
+            bf16_to_f32(&bf, &mut out);
+            crate::quant::dequantize_row(crate::quant::DType::BF16, &bf, &mut reference);
+            assert_eq!(out, reference);
+            f16_to_f32(&hf, &mut out);
+            crate::quant::dequantize_row(crate::quant::DType::F16, &hf, &mut reference);
+            assert_eq!(out, reference);
+        }
+    }
+
+    #[test]
+    fn unaligned_rows_are_fine() {
+        let a = values(33, 9);
+        let b = values(34, 10);
+        let bytes: Vec<u8> = b.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+        // Start one byte in, as a row inside a memory map may.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&bytes[..66]);
+        assert!(close(dot_bf16(&a, &shifted[1..]), dot_bf16_scalar(&a, &bytes[..66]), 33));
+    }
+}

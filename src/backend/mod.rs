@@ -1,0 +1,230 @@
+//! The compute backends and the closed set of coarse operations the model is written in.
+//!
+//! The forward pass ([`crate::model`]) is written once, generic over [`Backend`]. A backend
+//! owns its memory: activations are [`Backend::Tensor`] handles (f32 matrices allocated once
+//! with a fixed row capacity), weights are [`Backend::Weight`]s made once at load time, and
+//! the paged KV cache is a [`Backend::KvCache`]. Each step of the model starts with
+//! [`Backend::begin_step`], which hands the backend the step's [`Batch`] (token ids,
+//! positions, slot mapping, block tables); the ops that follow take the row count and read
+//! the rest from that batch. Operations cannot fail: shapes are validated when the model is
+//! built, and invariants are asserted.
+//!
+//! Backends:
+//! - [`cpu`]: rayon across rows, AVX2/FMA/F16C kernels chosen at run time, scalar fallback.
+//!
+//! Shape letters used in docs: T tokens in the step, S sequences, C hidden, H / Hkv query /
+//! key-value heads, D head_dim, F ffn width, V vocab, R rows whose logits are wanted.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::loader::HostTensor;
+
+/// One sequence's share of a step.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeqSpan {
+    /// First row of this sequence's tokens in the step.
+    pub start: u32,
+    /// Number of tokens of this sequence in the step (the prompt chunk, or 1 when decoding).
+    pub len: u32,
+    /// Tokens of this sequence in the KV cache after the step (cached + new).
+    pub context_len: u32,
+    /// Physical KV block of each logical block of the sequence.
+    pub block_table: Vec<u32>,
+}
+
+/// What one forward step computes: a flat list of tokens from one or more sequences.
+///
+/// Names follow vLLM: token `i` sits at `positions[i]` of its sequence and its key/value go
+/// to KV slot `slot_mapping[i]` (= block × block_size + offset).
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    /// `[T]` token ids.
+    pub token_ids: Vec<u32>,
+    /// `[T]` position of each token in its sequence.
+    pub positions: Vec<u32>,
+    /// `[T]` KV slot of each token.
+    pub slot_mapping: Vec<u32>,
+    /// `[S]` the sequences, in row order.
+    pub seqs: Vec<SeqSpan>,
+    /// `[R]` rows whose logits are wanted (usually the last row of each sequence).
+    pub logits_rows: Vec<u32>,
+}
+
+impl Batch {
+    /// T: number of tokens in the step.
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    /// Checks the internal consistency the kernels rely on (lengths agree, spans tile the
+    /// rows, block tables cover the context). Used by debug assertions and tests.
+    pub fn check(&self, block_size: usize) -> std::result::Result<(), String> {
+        let t = self.token_ids.len();
+        if self.positions.len() != t || self.slot_mapping.len() != t {
+            return Err("token_ids, positions and slot_mapping differ in length".into());
+        }
+        let mut next = 0u32;
+        for (s, seq) in self.seqs.iter().enumerate() {
+            if seq.start != next || seq.len == 0 || seq.len > seq.context_len {
+                return Err(format!("sequence {s} does not tile the rows: {seq:?}"));
+            }
+            next += seq.len;
+            if seq.block_table.len() * block_size < seq.context_len as usize {
+                return Err(format!("sequence {s}: block table too short"));
+            }
+            for i in 0..seq.len {
+                let row = (seq.start + i) as usize;
+                let pos = seq.context_len - seq.len + i;
+                if self.positions[row] != pos {
+                    return Err(format!("row {row}: position {} != {pos}", self.positions[row]));
+                }
+                let block = seq.block_table[pos as usize / block_size] as usize;
+                let slot = block * block_size + pos as usize % block_size;
+                if self.slot_mapping[row] as usize != slot {
+                    return Err(format!("row {row}: slot {} != {slot}", self.slot_mapping[row]));
+                }
+            }
+        }
+        if next as usize != t {
+            return Err("sequences do not cover every row".into());
+        }
+        if self.logits_rows.iter().any(|&r| r as usize >= t) {
+            return Err("a logits row is out of range".into());
+        }
+        Ok(())
+    }
+}
+
+/// Shape of the paged KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Transformer blocks (one K and one V pool each).
+    pub num_layers: usize,
+    /// Blocks in each pool.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Hkv.
+    pub num_kv_heads: usize,
+    /// D.
+    pub head_dim: usize,
+}
+
+impl KvLayout {
+    /// Bytes of K + V storage for all layers at `bytes_per_elem`.
+    pub fn bytes(&self, bytes_per_elem: usize) -> usize {
+        2 * self.num_layers
+            * self.num_blocks
+            * self.block_size
+            * self.num_kv_heads
+            * self.head_dim
+            * bytes_per_elem
+    }
+}
+
+/// Where the columns of the fused QKV activation sit, and how to normalise and rotate them.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionDims {
+    /// H.
+    pub num_heads: usize,
+    /// Hkv.
+    pub num_kv_heads: usize,
+    /// D.
+    pub head_dim: usize,
+    /// RoPE base.
+    pub rope_theta: f32,
+    /// RMSNorm epsilon for the q/k norms.
+    pub eps: f32,
+}
+
+impl AttentionDims {
+    /// Width of the fused QKV row: (H + 2·Hkv)·D.
+    pub fn qkv_width(&self) -> usize {
+        (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+    }
+}
+
+/// The coarse operations of a decoder-only transformer, on one kind of device.
+///
+/// Every op that takes `rows` works on the first `rows` rows of its tensors; tensors were
+/// allocated with at least that many.
+pub trait Backend: Send + Sync + 'static {
+    /// An f32 activation matrix with a fixed row capacity.
+    type Tensor: Send + Sync;
+    /// A weight matrix (or vector) ready for this backend.
+    type Weight: Send + Sync;
+    /// K and V pools of every layer.
+    type KvCache: Send + Sync;
+
+    /// A short human-readable description ("cpu (2 threads, avx2)").
+    fn describe(&self) -> String;
+
+    /// Makes one weight from `parts` stacked by rows (all with the same number of columns).
+    /// Stacking lets the model fuse q/k/v and gate/up into one product.
+    fn weight(&self, parts: &[&HostTensor]) -> Result<Self::Weight>;
+
+    /// Allocates an activation matrix of `rows` × `cols`.
+    fn tensor(&self, rows: usize, cols: usize) -> Self::Tensor;
+
+    /// Allocates the paged KV cache.
+    fn kv_cache(&self, layout: KvLayout) -> Result<Self::KvCache>;
+
+    /// Starts a forward step over `batch`.
+    fn begin_step(&self, batch: &Batch);
+
+    /// `out[T, C] = table[token_ids]`: gathers embedding rows.
+    fn embed(&self, table: &Self::Weight, batch: &Batch, out: &mut Self::Tensor);
+
+    /// `out[rows, C] = rmsnorm(x) * w`.
+    fn rms_norm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        eps: f32,
+        rows: usize,
+        out: &mut Self::Tensor,
+    );
+
+    /// `out[rows, N] = x[rows, K] · Wᵀ` (W is `[N, K]`).
+    fn matmul(&self, x: &Self::Tensor, w: &Self::Weight, rows: usize, out: &mut Self::Tensor);
+
+    /// `out[rows, N] += x[rows, K] · Wᵀ`: a product added into the residual stream.
+    fn matmul_add(&self, x: &Self::Tensor, w: &Self::Weight, rows: usize, out: &mut Self::Tensor);
+
+    /// On the fused `qkv[T, (H+2Hkv)·D]`: per-head RMSNorm of q and k (when norms are given),
+    /// then rotate-half RoPE of q and k at each token's position.
+    fn qk_norm_rope(
+        &self,
+        qkv: &mut Self::Tensor,
+        q_norm: Option<&Self::Weight>,
+        k_norm: Option<&Self::Weight>,
+        dims: AttentionDims,
+        batch: &Batch,
+    );
+
+    /// Writes the k and v columns of `qkv` into `layer`'s pools at the batch's slots.
+    fn kv_write(&self, qkv: &Self::Tensor, cache: &mut Self::KvCache, layer: usize, dims: AttentionDims, batch: &Batch);
+
+    /// Causal grouped-query attention of each token's q over its sequence's cached keys and
+    /// values, read through the block tables: `out[T, H·D]`.
+    fn attention(
+        &self,
+        qkv: &Self::Tensor,
+        cache: &Self::KvCache,
+        layer: usize,
+        dims: AttentionDims,
+        batch: &Batch,
+        out: &mut Self::Tensor,
+    );
+
+    /// `out[rows, F] = silu(gate_up[:, :F]) * gate_up[:, F:]`.
+    fn silu_mul(&self, gate_up: &Self::Tensor, rows: usize, out: &mut Self::Tensor);
+
+    /// `out[R, C] = x[logits_rows]`: keeps only the rows whose logits are wanted.
+    fn gather_rows(&self, x: &Self::Tensor, batch: &Batch, out: &mut Self::Tensor);
+
+    /// Copies the first `rows` rows of `t` to the host (`dst.len() == rows * cols`). This is
+    /// the step's read-back: on a GPU it waits for the step to finish.
+    fn read(&self, t: &Self::Tensor, rows: usize, dst: &mut [f32]);
+}

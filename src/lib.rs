@@ -1,0 +1,16 @@
+//! wick runs Qwen3 language models on the CPU (rayon + SIMD) and, through `wgpu`, on GPUs.
+
+pub mod backend;
+pub mod chat_template;
+pub mod config;
+pub mod error;
+pub mod kv_cache;
+pub mod loader;
+pub mod model;
+pub mod quant;
+pub mod reasoning;
+pub mod sampler;
+pub mod session;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

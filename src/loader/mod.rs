@@ -1,0 +1,165 @@
+//! Turning files on disk into named weight tensors.
+//!
+//! A checkpoint is read into a [`TensorSet`]: named [`HostTensor`]s whose bytes stay in the
+//! memory map of the file they came from ([`Bytes`]). The model then looks tensors up by their
+//! Hugging Face names; formats whose names differ (GGUF) translate through the single table in
+//! [`names`]. Nothing is copied until a backend decides to (the CPU backend reads the map
+//! in place; a GPU backend uploads once).
+//!
+//! - [`safetensors`]: Hugging Face `model.safetensors` and sharded checkpoints.
+//! - [`hub`]: resolving `--model` (a local directory or a Hub id) to files on disk.
+
+pub mod hub;
+pub mod safetensors;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::quant::DType;
+
+/// A shared, immutable byte range: a slice of a memory map, or of an owned buffer.
+#[derive(Clone)]
+pub struct Bytes {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    range: Range<usize>,
+}
+
+impl Bytes {
+    /// Bytes `range` of `owner`. Panics if the range is out of bounds (callers check first).
+    pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Self {
+        assert!(range.start <= range.end && range.end <= (*owner).as_ref().len());
+        Bytes { owner, range }
+    }
+
+    /// Takes ownership of a vector.
+    pub fn from_vec(v: Vec<u8>) -> Self {
+        let len = v.len();
+        Bytes {
+            owner: Arc::new(v),
+            range: 0..len,
+        }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &(*self.owner).as_ref()[self.range.clone()]
+    }
+
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.range.len()
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.range.is_empty()
+    }
+}
+
+impl fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Bytes({} bytes)", self.len())
+    }
+}
+
+/// A weight tensor in host memory, as stored in its file.
+///
+/// `shape` is outermost-first as in PyTorch: a linear layer's weight is `[out, in]` and each
+/// of its `out` rows holds `in` elements (whole quantization blocks).
+#[derive(Clone, Debug)]
+pub struct HostTensor {
+    /// The tensor's Hugging Face name (`model.layers.0.self_attn.q_proj.weight`).
+    pub name: String,
+    /// Element storage format.
+    pub dtype: DType,
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// The raw bytes: exactly `dtype.bytes_for(shape.product())`.
+    pub data: Bytes,
+}
+
+impl HostTensor {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// `[rows, cols]` of a tensor seen as a matrix (a vector is one row).
+    pub fn rows_cols(&self) -> (usize, usize) {
+        match self.shape.as_slice() {
+            [] => (1, 1),
+            [n] => (1, *n),
+            [r @ .., c] => (r.iter().product(), *c),
+        }
+    }
+
+    /// Dequantizes the whole tensor to f32 with the scalar reference.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.numel()];
+        crate::quant::dequantize_row(self.dtype, self.data.as_slice(), &mut out);
+        out
+    }
+}
+
+/// The tensors of a checkpoint, by Hugging Face name.
+#[derive(Default, Debug)]
+pub struct TensorSet {
+    tensors: BTreeMap<String, HostTensor>,
+}
+
+impl TensorSet {
+    /// Adds a tensor; a second tensor with the same name is an error.
+    pub fn insert(&mut self, t: HostTensor) -> Result<()> {
+        if self.tensors.contains_key(&t.name) {
+            return Err(Error::UnsupportedModel(format!(
+                "tensor `{}` appears twice in the checkpoint",
+                t.name
+            )));
+        }
+        self.tensors.insert(t.name.clone(), t);
+        Ok(())
+    }
+
+    /// The tensor called `name`, or [`Error::MissingTensor`].
+    pub fn get(&self, name: &str) -> Result<&HostTensor> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+        })
+    }
+
+    /// The tensor called `name` if present.
+    pub fn try_get(&self, name: &str) -> Option<&HostTensor> {
+        self.tensors.get(name)
+    }
+
+    /// The tensor called `name`, checked to have exactly `shape`.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<&HostTensor> {
+        let t = self.get(name)?;
+        if t.shape != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.shape.clone(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(|s| s.as_str())
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+}

@@ -1,0 +1,156 @@
+//! Hugging Face safetensors checkpoints, memory-mapped.
+//!
+//! A model directory holds either one `model.safetensors` or an index
+//! `model.safetensors.index.json` whose `weight_map` names the shard of every tensor. Each
+//! file is mapped once; tensors are [`Bytes`] ranges of the map, so a bf16 checkpoint costs
+//! no copy and no extra memory. The header is parsed by the `safetensors` crate, which checks
+//! offsets against the file size.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde_json::Value;
+
+use super::{Bytes, HostTensor, TensorSet};
+use crate::error::{Error, Result};
+use crate::quant::DType;
+
+/// A memory map that can be shared by many [`Bytes`].
+struct MappedFile(Mmap);
+
+impl AsRef<[u8]> for MappedFile {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Loads every tensor of the checkpoint in `dir` (single file or sharded).
+pub fn load_dir(dir: &Path) -> Result<TensorSet> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let mut set = TensorSet::default();
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::json(&index, e))?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::json(&index, "no `weight_map` object"))?;
+        let shards: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
+        for shard in shards {
+            // Shard names come from a file; refuse anything that would leave the directory.
+            if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
+                return Err(Error::json(&index, format!("bad shard file name `{shard}`")));
+            }
+            load_file_into(&dir.join(shard), &mut set)?;
+        }
+    } else if single.exists() {
+        load_file_into(&single, &mut set)?;
+    } else {
+        return Err(Error::UnsupportedModel(format!(
+            "{} has neither model.safetensors nor model.safetensors.index.json",
+            dir.display()
+        )));
+    }
+    Ok(set)
+}
+
+/// Maps one `.safetensors` file and adds its tensors to `set`.
+pub fn load_file_into(path: &Path, set: &mut TensorSet) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only; wick never writes to checkpoint files, and a file
+    // truncated by another process while mapped is outside what any mmap loader can defend.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let owner = Arc::new(MappedFile(mmap));
+    let bytes: &[u8] = (*owner).as_ref();
+    let malformed = |message: String| Error::MalformedWeights {
+        path: path.to_path_buf(),
+        message,
+    };
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| malformed(format!("{e:?}")))?;
+    let data_start = 8 + header_len;
+    for (name, info) in meta.tensors() {
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            other => {
+                return Err(Error::UnsupportedDType {
+                    name,
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let (start, end) = info.data_offsets;
+        let numel = info
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| malformed(format!("tensor `{name}`: shape overflows")))?;
+        if dtype.bytes_for(numel) != Some(end.saturating_sub(start)) {
+            return Err(malformed(format!(
+                "tensor `{name}`: {} bytes for shape {:?} of {dtype}",
+                end.saturating_sub(start),
+                info.shape
+            )));
+        }
+        let range = data_start + start..data_start + end;
+        if range.end > bytes.len() || start > end {
+            return Err(malformed(format!("tensor `{name}`: data outside the file")));
+        }
+        set.insert(HostTensor {
+            name,
+            dtype,
+            shape: info.shape.clone(),
+            data: Bytes::new(owner.clone(), range),
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_dir() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/qwen3-tiny")
+    }
+
+    #[test]
+    fn loads_fixture_zero_copy() {
+        let set = load_dir(&fixture_dir()).expect("fixture qwen3-tiny");
+        let t = set
+            .get_shaped("model.layers.0.self_attn.q_proj.weight", &[128, 64])
+            .unwrap();
+        assert_eq!(t.dtype, DType::BF16);
+        assert_eq!(t.data.len(), 128 * 64 * 2);
+        assert!(set.try_get("model.embed_tokens.weight").is_some());
+    }
+
+    #[test]
+    fn shape_mismatch_names_tensor_and_shapes() {
+        let set = load_dir(&fixture_dir()).unwrap();
+        let err = set
+            .get_shaped("model.norm.weight", &[65])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.norm.weight") && err.contains("[65]") && err.contains("[64]"), "{err}");
+    }
+
+    #[test]
+    fn truncated_file_is_an_error() {
+        let src = std::fs::read(fixture_dir().join("model.safetensors")).unwrap();
+        let dir = std::env::temp_dir().join(format!("wick-st-trunc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for cut in [0usize, 7, 100, src.len() / 2, src.len() - 1] {
+            let p = dir.join("model.safetensors");
+            std::fs::write(&p, &src[..cut]).unwrap();
+            let mut set = TensorSet::default();
+            assert!(load_file_into(&p, &mut set).is_err(), "cut at {cut}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,238 @@
+//! The decoder-only transformer (Qwen3, Llama), written once for every backend.
+//!
+//! [`Model`] holds the weights as backend handles; [`RunState`] holds the preallocated
+//! activations for steps of up to `max_tokens` tokens; [`Model::forward`] runs one step over
+//! a [`Batch`] (any mix of prompt chunks and decode tokens from any number of sequences)
+//! against a paged KV cache, and leaves the logits of the batch's `logits_rows`.
+//!
+//! ```text
+//! x = embed(tokens)                                  [T, C]
+//! for each layer:
+//!     xn   = rms_norm(x, input_layernorm)            [T, C]
+//!     qkv  = xn · [q_proj; k_proj; v_proj]ᵀ          [T, (H+2Hkv)·D]
+//!     qkv  = rope(q_norm(q), k_norm(k))              (Qwen3 normalises q and k per head)
+//!     kv_cache[slot_mapping] = k, v
+//!     att  = attention(q, kv_cache, block_tables)    [T, H·D]
+//!     x   += att · o_projᵀ                           [T, C]
+//!     xn   = rms_norm(x, post_attention_layernorm)   [T, C]
+//!     gu   = xn · [gate_proj; up_proj]ᵀ              [T, 2F]
+//!     x   += (silu(gate) · up) · down_projᵀ          [T, C]
+//! logits = rms_norm(x[logits_rows], norm) · lm_headᵀ [R, V]
+//! ```
+
+use crate::backend::{AttentionDims, Backend, Batch, KvLayout};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::loader::TensorSet;
+
+/// The weights of one transformer block.
+struct Layer<B: Backend> {
+    input_layernorm: B::Weight,
+    /// q_proj, k_proj and v_proj stacked by rows: `[(H+2Hkv)·D, C]`.
+    qkv_proj: B::Weight,
+    q_norm: Option<B::Weight>,
+    k_norm: Option<B::Weight>,
+    o_proj: B::Weight,
+    post_attention_layernorm: B::Weight,
+    /// gate_proj and up_proj stacked by rows: `[2F, C]`.
+    gate_up_proj: B::Weight,
+    down_proj: B::Weight,
+}
+
+/// A model ready to run on backend `B`.
+pub struct Model<B: Backend> {
+    /// Hyper-parameters.
+    pub config: ModelConfig,
+    backend: B,
+    embed_tokens: B::Weight,
+    layers: Vec<Layer<B>>,
+    norm: B::Weight,
+    /// `None` when tied to `embed_tokens`.
+    lm_head: Option<B::Weight>,
+    dims: AttentionDims,
+}
+
+/// Preallocated activations for steps of up to `max_tokens` tokens.
+pub struct RunState<B: Backend> {
+    max_tokens: usize,
+    x: B::Tensor,       // [T, C] residual stream
+    xn: B::Tensor,      // [T, C] normalised
+    qkv: B::Tensor,     // [T, (H+2Hkv)·D]
+    att: B::Tensor,     // [T, H·D]
+    gate_up: B::Tensor, // [T, 2F]
+    act: B::Tensor,     // [T, F]
+    last: B::Tensor,    // [R, C] rows whose logits are wanted
+    last_n: B::Tensor,  // [R, C]
+    logits: B::Tensor,  // [R, V]
+    max_logits_rows: usize,
+}
+
+impl<B: Backend> RunState<B> {
+    /// The most tokens one step may hold.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// The most rows of logits one step may ask for.
+    pub fn max_logits_rows(&self) -> usize {
+        self.max_logits_rows
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Builds the model from checkpoint tensors (Hugging Face names), checking every shape.
+    pub fn load(backend: B, config: ModelConfig, tensors: &TensorSet) -> Result<Self> {
+        config.validate()?;
+        let c = config.hidden_size;
+        let (q_dim, kv_dim, f) = (config.q_dim(), config.kv_dim(), config.intermediate_size);
+        let d = config.head_dim;
+        let embed = tensors.get_shaped("model.embed_tokens.weight", &[config.vocab_size, c])?;
+        let embed_tokens = backend.weight(&[embed])?;
+        let lm_head = match tensors.try_get("lm_head.weight") {
+            Some(_) if !config.tie_word_embeddings => {
+                let t = tensors.get_shaped("lm_head.weight", &[config.vocab_size, c])?;
+                Some(backend.weight(&[t])?)
+            }
+            None if !config.tie_word_embeddings => {
+                return Err(crate::Error::MissingTensor {
+                    name: "lm_head.weight".into(),
+                })
+            }
+            _ => None,
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let get = |name: &str, shape: &[usize]| tensors.get_shaped(&format!("{p}.{name}"), shape);
+            let (q_norm, k_norm) = if config.has_qk_norm() {
+                (
+                    Some(backend.weight(&[get("self_attn.q_norm.weight", &[d])?])?),
+                    Some(backend.weight(&[get("self_attn.k_norm.weight", &[d])?])?),
+                )
+            } else {
+                (None, None)
+            };
+            layers.push(Layer {
+                input_layernorm: backend.weight(&[get("input_layernorm.weight", &[c])?])?,
+                qkv_proj: backend.weight(&[
+                    get("self_attn.q_proj.weight", &[q_dim, c])?,
+                    get("self_attn.k_proj.weight", &[kv_dim, c])?,
+                    get("self_attn.v_proj.weight", &[kv_dim, c])?,
+                ])?,
+                q_norm,
+                k_norm,
+                o_proj: backend.weight(&[get("self_attn.o_proj.weight", &[c, q_dim])?])?,
+                post_attention_layernorm: backend
+                    .weight(&[get("post_attention_layernorm.weight", &[c])?])?,
+                gate_up_proj: backend.weight(&[
+                    get("mlp.gate_proj.weight", &[f, c])?,
+                    get("mlp.up_proj.weight", &[f, c])?,
+                ])?,
+                down_proj: backend.weight(&[get("mlp.down_proj.weight", &[c, f])?])?,
+            });
+        }
+        let norm = backend.weight(&[tensors.get_shaped("model.norm.weight", &[c])?])?;
+        let dims = AttentionDims {
+            num_heads: config.num_attention_heads,
+            num_kv_heads: config.num_key_value_heads,
+            head_dim: d,
+            rope_theta: config.rope_theta,
+            eps: config.rms_norm_eps,
+        };
+        Ok(Model {
+            config,
+            backend,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            dims,
+        })
+    }
+
+    /// The backend the model runs on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Allocates activations for steps of up to `max_tokens` tokens, of which up to
+    /// `max_logits_rows` want logits (the logits are `[R, V]`: keep R small).
+    pub fn run_state(&self, max_tokens: usize, max_logits_rows: usize) -> RunState<B> {
+        let cfg = &self.config;
+        let (c, f, t) = (cfg.hidden_size, cfg.intermediate_size, max_tokens.max(1));
+        let r = max_logits_rows.clamp(1, t);
+        let b = &self.backend;
+        RunState {
+            max_tokens: t,
+            x: b.tensor(t, c),
+            xn: b.tensor(t, c),
+            qkv: b.tensor(t, self.dims.qkv_width()),
+            att: b.tensor(t, cfg.q_dim()),
+            gate_up: b.tensor(t, 2 * f),
+            act: b.tensor(t, f),
+            last: b.tensor(r, c),
+            last_n: b.tensor(r, c),
+            logits: b.tensor(r, cfg.vocab_size),
+            max_logits_rows: r,
+        }
+    }
+
+    /// The KV layout for `num_blocks` blocks of `block_size` tokens.
+    pub fn kv_layout(&self, num_blocks: usize, block_size: usize) -> KvLayout {
+        KvLayout {
+            num_layers: self.config.num_hidden_layers,
+            num_blocks,
+            block_size,
+            num_kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Allocates a paged KV cache.
+    pub fn kv_cache(&self, layout: KvLayout) -> Result<B::KvCache> {
+        self.backend.kv_cache(layout)
+    }
+
+    /// Runs one step and copies the logits of `batch.logits_rows` into `logits`
+    /// (`[R, V]`, resized as needed).
+    ///
+    /// The batch must be consistent ([`Batch::check`]) and hold at most
+    /// `state.max_tokens()` tokens; its block tables must point into `cache`.
+    pub fn forward(
+        &self,
+        state: &mut RunState<B>,
+        cache: &mut B::KvCache,
+        batch: &Batch,
+        logits: &mut Vec<f32>,
+    ) {
+        let t = batch.num_tokens();
+        assert!(t > 0 && t <= state.max_tokens, "step of {t} tokens");
+        let (b, dims, eps) = (&self.backend, self.dims, self.config.rms_norm_eps);
+        b.begin_step(batch);
+        b.embed(&self.embed_tokens, batch, &mut state.x);
+        for (il, layer) in self.layers.iter().enumerate() {
+            b.rms_norm(&state.x, &layer.input_layernorm, eps, t, &mut state.xn);
+            b.matmul(&state.xn, &layer.qkv_proj, t, &mut state.qkv);
+            b.qk_norm_rope(&mut state.qkv, layer.q_norm.as_ref(), layer.k_norm.as_ref(), dims, batch);
+            b.kv_write(&state.qkv, cache, il, dims, batch);
+            b.attention(&state.qkv, cache, il, dims, batch, &mut state.att);
+            b.matmul_add(&state.att, &layer.o_proj, t, &mut state.x);
+            b.rms_norm(&state.x, &layer.post_attention_layernorm, eps, t, &mut state.xn);
+            b.matmul(&state.xn, &layer.gate_up_proj, t, &mut state.gate_up);
+            b.silu_mul(&state.gate_up, t, &mut state.act);
+            b.matmul_add(&state.act, &layer.down_proj, t, &mut state.x);
+        }
+        let r = batch.logits_rows.len();
+        assert!(r <= state.max_logits_rows, "{r} logits rows requested");
+        if r == 0 {
+            logits.clear();
+            return;
+        }
+        b.gather_rows(&state.x, batch, &mut state.last);
+        b.rms_norm(&state.last, &self.norm, eps, r, &mut state.last_n);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        b.matmul(&state.last_n, head, r, &mut state.logits);
+        logits.resize(r * self.config.vocab_size, 0.0);
+        b.read(&state.logits, r, logits);
+    }
+}

@@ -1,0 +1,117 @@
+//! Weight data types and block-quantized formats.
+//!
+//! Names follow GGML (`Q4_0`, `Q4_K`, ...). Each block format lives in its own module with a
+//! scalar reference dequantization; the fast kernels of every backend are tested against it.
+//! The byte layouts are those of GGUF files, so quantized tensors stay memory-mapped.
+
+use std::fmt;
+
+/// How the elements of a weight tensor are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
+pub enum DType {
+    /// IEEE float32.
+    F32,
+    /// IEEE float16.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// 32 elements: f16 scale + 32 × i8.
+    Q8_0,
+    /// 32 elements: f16 scale + 32 × 4-bit (offset 8).
+    Q4_0,
+    /// 32 elements: f16 scale, f16 min + 32 × 4-bit.
+    Q4_1,
+    /// 256-element super-block, 4-bit with 6-bit sub-block scales and mins.
+    Q4_K,
+    /// 256-element super-block, 5-bit with 6-bit sub-block scales and mins.
+    Q5_K,
+    /// 256-element super-block, 6-bit with 8-bit sub-block scales.
+    Q6_K,
+}
+
+impl DType {
+    /// Elements per block (1 for plain floats).
+    pub const fn block_elems(self) -> usize {
+        match self {
+            DType::F32 | DType::F16 | DType::BF16 => 1,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 32,
+            DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::Q8_0 => 34,
+            DType::Q4_0 => 18,
+            DType::Q4_1 => 20,
+            DType::Q4_K => 144,
+            DType::Q5_K => 176,
+            DType::Q6_K => 210,
+        }
+    }
+
+    /// Bytes taken by `n` elements, or `None` when `n` is not a whole number of blocks
+    /// (or overflows).
+    pub fn bytes_for(self, n: usize) -> Option<usize> {
+        if n % self.block_elems() != 0 {
+            return None;
+        }
+        (n / self.block_elems()).checked_mul(self.block_bytes())
+    }
+
+    /// Whether this is a block-quantized format.
+    pub const fn is_quantized(self) -> bool {
+        !matches!(self, DType::F32 | DType::F16 | DType::BF16)
+    }
+
+    /// The GGML name (`"Q4_K"`, `"F16"`, ...).
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::Q8_0 => "Q8_0",
+            DType::Q4_0 => "Q4_0",
+            DType::Q4_1 => "Q4_1",
+            DType::Q4_K => "Q4_K",
+            DType::Q5_K => "Q5_K",
+            DType::Q6_K => "Q6_K",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Scalar reference: dequantizes `n` elements stored as `dtype` in `src` into `dst`.
+///
+/// This is the ground truth the SIMD and GPU kernels are checked against, not a fast path.
+/// Panics if `src` is shorter than `dtype.bytes_for(dst.len())` — callers validate tensor
+/// sizes at load time.
+pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
+    match dtype {
+        DType::F32 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        DType::F16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        DType::BF16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        _ => unimplemented!("block format {dtype} has no reference dequantization yet"),
+    }
+}

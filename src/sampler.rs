@@ -1,0 +1,1260 @@
+//! Turning a row of logits into the next token, and deciding when generation stops.
+//!
+//! - [`SamplingParams`] is what a request asks for (temperature, top-k, top-p, min-p, penalties,
+//!   seed, stop conditions, logprobs). [`SamplingParams::validate`] rejects bad values before a
+//!   request is scheduled.
+//! - [`Sampler`] is created once per request. [`Sampler::sample`] turns one row of logits
+//!   (`[V]`, V = vocabulary size) into a token id; [`Sampler::accept`] records the token the
+//!   request actually generated so that the penalties see it.
+//! - [`logprobs`] computes the log-probabilities reported back to the client.
+//! - [`StopMatcher`] watches the decoded text stream for stop strings, holding back text that
+//!   might turn out to be the start of one.
+//!
+//! The processing order follows vLLM's v1 sampler:
+//! penalties (repetition → frequency → presence) → temperature → min-p → top-k → top-p → draw.
+//! min-p and top-k commute (both keep the most likely tokens and min-p only looks at ratios of
+//! probabilities), but top-p is computed on the distribution that min-p and top-k left behind.
+//!
+//! ```
+//! use wick::sampler::{Sampler, SamplingParams, StopMatcher};
+//!
+//! let params = SamplingParams { seed: Some(7), ..SamplingParams::greedy() };
+//! params.validate()?;
+//! let prompt = [11u32, 12, 13];
+//! let mut sampler = Sampler::new(&params, &prompt);
+//!
+//! let mut logits = vec![0.1, 2.0, -1.0, 1.5]; // [V], straight from the model
+//! let id = sampler.sample(&mut logits);
+//! assert_eq!(id, 1);
+//! sampler.accept(id);
+//!
+//! let mut stop = StopMatcher::new(&["\n\n".to_string()]);
+//! assert_eq!(stop.push("Hello\n").emit, "Hello"); // "\n" is held back: it may start "\n\n"
+//! let out = stop.push("\nignored");
+//! assert!(out.stopped);
+//! assert_eq!(out.emit, "");
+//! # Ok::<(), wick::Error>(())
+//! ```
+
+use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
+
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Temperatures below this sample greedily. Dividing by a tiny temperature only overflows on
+/// the way to the same argmax; vLLM uses the same cut-off.
+pub const GREEDY_TEMPERATURE: f32 = 1e-5;
+
+/// The most top logprobs a request may ask for (the OpenAI limit, and vLLM's default).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Slack when deciding where the top-p nucleus ends, relative to the total probability, so that
+/// a cumulative probability landing exactly on `top_p` (0.5 + 0.3 for `top_p = 0.8`) is not
+/// decided by rounding in the softmax.
+const TOP_P_SLACK: f64 = 1e-6;
+
+/// How a request wants its tokens chosen and when it wants generation to stop.
+///
+/// Fields missing from JSON take the [`Default`] values: plain sampling at temperature 1 with
+/// every filter and penalty off, 16 new tokens (vLLM's and the OpenAI completions default; the
+/// server chooses its own limit for chat requests). A model's `generation_config.json` supplies
+/// better defaults through [`SamplingParams::with_generation_defaults`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// Softmax temperature. 0 (anything below [`GREEDY_TEMPERATURE`]) means greedy decoding.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens. 0 = off.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability adds up to at least
+    /// `top_p`. 1 = off. Must be in (0, 1].
+    pub top_p: f32,
+    /// Drop tokens whose probability is below `min_p` times that of the most likely token.
+    /// 0 = off. Must be in [0, 1].
+    pub min_p: f32,
+    /// Penalty on every token seen in the prompt or the output (vLLM/Hugging Face style):
+    /// positive logits are divided by it, negative ones multiplied. 1 = off. Must be > 0.
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token already generated (OpenAI semantics; the
+    /// prompt does not count). Must be in [-2, 2].
+    pub presence_penalty: f32,
+    /// Subtracted from the logit of every generated token once per time it was generated
+    /// (OpenAI semantics; the prompt does not count). Must be in [-2, 2].
+    pub frequency_penalty: f32,
+    /// Seed for reproducible sampling; `None` draws one from the OS.
+    pub seed: Option<u64>,
+    /// Most tokens to generate. Must be at least 1.
+    pub max_tokens: usize,
+    /// Generation stops when the text contains one of these; the stop string is not returned.
+    pub stop: Vec<String>,
+    /// Generation stops after one of these tokens (in addition to the model's end of sequence).
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past the model's end-of-sequence tokens (for benchmarks).
+    pub ignore_eos: bool,
+    /// `None`: no logprobs. `Some(n)`: the chosen token's logprob plus the `n` most likely
+    /// tokens' (at most [`MAX_TOP_LOGPROBS`]).
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            max_tokens: 16,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding (always the most likely token), everything else at its default.
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// The defaults, with the values a model's `generation_config.json` gives replacing them
+    /// (Qwen3 ships temperature 0.6, top_k 20, top_p 0.95).
+    pub fn with_generation_defaults(
+        temperature: Option<f32>,
+        top_k: Option<usize>,
+        top_p: Option<f32>,
+    ) -> Self {
+        let default = Self::default();
+        SamplingParams {
+            temperature: temperature.unwrap_or(default.temperature),
+            top_k: top_k.unwrap_or(default.top_k),
+            top_p: top_p.unwrap_or(default.top_p),
+            ..default
+        }
+    }
+
+    /// Checks every field's range. The error message starts with the offending field's name so
+    /// that the server can report it.
+    pub fn validate(&self) -> Result<()> {
+        fn bad(field: &str, expected: &str, got: impl std::fmt::Display) -> Error {
+            Error::InvalidRequest(format!("{field} must be {expected}, got {got}"))
+        }
+        // Written as `!(ok)` so that NaN, which fails every comparison, is rejected too.
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(bad("temperature", "a finite number >= 0", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(bad("top_p", "in (0, 1]", self.top_p));
+        }
+        if !(self.min_p >= 0.0 && self.min_p <= 1.0) {
+            return Err(bad("min_p", "in [0, 1]", self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(bad(
+                "repetition_penalty",
+                "a finite number > 0",
+                self.repetition_penalty,
+            ));
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err(bad("presence_penalty", "in [-2, 2]", self.presence_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err(bad(
+                "frequency_penalty",
+                "in [-2, 2]",
+                self.frequency_penalty,
+            ));
+        }
+        if self.max_tokens == 0 {
+            return Err(bad("max_tokens", "at least 1", self.max_tokens));
+        }
+        if let Some(n) = self.logprobs {
+            if n > MAX_TOP_LOGPROBS {
+                return Err(bad("logprobs", "at most 20", n));
+            }
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(bad("stop", "non-empty strings", "an empty string"));
+        }
+        Ok(())
+    }
+
+    fn is_greedy(&self) -> bool {
+        // `!(>=)` so that an unvalidated NaN temperature falls back to greedy.
+        !(self.temperature >= GREEDY_TEMPERATURE)
+    }
+}
+
+/// Log-probabilities reported for one generated token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    /// Log-probability of the token that was generated.
+    pub chosen_logprob: f32,
+    /// The most likely tokens with their log-probabilities, most likely first (ties: lower id
+    /// first). May or may not contain the chosen token.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-probabilities of `chosen` and of the `top` most likely tokens under `log_softmax(logits)`.
+///
+/// wick reports the model's own distribution (what vLLM v1 returns by default): computed from
+/// the raw logits, before penalties, temperature or any filter. NaN logits count as -inf.
+/// `chosen` outside the vocabulary gets -inf. Costs one pass over the logits plus, at worst,
+/// O(V · top) for the ranking (fine for the small `top` requests may ask for).
+pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> TokenLogprobs {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| !l.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    // log(sum(exp(l))) computed around the max so nothing overflows; f64 so 151936 terms add
+    // up without visible error.
+    let log_z = if max.is_finite() {
+        let sum: f64 = logits
+            .iter()
+            .filter(|l| !l.is_nan())
+            .map(|&l| ((l - max) as f64).exp())
+            .sum();
+        max as f64 + sum.ln()
+    } else {
+        max as f64
+    };
+    let logprob = |l: f32| -> f32 {
+        if l.is_nan() || l == f32::NEG_INFINITY {
+            f32::NEG_INFINITY
+        } else {
+            (l as f64 - log_z) as f32
+        }
+    };
+    TokenLogprobs {
+        chosen_logprob: logits
+            .get(chosen as usize)
+            .map_or(f32::NEG_INFINITY, |&l| logprob(l)),
+        top: top_n(logits, top)
+            .into_iter()
+            .map(|(id, l)| (id, logprob(l)))
+            .collect(),
+    }
+}
+
+/// The `n` largest logits as `(id, logit)`, largest first, ties broken by lower id; NaN skipped.
+fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let n = n.min(logits.len());
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    if n == 0 {
+        return best;
+    }
+    for (id, &l) in logits.iter().enumerate() {
+        if l.is_nan() || (best.len() == n && l <= best[n - 1].1) {
+            continue;
+        }
+        // Ids arrive in increasing order, so inserting after equal logits keeps ties by id.
+        let at = best.partition_point(|&(_, b)| b >= l);
+        best.insert(at, (id as u32, l));
+        best.truncate(n);
+    }
+    best
+}
+
+/// Orders candidates most likely first, ties by lower id. A total order, so that the unstable
+/// selection and sort below are deterministic.
+fn by_rank(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Fills `out` with the `k` highest-ranked `(id, logit)` among the logits >= `floor`.
+///
+/// Streams over the vocabulary with a buffer of 2k: when it fills, it is cut back to the k best
+/// and the k-th logit becomes the bar a later token must beat (strictly, since a later token
+/// has a higher id and loses ties). That is O(V) without sorting or copying the vocabulary.
+fn top_k_into(logits: &[f32], k: usize, floor: f32, out: &mut Vec<(u32, f32)>) {
+    debug_assert!(k > 0);
+    out.clear();
+    let cap = 2 * k.max(32);
+    let mut bar = f32::NEG_INFINITY;
+    let mut have_bar = false;
+    for (id, &l) in logits.iter().enumerate() {
+        // `!(l >= floor)` also drops NaN.
+        if !(l >= floor) || (have_bar && l <= bar) {
+            continue;
+        }
+        out.push((id as u32, l));
+        if out.len() == cap {
+            out.select_nth_unstable_by(k - 1, by_rank);
+            out.truncate(k);
+            bar = out[k - 1].1;
+            have_bar = true;
+        }
+    }
+    if out.len() > k {
+        out.select_nth_unstable_by(k - 1, by_rank);
+        out.truncate(k);
+    }
+}
+
+/// Index of the largest logit, the lowest one among ties; NaN is skipped. 0 when every logit
+/// is NaN or -inf.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    let mut best_l = f32::NEG_INFINITY;
+    for (id, &l) in logits.iter().enumerate() {
+        if l > best_l {
+            best = id;
+            best_l = l;
+        }
+    }
+    best as u32
+}
+
+/// Chooses the tokens of one request. Create it when the request starts; call
+/// [`sample`](Sampler::sample) on each row of logits and [`accept`](Sampler::accept) with each
+/// token the request keeps.
+///
+/// Nothing is allocated per call once the scratch buffer has grown to its working size.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Pcg64,
+    /// Tokens seen in the prompt or the output, for the repetition penalty (empty when off).
+    seen: HashSet<u32>,
+    /// How often each token has been generated, for presence and frequency penalties
+    /// (empty when both are off). Kept incrementally so a step costs O(distinct tokens).
+    output_counts: HashMap<u32, u32>,
+    /// Scratch: `(id, logit)` of the tokens still in the running, turned into
+    /// `(id, unnormalised probability)` once the filters are done. Up to `[V]`.
+    candidates: Vec<(u32, f32)>,
+    /// Scratch: copy of the raw logits `[V]` when logprobs are wanted.
+    raw: Vec<f32>,
+}
+
+impl Sampler {
+    /// A sampler for one request. `prompt_ids` feed the repetition penalty. The random stream
+    /// is `Pcg64` seeded from `params.seed`, so a seed gives the same tokens on every run and
+    /// platform; without a seed it is seeded from the OS.
+    pub fn new(params: &SamplingParams, prompt_ids: &[u32]) -> Self {
+        let seed = params.seed.unwrap_or_else(rand::random);
+        let seen = if params.repetition_penalty != 1.0 {
+            prompt_ids.iter().copied().collect()
+        } else {
+            HashSet::new()
+        };
+        Sampler {
+            params: params.clone(),
+            rng: Pcg64::seed_from_u64(seed),
+            seen,
+            output_counts: HashMap::new(),
+            candidates: Vec::new(),
+            raw: Vec::new(),
+        }
+    }
+
+    /// The parameters this sampler was created with.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Records a token the request generated, for the penalties on later steps.
+    pub fn accept(&mut self, id: u32) {
+        if self.params.repetition_penalty != 1.0 {
+            self.seen.insert(id);
+        }
+        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
+            *self.output_counts.entry(id).or_insert(0) += 1;
+        }
+    }
+
+    /// Chooses the next token from one row of logits `[V]`.
+    ///
+    /// The penalties are applied to `logits` in place; afterwards its contents are otherwise
+    /// unspecified. Greedy requests take the argmax after penalties (lowest id on ties). NaN
+    /// logits are never chosen. Panics if `logits` is empty: the model always produces V > 0.
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        assert!(!logits.is_empty(), "Sampler::sample called with no logits");
+        self.apply_penalties(logits);
+        if self.params.is_greedy() {
+            return argmax(logits);
+        }
+        let max = logits
+            .iter()
+            .copied()
+            .filter(|l| !l.is_nan())
+            .fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            // Everything masked, or a +inf logit that outweighs every finite one.
+            return argmax(logits);
+        }
+        let total = self.filter(logits, max);
+        self.draw(total)
+    }
+
+    /// [`sample`](Sampler::sample), plus the logprobs the request asked for
+    /// (`params.logprobs`), computed from the logits as they came in (see [`logprobs`]).
+    pub fn sample_with_logprobs(&mut self, logits: &mut [f32]) -> (u32, Option<TokenLogprobs>) {
+        let Some(top) = self.params.logprobs else {
+            return (self.sample(logits), None);
+        };
+        self.raw.clear();
+        self.raw.extend_from_slice(logits);
+        let id = self.sample(logits);
+        (id, Some(logprobs(&self.raw, id, top)))
+    }
+
+    /// Repetition, then frequency, then presence penalty, as vLLM applies them. Ids outside
+    /// the vocabulary are ignored.
+    fn apply_penalties(&self, logits: &mut [f32]) {
+        let rep = self.params.repetition_penalty;
+        if rep != 1.0 {
+            for &id in &self.seen {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = if *l > 0.0 { *l / rep } else { *l * rep };
+                }
+            }
+        }
+        let (freq, pres) = (self.params.frequency_penalty, self.params.presence_penalty);
+        if freq != 0.0 || pres != 0.0 {
+            for (&id, &count) in &self.output_counts {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = (*l - freq * count as f32) - pres;
+                }
+            }
+        }
+    }
+
+    /// Applies temperature, min-p, top-k and top-p, leaving the survivors in `self.candidates`
+    /// as `(id, exp((logit - max) / T))`; returns the sum of those weights.
+    ///
+    /// `max` is the largest logit (finite). Work is in logit space: min-p's
+    /// `p_i >= min_p * p_max` is `l_i >= max + T ln(min_p)`, so it is a cheap bar.
+    fn filter(&mut self, logits: &[f32], max: f32) -> f64 {
+        let p = &self.params;
+        let vocab = logits.len();
+        let t = p.temperature;
+        let inv_t = 1.0 / t;
+        let top_k = (p.top_k > 0 && p.top_k < vocab).then_some(p.top_k);
+        let top_p = (p.top_p < 1.0).then_some(p.top_p as f64);
+
+        // Lowest logit min-p lets through; f32::MIN (not -inf) so masked tokens never enter.
+        let mut floor = f32::MIN;
+        if p.min_p > 0.0 {
+            floor = floor.max(max + t * p.min_p.ln());
+        }
+        // Top-p over the whole vocabulary (no top-k or min-p to restrict it) needs the
+        // normaliser over every token, but only tokens near the top can be in the nucleus: if
+        // each token under the bar has probability below (1 - top_p) / 2V, together they hold
+        // less than 1 - top_p, so the tokens above the bar already reach top_p. Since
+        // p_i <= exp((l_i - max) / T), the bar needs no normaliser.
+        let whole_vocab_top_p = top_p.is_some() && top_k.is_none() && p.min_p <= 0.0;
+        let mut bar = floor;
+        if let Some(top_p) = top_p.filter(|_| whole_vocab_top_p) {
+            let ln_bound = ((1.0 - top_p) * 100.0 / (2 * vocab) as f64).ln() as f32;
+            bar = bar.max(max + t * ln_bound);
+        }
+
+        let cands = &mut self.candidates;
+        // Probability mass (unnormalised) of the tokens left out by the bar alone.
+        let mut tail = 0.0f64;
+        match top_k {
+            Some(k) => top_k_into(logits, k, floor, cands),
+            None => {
+                cands.clear();
+                for (id, &l) in logits.iter().enumerate() {
+                    if l >= bar {
+                        cands.push((id as u32, l));
+                    } else if whole_vocab_top_p && l >= floor {
+                        tail += (((l - max) * inv_t).exp()) as f64;
+                    }
+                }
+            }
+        }
+        for c in cands.iter_mut() {
+            c.1 = ((c.1 - max) * inv_t).exp();
+        }
+        let mut total: f64 = cands.iter().map(|c| c.1 as f64).sum();
+
+        if let Some(top_p) = top_p {
+            cands.sort_unstable_by(by_rank);
+            let target = top_p * (total + tail) - TOP_P_SLACK * (total + tail);
+            let mut cum = 0.0f64;
+            let mut keep = cands.len();
+            for (i, c) in cands.iter().enumerate() {
+                cum += c.1 as f64;
+                if cum >= target {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cands.truncate(keep);
+            total = cum;
+        }
+        total
+    }
+
+    /// Draws one of `self.candidates` in proportion to its weight; `total` is their sum.
+    fn draw(&mut self, total: f64) -> u32 {
+        let u = self.rng.random::<f64>() * total;
+        let mut cum = 0.0f64;
+        for &(id, w) in &self.candidates {
+            cum += w as f64;
+            if u < cum {
+                return id;
+            }
+        }
+        // Rounding left `u` at the very top: take the last token that has any weight.
+        self.candidates
+            .iter()
+            .rev()
+            .find(|c| c.1 > 0.0)
+            .or(self.candidates.last())
+            .map_or(0, |c| c.0)
+    }
+}
+
+/// What [`StopMatcher::push`] lets through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StopOutcome {
+    /// Text that is safe to send to the client now.
+    pub emit: String,
+    /// A stop string was found: `emit` ends just before it and generation should end.
+    pub stopped: bool,
+}
+
+/// Finds stop strings in text that arrives piece by piece (one detokenized step at a time).
+///
+/// Text that could be the beginning of a stop string is held back until the next pieces show
+/// whether it is; when a stop string completes, only the text before it is emitted (the stop
+/// string itself never is, as in the OpenAI API). If several stop strings occur, the one that
+/// starts earliest wins. Empty stop strings are ignored.
+#[derive(Clone, Debug, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    /// Received but not yet emitted; always shorter than the longest stop string between calls.
+    held: String,
+    /// Index into `stops` of the stop string that ended generation.
+    matched: Option<usize>,
+}
+
+impl StopMatcher {
+    /// A matcher for these stop strings.
+    pub fn new(stops: &[String]) -> Self {
+        StopMatcher {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            held: String::new(),
+            matched: None,
+        }
+    }
+
+    /// Feeds the next piece of text. Once stopped, further text is dropped.
+    pub fn push(&mut self, text: &str) -> StopOutcome {
+        if self.matched.is_some() {
+            return StopOutcome {
+                emit: String::new(),
+                stopped: true,
+            };
+        }
+        self.held.push_str(text);
+
+        // Everything before `held` has been emitted only because no stop string could start
+        // there, so searching `held` alone finds the earliest match in the whole stream.
+        let mut hit: Option<(usize, usize)> = None; // (byte offset, stop index)
+        for (i, stop) in self.stops.iter().enumerate() {
+            if let Some(at) = self.held.find(stop.as_str()) {
+                if hit.is_none_or(|(best, _)| at < best) {
+                    hit = Some((at, i));
+                }
+            }
+        }
+        if let Some((at, i)) = hit {
+            self.held.truncate(at);
+            self.matched = Some(i);
+            return StopOutcome {
+                emit: std::mem::take(&mut self.held),
+                stopped: true,
+            };
+        }
+
+        let keep_from = self.partial_match_start();
+        let rest = self.held.split_off(keep_from);
+        StopOutcome {
+            emit: std::mem::replace(&mut self.held, rest),
+            stopped: false,
+        }
+    }
+
+    /// Ends the stream: returns the text still held back (empty after a stop).
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+
+    /// The stop string that ended generation, if one did.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.map(|i| self.stops[i].as_str())
+    }
+
+    /// Start of the longest suffix of `held` that is a proper prefix of some stop string, or
+    /// `held.len()` if there is none. Only char boundaries are tried: a stop string starts with
+    /// a whole character, so a suffix starting mid-character cannot begin one.
+    fn partial_match_start(&self) -> usize {
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let held = self.held.as_bytes();
+        let first = held.len().saturating_sub(longest.saturating_sub(1));
+        (first..held.len())
+            .filter(|&i| self.held.is_char_boundary(i))
+            .find(|&i| {
+                let suffix = &held[i..];
+                self.stops
+                    .iter()
+                    .any(|s| s.len() > suffix.len() && s.as_bytes().starts_with(suffix))
+            })
+            .unwrap_or(held.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Logits whose softmax is exactly `probs` (up to f32 rounding).
+    fn logits_of(probs: &[f64]) -> Vec<f32> {
+        probs.iter().map(|p| p.ln() as f32).collect()
+    }
+
+    fn softmax(logits: &[f32], t: f64) -> Vec<f64> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let e: Vec<f64> = logits
+            .iter()
+            .map(|&l| ((l as f64 - max) / t).exp())
+            .collect();
+        let z: f64 = e.iter().sum();
+        e.iter().map(|x| x / z).collect()
+    }
+
+    /// Pseudo-random logits in [-scale, scale), from a fixed seed.
+    fn random_logits(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut rng = Pcg64::seed_from_u64(seed);
+        (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+            .collect()
+    }
+
+    /// Draws `n` tokens (fresh copy of `logits` each time) and counts them per id.
+    fn histogram(params: &SamplingParams, logits: &[f32], n: usize) -> Vec<usize> {
+        let mut sampler = Sampler::new(params, &[]);
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..n {
+            let mut l = logits.to_vec();
+            counts[sampler.sample(&mut l) as usize] += 1;
+        }
+        counts
+    }
+
+    /// Every count within 5 binomial standard deviations of `n * expected`; a token with
+    /// expected probability 0 must never appear.
+    fn assert_matches(counts: &[usize], expected: &[f64]) {
+        let n: usize = counts.iter().sum();
+        for (id, (&c, &p)) in counts.iter().zip(expected).enumerate() {
+            if p == 0.0 {
+                assert_eq!(c, 0, "token {id} has probability 0 but was drawn {c} times");
+                continue;
+            }
+            let mean = n as f64 * p;
+            let sigma = (n as f64 * p * (1.0 - p)).sqrt();
+            assert!(
+                (c as f64 - mean).abs() <= 5.0 * sigma + 1.0,
+                "token {id}: drawn {c} times, expected {mean:.1} ± {sigma:.1} (counts {counts:?})"
+            );
+        }
+    }
+
+    fn random_params(seed: u64) -> SamplingParams {
+        SamplingParams {
+            seed: Some(seed),
+            ..SamplingParams::default()
+        }
+    }
+
+    #[test]
+    fn greedy_picks_the_argmax() {
+        let mut s = Sampler::new(&SamplingParams::greedy(), &[]);
+        assert_eq!(s.sample(&mut [0.1, 2.0, -1.0, 1.5]), 1);
+        assert_eq!(s.sample(&mut [-3.0, -2.0, -5.0]), 1);
+        assert_eq!(s.sample(&mut [f32::NAN, 1.0, 2.0]), 2);
+    }
+
+    #[test]
+    fn greedy_ties_go_to_the_lowest_id() {
+        let mut s = Sampler::new(&SamplingParams::greedy(), &[]);
+        assert_eq!(s.sample(&mut [1.0, 3.0, 2.0, 3.0, 3.0]), 1);
+        assert_eq!(s.sample(&mut [0.0; 8]), 0);
+    }
+
+    #[test]
+    fn temperature_below_cutoff_is_greedy() {
+        let params = SamplingParams {
+            temperature: 1e-6,
+            ..random_params(1)
+        };
+        let logits = [1.0, 1.2, 1.1, 0.0];
+        let counts = histogram(&params, &logits, 200);
+        assert_eq!(counts, vec![0, 200, 0, 0]);
+    }
+
+    #[test]
+    fn same_seed_same_draws_different_seed_different_draws() {
+        let logits = random_logits(50, 3, 2.0);
+        let draws = |seed| {
+            let mut s = Sampler::new(&random_params(seed), &[]);
+            (0..200)
+                .map(|_| s.sample(&mut logits.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draws(42), draws(42));
+        assert_ne!(draws(42), draws(43));
+    }
+
+    #[test]
+    fn top_k_1_is_greedy() {
+        for seed in 0..20 {
+            let logits = random_logits(300, seed, 3.0);
+            let params = SamplingParams {
+                top_k: 1,
+                ..random_params(seed)
+            };
+            let mut s = Sampler::new(&params, &[]);
+            for _ in 0..20 {
+                assert_eq!(s.sample(&mut logits.clone()), argmax(&logits));
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_draws_only_the_k_most_likely_in_proportion() {
+        let probs = [0.4, 0.05, 0.25, 0.1, 0.2];
+        let params = SamplingParams {
+            top_k: 3,
+            ..random_params(5)
+        };
+        let counts = histogram(&params, &logits_of(&probs), 10_000);
+        assert_matches(&counts, &[0.4 / 0.85, 0.0, 0.25 / 0.85, 0.0, 0.2 / 0.85]);
+    }
+
+    #[test]
+    fn top_k_selection_matches_a_full_sort() {
+        // Large enough that the streaming buffer is compacted many times; the quantised
+        // logits make ties at the k-th place common.
+        for (seed, k) in [(1u64, 1usize), (2, 7), (3, 64), (4, 100), (5, 999)] {
+            let logits: Vec<f32> = random_logits(5000, seed, 8.0)
+                .iter()
+                .map(|l| l.round())
+                .collect();
+            let mut expected: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l))
+                .collect();
+            expected.sort_by(by_rank);
+            expected.truncate(k);
+            let mut got = Vec::new();
+            top_k_into(&logits, k, f32::MIN, &mut got);
+            got.sort_by(by_rank);
+            assert_eq!(got, expected, "k = {k}");
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_top_p() {
+        let logits = logits_of(&[0.5, 0.3, 0.15, 0.05]);
+        let params = SamplingParams {
+            top_p: 0.8,
+            ..random_params(9)
+        };
+        let counts = histogram(&params, &logits, 10_000);
+        assert_matches(&counts, &[0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]);
+
+        // Just past the boundary the third token is needed.
+        let params = SamplingParams {
+            top_p: 0.81,
+            ..random_params(9)
+        };
+        let counts = histogram(&params, &logits, 10_000);
+        assert_matches(&counts, &[0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]);
+    }
+
+    #[test]
+    fn min_p_never_draws_tokens_below_the_bar() {
+        // Bar = 0.3 * 0.4 = 0.12: tokens 3 (0.1) and 4 (0.05) are out.
+        let probs = [0.4, 0.3, 0.15, 0.1, 0.05];
+        let params = SamplingParams {
+            min_p: 0.3,
+            ..random_params(11)
+        };
+        let counts = histogram(&params, &logits_of(&probs), 10_000);
+        assert_matches(&counts, &[0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn temperature_2_matches_softmax_of_halved_logits() {
+        let logits = [1.0, 0.0, -1.0, 2.0, 0.5];
+        let params = SamplingParams {
+            temperature: 2.0,
+            ..random_params(13)
+        };
+        let counts = histogram(&params, &logits, 20_000);
+        assert_matches(&counts, &softmax(&logits, 2.0));
+    }
+
+    /// The filters written the slow, obvious way: full softmax, vLLM v1 order.
+    fn reference_distribution(logits: &[f32], p: &SamplingParams) -> Vec<f64> {
+        let mut probs = softmax(logits, p.temperature as f64);
+        let renormalise = |probs: &mut Vec<f64>| {
+            let z: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= z);
+        };
+        let pmax = probs.iter().copied().fold(0.0, f64::max);
+        for x in probs.iter_mut() {
+            if *x < p.min_p as f64 * pmax {
+                *x = 0.0;
+            }
+        }
+        renormalise(&mut probs);
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        if p.top_k > 0 {
+            for &i in &order[p.top_k.min(order.len())..] {
+                probs[i] = 0.0;
+            }
+            renormalise(&mut probs);
+        }
+        if p.top_p >= 1.0 {
+            return probs;
+        }
+        let mut cum = 0.0;
+        let mut reached = false;
+        for &i in &order {
+            if reached {
+                probs[i] = 0.0;
+            }
+            cum += probs[i];
+            reached |= cum >= p.top_p as f64 - TOP_P_SLACK;
+        }
+        renormalise(&mut probs);
+        probs
+    }
+
+    #[test]
+    fn filters_match_the_reference_distribution() {
+        let cases = [
+            (1.0, 0, 1.0, 0.0),
+            (0.6, 20, 0.95, 0.0),
+            (1.0, 0, 0.9, 0.0),
+            (0.7, 0, 0.5, 0.0),
+            (1.3, 0, 0.95, 0.05),
+            (1.0, 50, 1.0, 0.1),
+            (0.8, 200, 0.7, 0.01),
+        ];
+        for (case, &(temperature, top_k, top_p, min_p)) in cases.iter().enumerate() {
+            let params = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                ..random_params(0)
+            };
+            let logits = random_logits(4000, case as u64, 6.0);
+            let expected = reference_distribution(&logits, &params);
+            let mut s = Sampler::new(&params, &[]);
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let total = s.filter(&logits, max);
+            let mut got = vec![0.0; logits.len()];
+            for &(id, w) in &s.candidates {
+                got[id as usize] = w as f64 / total;
+            }
+            for (id, (g, e)) in got.iter().zip(&expected).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-6 + 1e-4 * e,
+                    "case {case}, token {id}: got {g}, expected {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn penalties_change_logits_by_the_expected_amounts() {
+        let params = SamplingParams {
+            repetition_penalty: 2.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(&params, &[0, 1]);
+        for id in [2, 2, 1, 4, 1000] {
+            s.accept(id); // 1000 is outside the vocabulary and must be ignored
+        }
+        let mut logits = [2.0, -2.0, 1.0, 0.5, -1.0, 3.0];
+        s.sample(&mut logits);
+        let expected = [
+            2.0 / 2.0,                    // prompt only: repetition
+            -2.0 * 2.0 - 0.25 - 0.5,      // prompt + generated once
+            1.0 / 2.0 - 2.0 * 0.25 - 0.5, // generated twice
+            0.5,                          // never seen
+            -1.0 * 2.0 - 0.25 - 0.5,      // generated once
+            3.0,                          // never seen
+        ];
+        assert_eq!(logits, expected);
+    }
+
+    #[test]
+    fn penalties_can_move_the_greedy_choice() {
+        let params = SamplingParams {
+            frequency_penalty: 1.0,
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(&params, &[]);
+        let logits = [1.0, 2.5, 2.0];
+        assert_eq!(s.sample(&mut logits.clone()), 1);
+        s.accept(1);
+        assert_eq!(s.sample(&mut logits.clone()), 2); // 2.5 - 1 < 2
+    }
+
+    #[test]
+    fn validate_accepts_defaults_and_rejects_each_bad_field() {
+        SamplingParams::default().validate().unwrap();
+        SamplingParams::greedy().validate().unwrap();
+        SamplingParams::with_generation_defaults(Some(0.6), Some(20), Some(0.95))
+            .validate()
+            .unwrap();
+        let d = SamplingParams::default;
+        let bad: Vec<(&str, SamplingParams)> = vec![
+            (
+                "temperature",
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..d()
+                },
+            ),
+            (
+                "temperature",
+                SamplingParams {
+                    temperature: -0.1,
+                    ..d()
+                },
+            ),
+            (
+                "temperature",
+                SamplingParams {
+                    temperature: f32::INFINITY,
+                    ..d()
+                },
+            ),
+            ("top_p", SamplingParams { top_p: 0.0, ..d() }),
+            ("top_p", SamplingParams { top_p: 1.01, ..d() }),
+            (
+                "top_p",
+                SamplingParams {
+                    top_p: f32::NAN,
+                    ..d()
+                },
+            ),
+            ("min_p", SamplingParams { min_p: -0.1, ..d() }),
+            ("min_p", SamplingParams { min_p: 1.5, ..d() }),
+            (
+                "min_p",
+                SamplingParams {
+                    min_p: f32::NAN,
+                    ..d()
+                },
+            ),
+            (
+                "repetition_penalty",
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..d()
+                },
+            ),
+            (
+                "repetition_penalty",
+                SamplingParams {
+                    repetition_penalty: -1.0,
+                    ..d()
+                },
+            ),
+            (
+                "repetition_penalty",
+                SamplingParams {
+                    repetition_penalty: f32::NAN,
+                    ..d()
+                },
+            ),
+            (
+                "presence_penalty",
+                SamplingParams {
+                    presence_penalty: 2.5,
+                    ..d()
+                },
+            ),
+            (
+                "presence_penalty",
+                SamplingParams {
+                    presence_penalty: f32::NAN,
+                    ..d()
+                },
+            ),
+            (
+                "frequency_penalty",
+                SamplingParams {
+                    frequency_penalty: -2.1,
+                    ..d()
+                },
+            ),
+            (
+                "max_tokens",
+                SamplingParams {
+                    max_tokens: 0,
+                    ..d()
+                },
+            ),
+            (
+                "logprobs",
+                SamplingParams {
+                    logprobs: Some(21),
+                    ..d()
+                },
+            ),
+            (
+                "stop",
+                SamplingParams {
+                    stop: vec!["ok".into(), String::new()],
+                    ..d()
+                },
+            ),
+        ];
+        for (field, params) in bad {
+            match params.validate() {
+                Err(Error::InvalidRequest(msg)) => {
+                    assert!(msg.starts_with(field), "{field}: message {msg:?}")
+                }
+                other => panic!("{field}: expected InvalidRequest, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn generation_defaults_override_only_what_they_give() {
+        let p = SamplingParams::with_generation_defaults(Some(0.6), None, Some(0.95));
+        assert_eq!((p.temperature, p.top_k, p.top_p), (0.6, 0, 0.95));
+        assert_eq!(p.max_tokens, SamplingParams::default().max_tokens);
+    }
+
+    #[test]
+    fn params_deserialize_with_defaults() {
+        let p: SamplingParams = serde_json::from_str(r#"{"top_k": 5, "stop": ["x"]}"#).unwrap();
+        assert_eq!(
+            p,
+            SamplingParams {
+                top_k: 5,
+                stop: vec!["x".into()],
+                ..SamplingParams::default()
+            }
+        );
+    }
+
+    #[test]
+    fn logprobs_are_a_normalised_log_softmax() {
+        let logits = random_logits(1000, 17, 5.0);
+        let lp = logprobs(&logits, 123, logits.len());
+        let total: f64 = lp.top.iter().map(|&(_, l)| (l as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-4, "probabilities sum to {total}");
+
+        let probs = softmax(&logits, 1.0);
+        assert!((lp.chosen_logprob as f64 - probs[123].ln()).abs() < 1e-5);
+        for &(id, l) in &lp.top {
+            assert!((l as f64 - probs[id as usize].ln()).abs() < 1e-5);
+        }
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+    }
+
+    #[test]
+    fn top_logprobs_are_the_most_likely_tokens_ties_by_id() {
+        let logits = [0.5, 3.0, 1.0, 3.0, f32::NAN, 2.0];
+        let lp = logprobs(&logits, 4, 3);
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 5]);
+        assert_eq!(lp.chosen_logprob, f32::NEG_INFINITY);
+        assert!(logprobs(&logits, 0, 0).top.is_empty());
+    }
+
+    #[test]
+    fn sample_with_logprobs_reports_the_raw_distribution() {
+        let logits = [1.0f32, 2.0, 0.5];
+        let params = SamplingParams {
+            repetition_penalty: 3.0,
+            logprobs: Some(2),
+            ..SamplingParams::greedy()
+        };
+        // The penalty on token 1 (2.0 -> 0.667) makes token 0 the choice...
+        let mut s = Sampler::new(&params, &[1]);
+        let (id, lp) = s.sample_with_logprobs(&mut logits.clone());
+        assert_eq!(id, 0);
+        // ...but the logprobs are those of the unmodified logits.
+        let lp = lp.unwrap();
+        let probs = softmax(&logits, 1.0);
+        assert!((lp.chosen_logprob as f64 - probs[0].ln()).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 0]);
+
+        let mut s = Sampler::new(&SamplingParams::greedy(), &[]);
+        assert_eq!(s.sample_with_logprobs(&mut logits.clone()), (1, None));
+    }
+
+    /// Pushes `pieces` and returns the concatenated emitted text (plus `finish`) and whether it
+    /// stopped.
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut m = StopMatcher::new(&stops);
+        let mut out = String::new();
+        let mut stopped = false;
+        for piece in pieces {
+            let o = m.push(piece);
+            assert!(
+                !(stopped && !o.emit.is_empty()),
+                "text emitted after a stop"
+            );
+            out.push_str(&o.emit);
+            stopped |= o.stopped;
+        }
+        out.push_str(&m.finish());
+        (out, stopped)
+    }
+
+    /// Every way of cutting `text` into two or three pieces at char boundaries.
+    fn splits(text: &str) -> Vec<Vec<&str>> {
+        let cuts: Vec<usize> = (0..=text.len())
+            .filter(|&i| text.is_char_boundary(i))
+            .collect();
+        let mut out = Vec::new();
+        for &a in &cuts {
+            for &b in cuts.iter().filter(|&&b| b >= a) {
+                out.push(vec![&text[..a], &text[a..b], &text[b..]]);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn stop_string_split_at_every_position() {
+        let text = "Hello, wörld! STOP and more";
+        for pieces in splits(text) {
+            assert_eq!(
+                run(&["STOP"], &pieces),
+                ("Hello, wörld! ".to_string(), true),
+                "{pieces:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn multibyte_stop_strings() {
+        for pieces in splits("naïve café! après") {
+            assert_eq!(
+                run(&["é!"], &pieces),
+                ("naïve caf".into(), true),
+                "{pieces:?}"
+            );
+        }
+        // "ã" and "é" share their first byte; that must not hold back or match anything.
+        for pieces in splits("ãxé") {
+            assert_eq!(run(&["é"], &pieces), ("ãx".into(), true), "{pieces:?}");
+        }
+        for pieces in splits("日本語のテキスト") {
+            assert_eq!(
+                run(&["テキ"], &pieces),
+                ("日本語の".into(), true),
+                "{pieces:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn earliest_of_several_stop_strings_wins() {
+        assert_eq!(run(&["</s>", "\n\n"], &["a\n\nb</s>"]), ("a".into(), true));
+        for pieces in splits("hello world") {
+            assert_eq!(
+                run(&["world", "lo w"], &pieces),
+                ("hel".into(), true),
+                "{pieces:?}"
+            );
+        }
+        // "bd" completes inside "abd" while the longer "abc" that started earlier never does.
+        for pieces in splits("xabd") {
+            assert_eq!(
+                run(&["abc", "bd"], &pieces),
+                ("xa".into(), true),
+                "{pieces:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn overlapping_stop_prefixes() {
+        for pieces in splits("xxabc") {
+            assert_eq!(
+                run(&["ab", "abc"], &pieces),
+                ("xx".into(), true),
+                "{pieces:?}"
+            );
+        }
+        for pieces in splits("xxacaab") {
+            assert_eq!(
+                run(&["abc", "ab"], &pieces),
+                ("xxaca".into(), true),
+                "{pieces:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_is_lost_without_a_stop() {
+        let text = "abxab aab ab é";
+        for pieces in splits(text) {
+            assert_eq!(
+                run(&["abc", "é!"], &pieces),
+                (text.into(), false),
+                "{pieces:?}"
+            );
+        }
+        assert_eq!(run(&[], &["any", "thing"]), ("anything".into(), false));
+    }
+
+    #[test]
+    fn held_text_is_released_once_disambiguated() {
+        let mut m = StopMatcher::new(&["abc".to_string()]);
+        assert_eq!(m.push("xa").emit, "x");
+        assert_eq!(m.push("b").emit, "");
+        assert_eq!(m.push("d").emit, "abd");
+        assert_eq!(m.push("ab").emit, "");
+        assert_eq!(m.finish(), "ab");
+        assert_eq!(m.matched(), None);
+    }
+
+    #[test]
+    fn after_a_stop_nothing_more_is_emitted() {
+        let mut m = StopMatcher::new(&["STOP".to_string(), String::new()]);
+        let o = m.push("one STOP two");
+        assert_eq!((o.emit.as_str(), o.stopped), ("one ", true));
+        assert_eq!(m.matched(), Some("STOP"));
+        let o = m.push("three");
+        assert_eq!((o.emit.as_str(), o.stopped), ("", true));
+        assert_eq!(m.finish(), "");
+    }
+}

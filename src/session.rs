@@ -1,0 +1,181 @@
+//! One sequence on one model: a KV cache that persists across calls, so that a chat's next
+//! turn computes only the tokens its prompt does not share with what is already cached.
+//!
+//! [`Session::extend`] appends tokens in chunks of at most `prefill_chunk` (prompt
+//! processing is matrix-matrix work over a whole chunk) and reports the logits of the rows
+//! the caller wants. [`Session::reuse_prefix`] keeps the longest cached prefix of a new prompt.
+//! The serving engine, which batches many sequences, builds the same [`Batch`]es.
+
+use std::sync::Arc;
+
+use crate::backend::{Backend, Batch};
+use crate::error::{Error, Result};
+use crate::kv_cache::{BlockPool, BlockTable, DEFAULT_BLOCK_SIZE};
+use crate::model::{Model, RunState};
+
+/// Sizes of a [`Session`].
+#[derive(Clone, Copy, Debug)]
+pub struct SessionOptions {
+    /// The longest sequence (prompt + generated) the session can hold.
+    pub max_model_len: usize,
+    /// Most prompt tokens per forward step.
+    pub prefill_chunk: usize,
+    /// Most rows of logits per step when every position's logits are wanted.
+    pub max_logits_rows: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            max_model_len: 8192,
+            prefill_chunk: 512,
+            max_logits_rows: 64,
+            block_size: DEFAULT_BLOCK_SIZE,
+        }
+    }
+}
+
+/// Which logits [`Session::extend`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WantLogits {
+    /// Only the last token's.
+    Last,
+    /// Every token's.
+    All,
+}
+
+/// A single sequence with its own KV cache.
+pub struct Session<B: Backend> {
+    model: Arc<Model<B>>,
+    state: RunState<B>,
+    cache: B::KvCache,
+    pool: BlockPool,
+    table: BlockTable,
+    tokens: Vec<u32>,
+    opts: SessionOptions,
+    batch: Batch,
+    logits: Vec<f32>,
+}
+
+impl<B: Backend> Session<B> {
+    /// A session with room for `opts.max_model_len` tokens.
+    pub fn new(model: Arc<Model<B>>, opts: SessionOptions) -> Result<Self> {
+        let max_len = opts.max_model_len.min(model.config.max_position_embeddings).max(1);
+        let opts = SessionOptions {
+            max_model_len: max_len,
+            ..opts
+        };
+        let num_blocks = max_len.div_ceil(opts.block_size);
+        let cache = model.kv_cache(model.kv_layout(num_blocks, opts.block_size))?;
+        let state = model.run_state(opts.prefill_chunk, opts.max_logits_rows);
+        Ok(Session {
+            state,
+            cache,
+            pool: BlockPool::new(num_blocks, opts.block_size),
+            table: BlockTable::default(),
+            tokens: Vec::new(),
+            opts,
+            batch: Batch::default(),
+            logits: Vec::new(),
+            model,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Arc<Model<B>> {
+        &self.model
+    }
+
+    /// The longest sequence this session holds.
+    pub fn max_model_len(&self) -> usize {
+        self.opts.max_model_len
+    }
+
+    /// Tokens whose keys and values are cached, in order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Forgets everything.
+    pub fn reset(&mut self) {
+        self.table.free(&mut self.pool);
+        self.tokens.clear();
+    }
+
+    /// Keeps the longest cached prefix of `ids` — but never all of `ids`, since the logits
+    /// of its last token must be computed — and drops the rest. Returns the tokens kept.
+    pub fn reuse_prefix(&mut self, ids: &[u32]) -> usize {
+        let common = self
+            .tokens
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len().saturating_sub(1));
+        self.table.truncate(&mut self.pool, common);
+        self.tokens.truncate(common);
+        common
+    }
+
+    /// Runs the model over `ids` after the cached tokens, calling `on_logits(i, row)` for
+    /// each `ids[i]` whose logits are wanted (`row` is `[V]`).
+    pub fn extend(
+        &mut self,
+        ids: &[u32],
+        want: WantLogits,
+        mut on_logits: impl FnMut(usize, &[f32]),
+    ) -> Result<()> {
+        let total = self.tokens.len() + ids.len();
+        if total > self.opts.max_model_len {
+            return Err(Error::PromptTooLong {
+                prompt_tokens: total,
+                max_model_len: self.opts.max_model_len,
+            });
+        }
+        let vocab = self.model.config.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary ({vocab})"
+            )));
+        }
+        let chunk = match want {
+            WantLogits::Last => self.state.max_tokens(),
+            WantLogits::All => self.state.max_tokens().min(self.state.max_logits_rows()),
+        };
+        let bs = self.pool.block_size();
+        let mut done = 0;
+        while done < ids.len() {
+            let n = chunk.min(ids.len() - done);
+            let part = &ids[done..done + n];
+            let start = self.tokens.len();
+            assert!(self.table.reserve(&mut self.pool, start + n), "pool sized for max_model_len");
+            let b = &mut self.batch;
+            b.token_ids.clear();
+            b.token_ids.extend_from_slice(part);
+            b.positions.clear();
+            b.positions.extend((start..start + n).map(|p| p as u32));
+            b.slot_mapping.clear();
+            b.slot_mapping.extend((start..start + n).map(|p| self.table.slot(p, bs)));
+            b.seqs.clear();
+            b.seqs.push(self.table.span(0, n));
+            b.logits_rows.clear();
+            let last_chunk = done + n == ids.len();
+            match want {
+                WantLogits::All => b.logits_rows.extend(0..n as u32),
+                WantLogits::Last if last_chunk => b.logits_rows.push(n as u32 - 1),
+                WantLogits::Last => {}
+            }
+            debug_assert_eq!(b.check(bs), Ok(()));
+            self.model.forward(&mut self.state, &mut self.cache, b, &mut self.logits);
+            self.table.num_tokens += n;
+            self.tokens.extend_from_slice(part);
+            for (r, &row) in self.batch.logits_rows.iter().enumerate() {
+                on_logits(done + row as usize, &self.logits[r * vocab..(r + 1) * vocab]);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}

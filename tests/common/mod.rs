@@ -1,0 +1,165 @@
+//! Shared helpers for the golden tests: fixture paths, the oracle files, and the comparison
+//! rules of `../shared/README.md`.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// `../shared/fixtures/<name>`, failing loudly when absent.
+pub fn fixture(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures")
+        .join(name);
+    assert!(p.exists(), "fixture {} is missing", p.display());
+    p
+}
+
+/// One case of an oracle file.
+#[derive(Deserialize, Debug, Clone)]
+pub struct Case {
+    pub name: String,
+    pub input_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub greedy_top1_margin: Vec<f32>,
+    #[serde(default)]
+    pub messages: Option<serde_json::Value>,
+    #[serde(default)]
+    pub enable_thinking: Option<bool>,
+    #[serde(default)]
+    pub prompt: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct OracleJson {
+    cases: Vec<Case>,
+}
+
+/// The cases of an oracle and its tensors (`<case>.last_logits`, `.topk_ids`, `.topk_logits`).
+pub struct Oracle {
+    pub cases: Vec<Case>,
+    tensors: Vec<u8>,
+}
+
+impl Oracle {
+    /// Reads `<json>` and `<tensors>` from the fixtures.
+    pub fn load(json: &str, tensors: &str) -> Oracle {
+        let j: OracleJson =
+            serde_json::from_str(&std::fs::read_to_string(fixture(json)).unwrap()).unwrap();
+        Oracle {
+            cases: j.cases,
+            tensors: std::fs::read(fixture(tensors)).unwrap(),
+        }
+    }
+
+    fn view(&self, name: &str) -> (Vec<usize>, safetensors::Dtype, Vec<u8>) {
+        let st = safetensors::SafeTensors::deserialize(&self.tensors).unwrap();
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("oracle tensor {name}"));
+        (t.shape().to_vec(), t.dtype(), t.data().to_vec())
+    }
+
+    /// `[V]` logits at the last prompt position.
+    pub fn last_logits(&self, case: &str) -> Vec<f32> {
+        let (_, dt, d) = self.view(&format!("{case}.last_logits"));
+        assert_eq!(dt, safetensors::Dtype::F32);
+        d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    /// `[positions][k]` top-k ids at every prompt position.
+    pub fn topk_ids(&self, case: &str) -> Vec<Vec<i64>> {
+        let (shape, dt, d) = self.view(&format!("{case}.topk_ids"));
+        let vals: Vec<i64> = match dt {
+            safetensors::Dtype::I64 => d
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            safetensors::Dtype::I32 => d
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+            other => panic!("topk_ids dtype {other:?}"),
+        };
+        vals.chunks(shape[1]).map(|c| c.to_vec()).collect()
+    }
+
+    /// `[positions][k]` top-k logits at every prompt position.
+    pub fn topk_logits(&self, case: &str) -> Vec<Vec<f32>> {
+        let (shape, _, d) = self.view(&format!("{case}.topk_logits"));
+        let vals: Vec<f32> = d
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        vals.chunks(shape[1]).map(|c| c.to_vec()).collect()
+    }
+}
+
+/// Index of the largest value (lowest index on ties).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The `k` largest values' indices, largest first.
+pub fn topk(v: &[f32], k: usize) -> Vec<usize> {
+    let cmp = |a: &usize, b: &usize| v[*b].total_cmp(&v[*a]).then(a.cmp(b));
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, cmp);
+        idx.truncate(k);
+    }
+    idx.sort_by(cmp);
+    idx
+}
+
+/// Max |a - b|.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Checks top-k ids at one position, tolerating swaps between entries whose oracle logits
+/// are closer than `tol` (a near-tie can legitimately flip order within tolerance).
+pub fn check_topk(pos: usize, ours: &[f32], ids: &[i64], logits: &[f32], tol: f32) {
+    let k = ids.len();
+    let mine = topk(ours, k);
+    for (j, (&want, &got)) in ids.iter().zip(&mine).enumerate() {
+        if want as usize == got {
+            continue;
+        }
+        // Different id at rank j: fine only if our logit for the oracle's id is within
+        // tolerance of the oracle's j-th logit and the swap is a near tie.
+        let ours_for_want = ours[want as usize];
+        assert!(
+            (ours_for_want - logits[j]).abs() <= tol
+                && (ours[got] - ours_for_want).abs() <= 2.0 * tol,
+            "position {pos} rank {j}: oracle id {want} ({}), ours {got} ({})",
+            logits[j],
+            ours[got]
+        );
+    }
+}
+
+/// The margin rule: at each step whose oracle top-1/top-2 margin exceeds `2·tol`, our
+/// argmax must equal the oracle's next id. Returns how many steps were checked.
+pub fn check_greedy(case: &Case, argmaxes: &[usize], tol: f32) -> usize {
+    assert_eq!(argmaxes.len(), case.greedy_ids.len());
+    let mut checked = 0;
+    for (i, ((&want, &got), &margin)) in case
+        .greedy_ids
+        .iter()
+        .zip(argmaxes)
+        .zip(&case.greedy_top1_margin)
+        .enumerate()
+    {
+        if margin > 2.0 * tol {
+            assert_eq!(got, want as usize, "{} step {i} (margin {margin})", case.name);
+            checked += 1;
+        }
+    }
+    checked
+}
