@@ -81,7 +81,8 @@ impl ModelConfig {
 
     /// Parses the text of a `config.json`.
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::json("config.json", e))?;
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| Error::json("config.json", e))?;
         raw.into_config()
     }
 
@@ -96,18 +97,28 @@ impl ModelConfig {
             || self.vocab_size == 0
             || self.intermediate_size == 0
         {
-            return bad(format!("a dimension in the configuration is zero: {self:?}"));
+            return bad(format!(
+                "a dimension in the configuration is zero: {self:?}"
+            ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return bad(format!("head_dim {} is odd; RoPE needs pairs", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim {} is odd; RoPE needs pairs",
+                self.head_dim
+            ));
         }
-        if !(self.rope_theta > 0.0) || !(self.rms_norm_eps >= 0.0) {
+        let theta_ok = self.rope_theta.is_finite() && self.rope_theta > 0.0;
+        let eps_ok = self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0;
+        if !(theta_ok && eps_ok) {
             return bad(format!(
                 "rope_theta {} / rms_norm_eps {} out of range",
                 self.rope_theta, self.rms_norm_eps
@@ -167,12 +178,8 @@ impl RawConfig {
         let architecture = match model_type.as_str() {
             "qwen3" => Architecture::Qwen3,
             "llama" => Architecture::Llama,
-            _ if self.architectures.iter().any(|a| a == "Qwen3ForCausalLM") => {
-                Architecture::Qwen3
-            }
-            _ if self.architectures.iter().any(|a| a == "LlamaForCausalLM") => {
-                Architecture::Llama
-            }
+            _ if self.architectures.iter().any(|a| a == "Qwen3ForCausalLM") => Architecture::Qwen3,
+            _ if self.architectures.iter().any(|a| a == "LlamaForCausalLM") => Architecture::Llama,
             other => {
                 return Err(Error::UnsupportedModel(format!(
                     "model_type `{other}` (architectures {:?}); wick runs qwen3 and llama",
@@ -188,7 +195,10 @@ impl RawConfig {
         // The RoPE base may sit at the top level or inside `rope_parameters`; any scaling
         // other than the default would silently change positions, so it is refused.
         let mut rope_theta = self.rope_theta;
-        for params in [&self.rope_parameters, &self.rope_scaling].into_iter().flatten() {
+        for params in [&self.rope_parameters, &self.rope_scaling]
+            .into_iter()
+            .flatten()
+        {
             if params.is_null() {
                 continue;
             }
@@ -280,7 +290,10 @@ impl GenerationConfig {
     pub fn from_value(v: &Value) -> Self {
         let f = |k: &str| v.get(k).and_then(Value::as_f64).map(|x| x as f32);
         GenerationConfig {
-            eos_token_ids: v.get("eos_token_id").map(ids_from_value).unwrap_or_default(),
+            eos_token_ids: v
+                .get("eos_token_id")
+                .map(ids_from_value)
+                .unwrap_or_default(),
             temperature: f("temperature"),
             top_k: v.get("top_k").and_then(Value::as_u64).map(|x| x as usize),
             top_p: f("top_p"),
@@ -347,6 +360,9 @@ mod tests {
             .join("../shared/fixtures/qwen3-tiny/generation_config.json");
         let g = GenerationConfig::from_file(&p).expect("fixture generation_config.json");
         assert_eq!(g.eos_token_ids, vec![151645, 151643]);
-        assert_eq!((g.temperature, g.top_k, g.top_p), (Some(0.6), Some(20), Some(0.95)));
+        assert_eq!(
+            (g.temperature, g.top_k, g.top_p),
+            (Some(0.6), Some(20), Some(0.95))
+        );
     }
 }

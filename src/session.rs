@@ -62,7 +62,10 @@ pub struct Session<B: Backend> {
 impl<B: Backend> Session<B> {
     /// A session with room for `opts.max_model_len` tokens.
     pub fn new(model: Arc<Model<B>>, opts: SessionOptions) -> Result<Self> {
-        let max_len = opts.max_model_len.min(model.config.max_position_embeddings).max(1);
+        let max_len = opts
+            .max_model_len
+            .min(model.config.max_position_embeddings)
+            .max(1);
         let opts = SessionOptions {
             max_model_len: max_len,
             ..opts
@@ -150,14 +153,18 @@ impl<B: Backend> Session<B> {
             let n = chunk.min(ids.len() - done);
             let part = &ids[done..done + n];
             let start = self.tokens.len();
-            assert!(self.table.reserve(&mut self.pool, start + n), "pool sized for max_model_len");
+            assert!(
+                self.table.reserve(&mut self.pool, start + n),
+                "pool sized for max_model_len"
+            );
             let b = &mut self.batch;
             b.token_ids.clear();
             b.token_ids.extend_from_slice(part);
             b.positions.clear();
             b.positions.extend((start..start + n).map(|p| p as u32));
             b.slot_mapping.clear();
-            b.slot_mapping.extend((start..start + n).map(|p| self.table.slot(p, bs)));
+            b.slot_mapping
+                .extend((start..start + n).map(|p| self.table.slot(p, bs)));
             b.seqs.clear();
             b.seqs.push(self.table.span(0, n));
             b.logits_rows.clear();
@@ -168,11 +175,15 @@ impl<B: Backend> Session<B> {
                 WantLogits::Last => {}
             }
             debug_assert_eq!(b.check(bs), Ok(()));
-            self.model.forward(&mut self.state, &mut self.cache, b, &mut self.logits);
+            self.model
+                .forward(&mut self.state, &mut self.cache, b, &mut self.logits);
             self.table.num_tokens += n;
             self.tokens.extend_from_slice(part);
             for (r, &row) in self.batch.logits_rows.iter().enumerate() {
-                on_logits(done + row as usize, &self.logits[r * vocab..(r + 1) * vocab]);
+                on_logits(
+                    done + row as usize,
+                    &self.logits[r * vocab..(r + 1) * vocab],
+                );
             }
             done += n;
         }

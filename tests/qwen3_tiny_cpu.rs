@@ -50,7 +50,10 @@ fn logits_and_topk_match_oracle_at_every_position() {
         .unwrap();
         let d = max_abs_diff(&last, &oracle.last_logits(&case.name));
         assert!(d <= TOL, "{}: last logits max |Δ| {d}", case.name);
-        eprintln!("{}: {} positions, last-logits max |Δ| = {d:.2e}", case.name, n);
+        eprintln!(
+            "{}: {} positions, last-logits max |Δ| = {d:.2e}",
+            case.name, n
+        );
     }
 }
 
@@ -62,8 +65,10 @@ fn teacher_forced_greedy_follows_oracle() {
         let mut s = session(&m, 512);
         let mut argmaxes = Vec::new();
         let mut last = Vec::new();
-        s.extend(&case.input_ids, WantLogits::Last, |_, row| last = row.to_vec())
-            .unwrap();
+        s.extend(&case.input_ids, WantLogits::Last, |_, row| {
+            last = row.to_vec()
+        })
+        .unwrap();
         argmaxes.push(argmax(&last));
         // Decode one token at a time through the cache, fed the oracle's tokens.
         for &id in &case.greedy_ids[..case.greedy_ids.len() - 1] {
@@ -71,7 +76,11 @@ fn teacher_forced_greedy_follows_oracle() {
                 .unwrap();
         }
         let checked = check_greedy(case, &argmaxes, TOL);
-        assert!(checked >= case.greedy_ids.len() / 2, "{}: only {checked} steps checkable", case.name);
+        assert!(
+            checked >= case.greedy_ids.len() / 2,
+            "{}: only {checked} steps checkable",
+            case.name
+        );
     }
 }
 
@@ -91,9 +100,11 @@ fn cached_decode_equals_full_recompute() {
     for chunk in [1usize, 7, 33] {
         let mut s = session(&m, chunk);
         let mut cached = Vec::new();
-        s.extend(&case.input_ids, WantLogits::Last, |_, _| {}).unwrap();
+        s.extend(&case.input_ids, WantLogits::Last, |_, _| {})
+            .unwrap();
         for &id in &case.greedy_ids[..8] {
-            s.extend(&[id], WantLogits::Last, |_, r| cached = r.to_vec()).unwrap();
+            s.extend(&[id], WantLogits::Last, |_, r| cached = r.to_vec())
+                .unwrap();
         }
         let d = max_abs_diff(&full, &cached);
         assert!(d < 1e-4, "chunk {chunk}: cached vs full max |Δ| {d}");
@@ -106,13 +117,16 @@ fn reused_prefix_gives_the_same_logits() {
     let oracle = Oracle::load("qwen3-tiny/oracle.json", "qwen3-tiny/oracle.safetensors");
     let case = &oracle.cases[2];
     let mut s = session(&m, 16);
-    s.extend(&case.input_ids[..60], WantLogits::Last, |_, _| {}).unwrap();
+    s.extend(&case.input_ids[..60], WantLogits::Last, |_, _| {})
+        .unwrap();
     // A prompt sharing the first 50 tokens: only the rest is computed.
     let kept = s.reuse_prefix(&case.input_ids);
     assert_eq!(kept, 60);
     let mut last = Vec::new();
-    s.extend(&case.input_ids[kept..], WantLogits::Last, |_, r| last = r.to_vec())
-        .unwrap();
+    s.extend(&case.input_ids[kept..], WantLogits::Last, |_, r| {
+        last = r.to_vec()
+    })
+    .unwrap();
     let d = max_abs_diff(&last, &oracle.last_logits(&case.name));
     assert!(d <= TOL, "max |Δ| {d}");
 }

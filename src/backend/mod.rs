@@ -77,12 +77,18 @@ impl Batch {
                 let row = (seq.start + i) as usize;
                 let pos = seq.context_len - seq.len + i;
                 if self.positions[row] != pos {
-                    return Err(format!("row {row}: position {} != {pos}", self.positions[row]));
+                    return Err(format!(
+                        "row {row}: position {} != {pos}",
+                        self.positions[row]
+                    ));
                 }
                 let block = seq.block_table[pos as usize / block_size] as usize;
                 let slot = block * block_size + pos as usize % block_size;
                 if self.slot_mapping[row] as usize != slot {
-                    return Err(format!("row {row}: slot {} != {slot}", self.slot_mapping[row]));
+                    return Err(format!(
+                        "row {row}: slot {} != {slot}",
+                        self.slot_mapping[row]
+                    ));
                 }
             }
         }
@@ -204,7 +210,14 @@ pub trait Backend: Send + Sync + 'static {
     );
 
     /// Writes the k and v columns of `qkv` into `layer`'s pools at the batch's slots.
-    fn kv_write(&self, qkv: &Self::Tensor, cache: &mut Self::KvCache, layer: usize, dims: AttentionDims, batch: &Batch);
+    fn kv_write(
+        &self,
+        qkv: &Self::Tensor,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        dims: AttentionDims,
+        batch: &Batch,
+    );
 
     /// Causal grouped-query attention of each token's q over its sequence's cached keys and
     /// values, read through the block tables: `out[T, H·D]`.

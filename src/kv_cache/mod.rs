@@ -100,7 +100,8 @@ impl BlockTable {
             return false;
         }
         for _ in 0..need {
-            self.blocks.push(pool.allocate().expect("checked free count"));
+            self.blocks
+                .push(pool.allocate().expect("checked free count"));
         }
         true
     }

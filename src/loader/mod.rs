@@ -7,9 +7,14 @@
 //! in place; a GPU backend uploads once).
 //!
 //! - [`safetensors`]: Hugging Face `model.safetensors` and sharded checkpoints.
+//! - [`gguf`]: llama.cpp's GGUF files (quantized weights, tokenizer and template in one file).
+//! - [`names`]: the GGUF → Hugging Face tensor name table.
 //! - [`hub`]: resolving `--model` (a local directory or a Hub id) to files on disk.
 
+pub mod checkpoint;
+pub mod gguf;
 pub mod hub;
+pub mod names;
 pub mod safetensors;
 
 use std::collections::BTreeMap;

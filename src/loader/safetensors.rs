@@ -42,7 +42,10 @@ pub fn load_dir(dir: &Path) -> Result<TensorSet> {
         for shard in shards {
             // Shard names come from a file; refuse anything that would leave the directory.
             if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
-                return Err(Error::json(&index, format!("bad shard file name `{shard}`")));
+                return Err(Error::json(
+                    &index,
+                    format!("bad shard file name `{shard}`"),
+                ));
             }
             load_file_into(&dir.join(shard), &mut set)?;
         }
@@ -69,8 +72,8 @@ pub fn load_file_into(path: &Path, set: &mut TensorSet) -> Result<()> {
         path: path.to_path_buf(),
         message,
     };
-    let (header_len, meta) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| malformed(format!("{e:?}")))?;
+    let (header_len, meta) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| malformed(format!("{e:?}")))?;
     let data_start = 8 + header_len;
     for (name, info) in meta.tensors() {
         let dtype = match info.dtype {
@@ -137,7 +140,10 @@ mod tests {
             .get_shaped("model.norm.weight", &[65])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("model.norm.weight") && err.contains("[65]") && err.contains("[64]"), "{err}");
+        assert!(
+            err.contains("model.norm.weight") && err.contains("[65]") && err.contains("[64]"),
+            "{err}"
+        );
     }
 
     #[test]

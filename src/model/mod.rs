@@ -103,7 +103,8 @@ impl<B: Backend> Model<B> {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let get = |name: &str, shape: &[usize]| tensors.get_shaped(&format!("{p}.{name}"), shape);
+            let get =
+                |name: &str, shape: &[usize]| tensors.get_shaped(&format!("{p}.{name}"), shape);
             let (q_norm, k_norm) = if config.has_qk_norm() {
                 (
                     Some(backend.weight(&[get("self_attn.q_norm.weight", &[d])?])?),
@@ -213,11 +214,23 @@ impl<B: Backend> Model<B> {
         for (il, layer) in self.layers.iter().enumerate() {
             b.rms_norm(&state.x, &layer.input_layernorm, eps, t, &mut state.xn);
             b.matmul(&state.xn, &layer.qkv_proj, t, &mut state.qkv);
-            b.qk_norm_rope(&mut state.qkv, layer.q_norm.as_ref(), layer.k_norm.as_ref(), dims, batch);
+            b.qk_norm_rope(
+                &mut state.qkv,
+                layer.q_norm.as_ref(),
+                layer.k_norm.as_ref(),
+                dims,
+                batch,
+            );
             b.kv_write(&state.qkv, cache, il, dims, batch);
             b.attention(&state.qkv, cache, il, dims, batch, &mut state.att);
             b.matmul_add(&state.att, &layer.o_proj, t, &mut state.x);
-            b.rms_norm(&state.x, &layer.post_attention_layernorm, eps, t, &mut state.xn);
+            b.rms_norm(
+                &state.x,
+                &layer.post_attention_layernorm,
+                eps,
+                t,
+                &mut state.xn,
+            );
             b.matmul(&state.xn, &layer.gate_up_proj, t, &mut state.gate_up);
             b.silu_mul(&state.gate_up, t, &mut state.act);
             b.matmul_add(&state.act, &layer.down_proj, t, &mut state.x);

@@ -3,6 +3,19 @@
 //! Names follow GGML (`Q4_0`, `Q4_K`, ...). Each block format lives in its own module with a
 //! scalar reference dequantization; the fast kernels of every backend are tested against it.
 //! The byte layouts are those of GGUF files, so quantized tensors stay memory-mapped.
+//!
+//! - [`q8_0`], [`q4_0`], [`q4_1`]: 32-element blocks with one f16 scale (and minimum).
+//! - [`q4_k`], [`q5_k`], [`q6_k`]: 256-element super-blocks with quantized sub-block scales.
+//!
+//! Reference quantizers exist for `Q8_0` and `Q4_0` (round to nearest, bit-exact with GGML's
+//! `quantize_row_*_ref`); the K formats are only read, their quantizers come later.
+
+pub mod q4_0;
+pub mod q4_1;
+pub mod q4_k;
+pub mod q5_k;
+pub mod q6_k;
+pub mod q8_0;
 
 use std::fmt;
 
@@ -57,7 +70,7 @@ impl DType {
     /// Bytes taken by `n` elements, or `None` when `n` is not a whole number of blocks
     /// (or overflows).
     pub fn bytes_for(self, n: usize) -> Option<usize> {
-        if n % self.block_elems() != 0 {
+        if !n.is_multiple_of(self.block_elems()) {
             return None;
         }
         (n / self.block_elems()).checked_mul(self.block_bytes())
@@ -112,6 +125,31 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
                 *d = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
             }
         }
-        _ => unimplemented!("block format {dtype} has no reference dequantization yet"),
+        DType::Q8_0 => q8_0::dequantize_row(src, dst),
+        DType::Q4_0 => q4_0::dequantize_row(src, dst),
+        DType::Q4_1 => q4_1::dequantize_row(src, dst),
+        DType::Q4_K => q4_k::dequantize_row(src, dst),
+        DType::Q5_K => q5_k::dequantize_row(src, dst),
+        DType::Q6_K => q6_k::dequantize_row(src, dst),
     }
+}
+
+/// Asserts that `elems` is a whole number of blocks and `bytes` holds at least those blocks
+/// (extra trailing bytes are ignored, as [`dequantize_row`] promises).
+///
+/// A mismatch is a bug in the caller (sizes are validated at load time), hence a panic.
+fn check_row_lengths(
+    format: &str,
+    bytes: &[u8],
+    elems: &[f32],
+    block_bytes: usize,
+    block_elems: usize,
+) {
+    assert!(
+        elems.len() % block_elems == 0 && bytes.len() >= elems.len() / block_elems * block_bytes,
+        "{format}: {} elements need at least {} bytes in whole blocks of {block_elems}, got {}",
+        elems.len(),
+        elems.len().div_ceil(block_elems) * block_bytes,
+        bytes.len()
+    );
 }

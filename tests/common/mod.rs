@@ -54,7 +54,9 @@ impl Oracle {
 
     fn view(&self, name: &str) -> (Vec<usize>, safetensors::Dtype, Vec<u8>) {
         let st = safetensors::SafeTensors::deserialize(&self.tensors).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("oracle tensor {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("oracle tensor {name}"));
         (t.shape().to_vec(), t.dtype(), t.data().to_vec())
     }
 
@@ -62,7 +64,9 @@ impl Oracle {
     pub fn last_logits(&self, case: &str) -> Vec<f32> {
         let (_, dt, d) = self.view(&format!("{case}.last_logits"));
         assert_eq!(dt, safetensors::Dtype::F32);
-        d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        d.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     }
 
     /// `[positions][k]` top-k ids at every prompt position.
@@ -119,7 +123,10 @@ pub fn topk(v: &[f32], k: usize) -> Vec<usize> {
 /// Max |a - b|.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Checks top-k ids at one position, tolerating swaps between entries whose oracle logits
@@ -157,7 +164,11 @@ pub fn check_greedy(case: &Case, argmaxes: &[usize], tol: f32) -> usize {
         .enumerate()
     {
         if margin > 2.0 * tol {
-            assert_eq!(got, want as usize, "{} step {i} (margin {margin})", case.name);
+            assert_eq!(
+                got, want as usize,
+                "{} step {i} (margin {margin})",
+                case.name
+            );
             checked += 1;
         }
     }

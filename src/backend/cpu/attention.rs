@@ -44,9 +44,8 @@ pub fn attention(
             let ctx = batch.positions[row] as usize + 1;
             let q = &qkv[row * stride + head * d..][..d];
             let kvh = head / group;
-            let slot = |p: usize| {
-                seq.block_table[p / block_size] as usize * block_size + p % block_size
-            };
+            let slot =
+                |p: usize| seq.block_table[p / block_size] as usize * block_size + p % block_size;
             SCORES.with(|buf| {
                 let mut scores = buf.borrow_mut();
                 if scores.len() < ctx {

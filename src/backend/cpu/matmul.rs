@@ -22,6 +22,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// A method rather than a field access, so that closures capture the `Sync` wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 thread_local! {
     /// Per-thread f32 copy of the weight rows being processed.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -34,7 +41,10 @@ const MIN_ROWS_PER_JOB: usize = 16;
 /// `x` has row stride K = `w.cols`; `out` has row stride N = `w.rows`.
 pub fn matmul(x: &[f32], w: &CpuWeight, rows: usize, out: &mut [f32], accumulate: bool) {
     let (n, k) = (w.rows, w.cols);
-    assert!(x.len() >= rows * k && out.len() >= rows * n, "matmul buffers too small");
+    assert!(
+        x.len() >= rows * k && out.len() >= rows * n,
+        "matmul buffers too small"
+    );
     let threads = rayon::current_num_threads().max(1);
     let per_job = (n / (threads * 8)).max(MIN_ROWS_PER_JOB);
     // (part, first row in part, row count, first output column)
@@ -55,11 +65,10 @@ pub fn matmul(x: &[f32], w: &CpuWeight, rows: usize, out: &mut [f32], accumulate
         let part = &w.parts[p];
         let row_bytes = part.dtype.bytes_for(k).expect("validated at load");
         let data = &part.data.as_slice()[r0 * row_bytes..(r0 + len) * row_bytes];
-        let out_ptr = out_ptr;
         let store = |t: usize, c: usize, v: f32| {
             // SAFETY: t < rows and c < n, inside `out`; columns c0..c0+len belong to this job.
             unsafe {
-                let p = out_ptr.0.add(t * n + c);
+                let p = out_ptr.get().add(t * n + c);
                 if accumulate {
                     *p += v;
                 } else {
@@ -96,8 +105,8 @@ pub fn matmul(x: &[f32], w: &CpuWeight, rows: usize, out: &mut [f32], accumulate
                 while t + 4 <= rows {
                     let xs = [0, 1, 2, 3].map(|j| &x[(t + j) * k..(t + j + 1) * k]);
                     let v = simd::dot4_f32(wr, xs);
-                    for j in 0..4 {
-                        store(t + j, c0 + i, v[j]);
+                    for (j, vj) in v.into_iter().enumerate() {
+                        store(t + j, c0 + i, vj);
                     }
                     t += 4;
                 }
@@ -139,8 +148,14 @@ mod tests {
     fn tensor(name: &str, dtype: DType, rows: usize, cols: usize, v: &[f32]) -> HostTensor {
         let bytes: Vec<u8> = match dtype {
             DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            DType::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-            DType::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+            DType::F16 => v
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            DType::BF16 => v
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
             _ => unreachable!(),
         };
         HostTensor {
@@ -165,7 +180,12 @@ mod tests {
     #[test]
     fn matches_reference_on_odd_shapes_and_stacked_parts() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            for &(t, n1, n2, k) in &[(1, 1, 7, 33), (3, 33, 1, 7), (7, 40, 17, 64), (5, 4097, 3, 9)] {
+            for &(t, n1, n2, k) in &[
+                (1, 1, 7, 33),
+                (3, 33, 1, 7),
+                (7, 40, 17, 64),
+                (5, 4097, 3, 9),
+            ] {
                 let w1 = tensor("a", dtype, n1, k, &values(n1 * k, 1));
                 let w2 = tensor("b", dtype, n2, k, &values(n2 * k, 2));
                 let w = CpuWeight::new(&[&w1, &w2]).unwrap();
@@ -176,7 +196,10 @@ mod tests {
                 let mut out = vec![1.0; t * (n1 + n2)];
                 matmul(&x, &w, t, &mut out, false);
                 for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{dtype} t={t} k={k} [{i}] {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{dtype} t={t} k={k} [{i}] {a} vs {b}"
+                    );
                 }
                 // Accumulate adds onto what is there.
                 let mut acc = vec![1.0; t * (n1 + n2)];

@@ -291,7 +291,10 @@ mod x86 {
         let n = dst.len();
         let mut i = 0;
         while i + 8 <= n {
-            _mm256_storeu_ps(dst.as_mut_ptr().add(i), load_bf16x8(src.as_ptr().add(2 * i)));
+            _mm256_storeu_ps(
+                dst.as_mut_ptr().add(i),
+                load_bf16x8(src.as_ptr().add(2 * i)),
+            );
             i += 8;
         }
         while i < n {
@@ -341,13 +344,31 @@ mod tests {
         for n in [1usize, 7, 8, 15, 16, 17, 33, 64, 4097] {
             let a = values(n, 1);
             let b = values(n, 2);
-            let bf: Vec<u8> = b.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
-            let hf: Vec<u8> = b.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+            let bf: Vec<u8> = b
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect();
+            let hf: Vec<u8> = b
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect();
             let fb: Vec<u8> = b.iter().flat_map(|v| v.to_le_bytes()).collect();
-            assert!(close(dot_f32(&a, &b), dot_f32_scalar(&a, &b), n), "f32 n={n}");
-            assert!(close(dot_bf16(&a, &bf), dot_bf16_scalar(&a, &bf), n), "bf16 n={n}");
-            assert!(close(dot_f16(&a, &hf), dot_f16_scalar(&a, &hf), n), "f16 n={n}");
-            assert!(close(dot_f32_bytes(&a, &fb), dot_f32_scalar(&a, &b), n), "f32 bytes n={n}");
+            assert!(
+                close(dot_f32(&a, &b), dot_f32_scalar(&a, &b), n),
+                "f32 n={n}"
+            );
+            assert!(
+                close(dot_bf16(&a, &bf), dot_bf16_scalar(&a, &bf), n),
+                "bf16 n={n}"
+            );
+            assert!(
+                close(dot_f16(&a, &hf), dot_f16_scalar(&a, &hf), n),
+                "f16 n={n}"
+            );
+            assert!(
+                close(dot_f32_bytes(&a, &fb), dot_f32_scalar(&a, &b), n),
+                "f32 bytes n={n}"
+            );
             let c = values(n, 3);
             let d = values(n, 4);
             let e = values(n, 5);
@@ -370,10 +391,17 @@ mod tests {
     fn unaligned_rows_are_fine() {
         let a = values(33, 9);
         let b = values(34, 10);
-        let bytes: Vec<u8> = b.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+        let bytes: Vec<u8> = b
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
         // Start one byte in, as a row inside a memory map may.
         let mut shifted = vec![0u8];
         shifted.extend_from_slice(&bytes[..66]);
-        assert!(close(dot_bf16(&a, &shifted[1..]), dot_bf16_scalar(&a, &bytes[..66]), 33));
+        assert!(close(
+            dot_bf16(&a, &shifted[1..]),
+            dot_bf16_scalar(&a, &bytes[..66]),
+            33
+        ));
     }
 }

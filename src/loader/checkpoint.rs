@@ -1,0 +1,99 @@
+//! Everything a model source provides, loaded in one call: configuration, generation
+//! defaults, tokenizer, chat template and the memory-mapped weights.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::hub::{resolve_model, HubOptions, ModelKind};
+use super::TensorSet;
+use crate::chat_template::ChatTemplate;
+use crate::config::{GenerationConfig, ModelConfig};
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// A model as found on disk (or fetched from the Hub), ready to be put on a backend.
+pub struct Checkpoint {
+    /// The name clients call the model by: the Hub id, or the directory / file name.
+    pub name: String,
+    /// Hyper-parameters.
+    pub config: ModelConfig,
+    /// Generation defaults and stop ids.
+    pub generation: GenerationConfig,
+    /// The tokenizer.
+    pub tokenizer: Arc<Tokenizer>,
+    /// The chat template, if the model has one.
+    pub chat_template: Option<Arc<ChatTemplate>>,
+    /// The weights, by Hugging Face name.
+    pub tensors: TensorSet,
+}
+
+impl Checkpoint {
+    /// Loads `spec`: a local directory, a local `.gguf` file, or a Hub id.
+    pub fn open(spec: &str, hub: &HubOptions) -> Result<Self> {
+        let resolved = resolve_model(spec, hub)?;
+        let local = Path::new(spec).exists();
+        match resolved.kind {
+            ModelKind::SafetensorsDir => {
+                let name = if local {
+                    dir_name(&resolved.dir)
+                } else {
+                    spec.to_string()
+                };
+                Self::open_dir(&resolved.dir, name)
+            }
+            ModelKind::Gguf(path) => Err(Error::UnsupportedModel(format!(
+                "{}: GGUF files are not supported yet",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Loads a Hugging Face checkpoint directory.
+    pub fn open_dir(dir: &Path, name: String) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let gen_path = dir.join("generation_config.json");
+        let mut generation = if gen_path.exists() {
+            GenerationConfig::from_file(&gen_path)?
+        } else {
+            GenerationConfig::default()
+        };
+        if generation.eos_token_ids.is_empty() {
+            generation.eos_token_ids = config.eos_token_ids.clone();
+        }
+        let tokenizer = Arc::new(Tokenizer::from_file(dir.join("tokenizer.json"))?);
+        let tc = dir.join("tokenizer_config.json");
+        let chat_template = if tc.exists() {
+            match ChatTemplate::from_tokenizer_config(&tc) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    tracing::warn!("no usable chat template: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let tensors = super::safetensors::load_dir(dir)?;
+        Ok(Checkpoint {
+            name,
+            config,
+            generation,
+            tokenizer,
+            chat_template,
+            tensors,
+        })
+    }
+
+    /// Ids that end generation: the generation config's, else the model config's.
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.generation.eos_token_ids
+    }
+}
+
+/// The last component of a path, for naming a model loaded from disk.
+fn dir_name(p: &Path) -> String {
+    p.canonicalize()
+        .ok()
+        .and_then(|c| c.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| p.display().to_string())
+}

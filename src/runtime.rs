@@ -1,0 +1,262 @@
+//! The library's front door: load a model once on the chosen device, then chat or generate.
+//!
+//! ```no_run
+//! use std::sync::atomic::AtomicBool;
+//! use wick::runtime::{Device, Runtime, RuntimeOptions, ChatOptions};
+//!
+//! # fn main() -> wick::Result<()> {
+//! let mut rt = Runtime::load("Qwen/Qwen3-0.6B", &RuntimeOptions::default())?;
+//! let messages = vec![serde_json::json!({"role": "user", "content": "Hi!"})];
+//! let opts = ChatOptions { enable_thinking: false, ..rt.chat_options() };
+//! let out = rt.chat(&messages, &opts, &AtomicBool::new(false), &mut |ev| {
+//!     print!("{}", ev.delta.content);
+//! })?;
+//! println!("\n{} tokens", out.token_ids.len());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The device is chosen here, once: [`Runtime`] holds the sequence as a trait object, so
+//! nothing below it matches on the backend.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::backend::cpu::CpuBackend;
+use crate::chat_template::{ChatTemplate, RenderOptions};
+use crate::config::{GenerationConfig, ModelConfig};
+use crate::error::{Error, Result};
+use crate::generate::{
+    generate, prompt_opens_reasoning, GenerateRequest, Generation, SequenceRunner, TokenEvent,
+};
+use crate::loader::checkpoint::Checkpoint;
+use crate::loader::hub::HubOptions;
+use crate::model::Model;
+use crate::sampler::SamplingParams;
+use crate::session::{Session, SessionOptions};
+use crate::tokenizer::Tokenizer;
+
+/// Where to run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// A GPU if one is usable, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU backend.
+    Cpu,
+    /// A GPU, or an error.
+    Gpu,
+}
+
+/// How to load a model.
+#[derive(Clone, Debug)]
+pub struct RuntimeOptions {
+    /// Where to run.
+    pub device: Device,
+    /// CPU threads (0 = one per core).
+    pub threads: usize,
+    /// Longest sequence (prompt + reply) the KV cache holds; capped by the model's own.
+    pub max_model_len: usize,
+    /// Most prompt tokens per forward step.
+    pub prefill_chunk: usize,
+    /// How to reach the Hub.
+    pub hub: HubOptions,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            device: Device::Auto,
+            threads: 0,
+            max_model_len: 8192,
+            prefill_chunk: 512,
+            hub: HubOptions::default(),
+        }
+    }
+}
+
+/// Per-turn chat settings.
+#[derive(Clone, Debug)]
+pub struct ChatOptions {
+    /// Qwen3's thinking switch.
+    pub enable_thinking: bool,
+    /// Sampling and stopping.
+    pub params: SamplingParams,
+}
+
+/// A loaded model with one conversation's KV cache.
+pub struct Runtime {
+    name: String,
+    config: ModelConfig,
+    generation: GenerationConfig,
+    tokenizer: Arc<Tokenizer>,
+    chat_template: Option<Arc<ChatTemplate>>,
+    runner: Box<dyn SequenceRunner>,
+    device: String,
+}
+
+impl Runtime {
+    /// Loads `spec` (local directory, `.gguf` file or Hub id) onto `opts.device`.
+    pub fn load(spec: &str, opts: &RuntimeOptions) -> Result<Self> {
+        let ckpt = Checkpoint::open(spec, &opts.hub)?;
+        Self::from_checkpoint(ckpt, opts)
+    }
+
+    /// Puts an opened checkpoint on `opts.device`.
+    pub fn from_checkpoint(ckpt: Checkpoint, opts: &RuntimeOptions) -> Result<Self> {
+        let session_opts = SessionOptions {
+            max_model_len: opts.max_model_len,
+            prefill_chunk: opts.prefill_chunk,
+            ..SessionOptions::default()
+        };
+        let (runner, device): (Box<dyn SequenceRunner>, String) = match opts.device {
+            Device::Gpu => {
+                return Err(Error::Device(
+                    "this build has no GPU backend yet; use --device cpu".into(),
+                ))
+            }
+            Device::Auto | Device::Cpu => {
+                let backend = CpuBackend::new(opts.threads)?;
+                let model = Arc::new(Model::load(backend, ckpt.config.clone(), &ckpt.tensors)?);
+                let device = crate::backend::Backend::describe(model.backend());
+                (Box::new(Session::new(model, session_opts)?), device)
+            }
+        };
+        Ok(Runtime {
+            name: ckpt.name,
+            config: ckpt.config,
+            generation: ckpt.generation,
+            tokenizer: ckpt.tokenizer,
+            chat_template: ckpt.chat_template,
+            runner,
+            device,
+        })
+    }
+
+    /// The model's name (Hub id or directory name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What the model runs on.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// Hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// The longest sequence the KV cache holds.
+    pub fn max_model_len(&self) -> usize {
+        self.runner.max_model_len()
+    }
+
+    /// Sampling defaults from the model's `generation_config.json`.
+    pub fn default_params(&self) -> SamplingParams {
+        let g = &self.generation;
+        let mut p = SamplingParams::with_generation_defaults(g.temperature, g.top_k, g.top_p);
+        if let Some(m) = g.min_p {
+            p.min_p = m;
+        }
+        if let Some(r) = g.repetition_penalty {
+            p.repetition_penalty = r;
+        }
+        p
+    }
+
+    /// Chat defaults: thinking on, the model's sampling defaults, 2048 new tokens.
+    pub fn chat_options(&self) -> ChatOptions {
+        ChatOptions {
+            enable_thinking: true,
+            params: SamplingParams {
+                max_tokens: 2048,
+                ..self.default_params()
+            },
+        }
+    }
+
+    /// Renders `messages` with the model's chat template.
+    pub fn render_chat(&self, messages: &[Value], opts: &RenderOptions) -> Result<String> {
+        let t = self.chat_template.as_ref().ok_or_else(|| {
+            Error::Template("the model has no chat template; use a raw prompt".into())
+        })?;
+        t.render(messages, opts)
+    }
+
+    /// Tokenizes a raw prompt (special tokens as the tokenizer's post-processor adds them).
+    pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text, true)
+    }
+
+    /// Generates a reply to `messages`. Whatever prefix of the rendered conversation is
+    /// already in the KV cache (earlier turns) is reused, not recomputed.
+    pub fn chat(
+        &mut self,
+        messages: &[Value],
+        opts: &ChatOptions,
+        cancel: &AtomicBool,
+        on_token: &mut dyn FnMut(&TokenEvent<'_>),
+    ) -> Result<Generation> {
+        let prompt = self.render_chat(
+            messages,
+            &RenderOptions {
+                enable_thinking: Some(opts.enable_thinking),
+                ..RenderOptions::default()
+            },
+        )?;
+        let ids = self.tokenizer.encode(&prompt, false)?;
+        self.generate(
+            ids,
+            prompt_opens_reasoning(&prompt),
+            &opts.params,
+            cancel,
+            on_token,
+        )
+    }
+
+    /// Generates from token ids.
+    pub fn generate(
+        &mut self,
+        prompt_ids: Vec<u32>,
+        start_in_reasoning: bool,
+        params: &SamplingParams,
+        cancel: &AtomicBool,
+        on_token: &mut dyn FnMut(&TokenEvent<'_>),
+    ) -> Result<Generation> {
+        let req = GenerateRequest {
+            prompt_ids,
+            params: params.clone(),
+            eos_token_ids: self.generation.eos_token_ids.clone(),
+            start_in_reasoning,
+        };
+        generate(
+            self.runner.as_mut(),
+            &self.tokenizer,
+            &req,
+            cancel,
+            on_token,
+        )
+    }
+
+    /// Forgets the cached conversation.
+    pub fn reset(&mut self) {
+        self.runner.reset();
+    }
+
+    /// Logits of every position of `ids` (`on_row(i, [V])`), computed from scratch.
+    pub fn logits_all(&mut self, ids: &[u32], on_row: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
+        self.runner.reset();
+        let r = self.runner.extend_all(ids, on_row);
+        self.runner.reset();
+        r
+    }
+}
