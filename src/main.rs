@@ -30,6 +30,44 @@ enum Command {
     Run(RunArgs),
     /// Print the top-K logits at every prompt position.
     Logits(LogitsArgs),
+    /// Measure prompt processing and generation speed (like llama-bench).
+    Bench(BenchArgs),
+    /// Write a random-weight checkpoint with the exact shape of a published model.
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens for the prompt-processing test (0 = skip).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    n_prompt: usize,
+    /// Tokens for the generation test (0 = skip).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    n_gen: usize,
+    /// Timed repetitions of each test (after one warm-up); medians are reported.
+    #[arg(short = 'r', long, default_value_t = 3)]
+    repetitions: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Shape to copy: qwen3-0.6b.
+    #[arg(long, default_value = "qwen3-0.6b")]
+    preset: String,
+    /// Output directory.
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Directory holding tokenizer.json and tokenizer_config.json to copy.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/qwen3-tiny"))]
+    tokenizer: std::path::PathBuf,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -149,6 +187,13 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run(a) => run(a),
         Command::Logits(a) => logits(a),
+        Command::Bench(a) => bench(a),
+        Command::Synth(a) => {
+            let preset = wick::synth::Preset::parse(&a.preset)?;
+            wick::synth::write_checkpoint(preset, &a.out, &a.tokenizer, a.seed)?;
+            eprintln!("wrote {}", a.out.display());
+            Ok(())
+        }
     }
 }
 
@@ -297,6 +342,45 @@ fn logits(a: LogitsArgs) -> Result<()> {
                 })
                 .collect();
             println!("{i:5} [{id:6}] {}", shown.join(" | "));
+        }
+    }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let max_len = a.model.max_model_len.max(a.n_prompt.max(a.n_gen) + 1);
+    let mut rt = ModelArgs {
+        max_model_len: max_len,
+        ..a.model
+    }
+    .load()?;
+    let opts = wick::bench::BenchOptions {
+        n_prompt: a.n_prompt,
+        n_gen: a.n_gen,
+        repetitions: a.repetitions.max(1),
+    };
+    let vocab = rt.config().vocab_size;
+    let bytes = rt.weight_bytes_per_token();
+    let report = wick::bench::run(rt.runner(), vocab, bytes, &opts)?;
+    if a.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["model"] = json!(rt.name());
+        v["device"] = json!(rt.device());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("model {} on {}", rt.name(), rt.device());
+        if let Some(pp) = report.pp_tok_s {
+            println!("pp{:<5} {:8.1} tok/s", a.n_prompt, pp);
+        }
+        if let (Some(tg), Some(ms), Some(gb)) = (report.tg_tok_s, report.tg_ms_per_tok, report.tg_gb_s) {
+            println!(
+                "tg{:<5} {:8.1} tok/s  {:7.2} ms/tok  {:6.2} GB/s ({:.1} MB of weights per token)",
+                a.n_gen,
+                tg,
+                ms,
+                gb,
+                bytes as f64 / 1e6
+            );
         }
     }
     Ok(())

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::wgpu::{has_hardware_gpu, WgpuBackend, WgpuOptions};
 use crate::chat_template::{ChatTemplate, RenderOptions};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
@@ -95,6 +96,7 @@ pub struct Runtime {
     chat_template: Option<Arc<ChatTemplate>>,
     runner: Box<dyn SequenceRunner>,
     device: String,
+    weight_bytes_per_token: u64,
 }
 
 impl Runtime {
@@ -111,20 +113,43 @@ impl Runtime {
             prefill_chunk: opts.prefill_chunk,
             ..SessionOptions::default()
         };
-        let (runner, device): (Box<dyn SequenceRunner>, String) = match opts.device {
-            Device::Gpu => {
-                return Err(Error::Device(
-                    "this build has no GPU backend yet; use --device cpu".into(),
-                ))
-            }
-            Device::Auto | Device::Cpu => {
-                let backend = CpuBackend::new(opts.threads)?;
-                let model = Arc::new(Model::load(backend, ckpt.config.clone(), &ckpt.tensors)?);
-                let device = crate::backend::Backend::describe(model.backend());
-                (Box::new(Session::new(model, session_opts)?), device)
-            }
+        let on_gpu = || -> Result<(Box<dyn SequenceRunner>, String)> {
+            let backend = WgpuBackend::new(&WgpuOptions::default())?;
+            let model = Arc::new(Model::load(backend, ckpt.config.clone(), &ckpt.tensors)?);
+            let device = crate::backend::Backend::describe(model.backend());
+            Ok((Box::new(Session::new(model, session_opts)?), device))
         };
+        let on_cpu = || -> Result<(Box<dyn SequenceRunner>, String)> {
+            let backend = CpuBackend::new(opts.threads)?;
+            let model = Arc::new(Model::load(backend, ckpt.config.clone(), &ckpt.tensors)?);
+            let device = crate::backend::Backend::describe(model.backend());
+            Ok((Box::new(Session::new(model, session_opts)?), device))
+        };
+        let (runner, device): (Box<dyn SequenceRunner>, String) = match opts.device {
+            Device::Gpu => on_gpu()?,
+            Device::Cpu => on_cpu()?,
+            // A hardware GPU if there is one (a software rasterizer such as lavapipe is slower
+            // than the CPU backend); the CPU when there is none or the model cannot run on it.
+            Device::Auto if has_hardware_gpu() => on_gpu().or_else(|e| {
+                tracing::warn!("GPU unusable ({e}); running on the CPU");
+                on_cpu()
+            })?,
+            Device::Auto => on_cpu()?,
+        };
+        // Decode reads every weight once per token, except the embedding, of which it reads one
+        // row — unless the embedding doubles as the LM head.
+        let mut weight_bytes_per_token: u64 = ckpt
+            .tensors
+            .names()
+            .map(|n| ckpt.tensors.get(n).map_or(0, |t| t.data.len() as u64))
+            .sum();
+        if !ckpt.config.tie_word_embeddings {
+            if let Some(e) = ckpt.tensors.try_get("model.embed_tokens.weight") {
+                weight_bytes_per_token -= e.data.len() as u64;
+            }
+        }
         Ok(Runtime {
+            weight_bytes_per_token,
             name: ckpt.name,
             config: ckpt.config,
             generation: ckpt.generation,
@@ -245,6 +270,16 @@ impl Runtime {
             cancel,
             on_token,
         )
+    }
+
+    /// Weight bytes a decode step reads.
+    pub fn weight_bytes_per_token(&self) -> u64 {
+        self.weight_bytes_per_token
+    }
+
+    /// The sequence itself, for tools that drive it directly (benchmarks, perplexity).
+    pub fn runner(&mut self) -> &mut dyn SequenceRunner {
+        self.runner.as_mut()
     }
 
     /// Forgets the cached conversation.

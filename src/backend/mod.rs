@@ -11,11 +11,13 @@
 //!
 //! Backends:
 //! - [`cpu`]: rayon across rows, AVX2/FMA/F16C kernels chosen at run time, scalar fallback.
+//! - [`wgpu`]: WGSL compute shaders through `wgpu` (Vulkan, Metal, DX12, GL).
 //!
 //! Shape letters used in docs: T tokens in the step, S sequences, C hidden, H / Hkv query /
 //! key-value heads, D head_dim, F ffn width, V vocab, R rows whose logits are wanted.
 
 pub mod cpu;
+pub mod wgpu;
 
 use crate::error::Result;
 use crate::loader::HostTensor;

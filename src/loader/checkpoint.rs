@@ -5,11 +5,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::hub::{resolve_model, HubOptions, ModelKind};
+use super::gguf::GgufFile;
 use super::TensorSet;
 use crate::chat_template::ChatTemplate;
 use crate::config::{GenerationConfig, ModelConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tokenizer::Tokenizer;
+use crate::tokenizer_gguf::tokenizer_from_gguf;
 
 /// A model as found on disk (or fetched from the Hub), ready to be put on a backend.
 pub struct Checkpoint {
@@ -41,10 +43,16 @@ impl Checkpoint {
                 };
                 Self::open_dir(&resolved.dir, name)
             }
-            ModelKind::Gguf(path) => Err(Error::UnsupportedModel(format!(
-                "{}: GGUF files are not supported yet",
-                path.display()
-            ))),
+            ModelKind::Gguf(path) => {
+                let name = if local {
+                    path.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| spec.to_string())
+                } else {
+                    spec.to_string()
+                };
+                Self::open_gguf(&path, name)
+            }
         }
     }
 
@@ -78,6 +86,56 @@ impl Checkpoint {
             name,
             config,
             generation,
+            tokenizer,
+            chat_template,
+            tensors,
+        })
+    }
+
+    /// Loads a GGUF file: weights, configuration, tokenizer and chat template all come from
+    /// the file itself.
+    pub fn open_gguf(path: &Path, name: String) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let config = file.model_config()?;
+        let tensors = file.tensor_set(&config)?;
+        let tokenizer = Arc::new(tokenizer_from_gguf(&file)?);
+        let chat_template = match file.chat_template() {
+            Some(src) => {
+                let token = |key: &str| -> Option<String> {
+                    let id = file.get_u32(key).ok().flatten()?;
+                    tokenizer.id_to_token(id)
+                };
+                match ChatTemplate::new(
+                    src,
+                    token("tokenizer.ggml.bos_token_id"),
+                    token("tokenizer.ggml.eos_token_id"),
+                ) {
+                    Ok(t) => Some(Arc::new(t)),
+                    Err(e) => {
+                        tracing::warn!("no usable chat template: {e}");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let mut eos = config.eos_token_ids.clone();
+        // Chat models end turns with their template's end token, which GGUF files do not
+        // always list as EOS (Qwen3 GGUFs name <|im_end|>; others name <|endoftext|>).
+        for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+            if let Some(id) = tokenizer.token_to_id(t) {
+                if !eos.contains(&id) {
+                    eos.push(id);
+                }
+            }
+        }
+        Ok(Checkpoint {
+            name,
+            generation: GenerationConfig {
+                eos_token_ids: eos,
+                ..GenerationConfig::default()
+            },
+            config,
             tokenizer,
             chat_template,
             tensors,

@@ -146,7 +146,8 @@ fn check_row_lengths(
     block_elems: usize,
 ) {
     assert!(
-        elems.len() % block_elems == 0 && bytes.len() >= elems.len() / block_elems * block_bytes,
+        elems.len().is_multiple_of(block_elems)
+            && bytes.len() >= elems.len() / block_elems * block_bytes,
         "{format}: {} elements need at least {} bytes in whole blocks of {block_elems}, got {}",
         elems.len(),
         elems.len().div_ceil(block_elems) * block_bytes,

@@ -40,7 +40,7 @@ pub fn dequantize_block(block: &[u8; BLOCK_BYTES], out: &mut [f32; BLOCK_ELEMS])
 
 /// Dequantizes `dst.len()` elements (a whole number of blocks) from `src`.
 ///
-/// Panics if `dst.len()` is not a multiple of [`BLOCK_ELEMS`] or `src` is not exactly the
+/// Panics if `dst.len()` is not a multiple of [`BLOCK_ELEMS`] or `src` is shorter than the
 /// matching number of blocks: tensor sizes are validated when a file is loaded.
 pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
     super::check_row_lengths("Q4_0", src, dst, BLOCK_BYTES, BLOCK_ELEMS);
@@ -101,7 +101,9 @@ mod tests {
 
     #[test]
     fn round_trip_error_is_within_one_step() {
-        let x: Vec<f32> = (0..64).map(|i| ((i * 29 % 31) as f32 - 15.0) * 0.21).collect();
+        let x: Vec<f32> = (0..64)
+            .map(|i| ((i * 29 % 31) as f32 - 15.0) * 0.21)
+            .collect();
         let mut q = vec![0u8; 2 * BLOCK_BYTES];
         quantize_row_ref(&x, &mut q);
         let mut y = vec![0.0; 64];

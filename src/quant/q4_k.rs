@@ -62,7 +62,7 @@ pub fn dequantize_block(block: &[u8; BLOCK_BYTES], out: &mut [f32; BLOCK_ELEMS])
 
 /// Dequantizes `dst.len()` elements (a whole number of super-blocks) from `src`.
 ///
-/// Panics if `dst.len()` is not a multiple of [`BLOCK_ELEMS`] or `src` is not exactly the
+/// Panics if `dst.len()` is not a multiple of [`BLOCK_ELEMS`] or `src` is shorter than the
 /// matching number of blocks: tensor sizes are validated when a file is loaded.
 pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
     super::check_row_lengths("Q4_K", src, dst, BLOCK_BYTES, BLOCK_ELEMS);
@@ -96,7 +96,16 @@ mod tests {
 
     #[test]
     fn scale_min_unpacks_every_sub_block() {
-        let pairs = [(1, 63), (63, 0), (17, 42), (32, 5), (63, 63), (48, 1), (15, 16), (0, 33)];
+        let pairs = [
+            (1, 63),
+            (63, 0),
+            (17, 42),
+            (32, 5),
+            (63, 63),
+            (48, 1),
+            (15, 16),
+            (0, 33),
+        ];
         let s = pack(pairs);
         for (j, p) in pairs.iter().enumerate() {
             assert_eq!(scale_min(j, &s), *p, "sub-block {j}");
@@ -108,7 +117,16 @@ mod tests {
         let mut b = [0u8; BLOCK_BYTES];
         b[..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
         b[2..4].copy_from_slice(&f16::from_f32(0.25).to_le_bytes());
-        let s = pack([(2, 4), (3, 0), (1, 1), (1, 1), (1, 1), (1, 1), (10, 8), (1, 60)]);
+        let s = pack([
+            (2, 4),
+            (3, 0),
+            (1, 1),
+            (1, 1),
+            (1, 1),
+            (1, 1),
+            (10, 8),
+            (1, 60),
+        ]);
         b[4..16].copy_from_slice(&s);
         b[16] = 0x53; // sub-block 0 element 0: q=3; sub-block 1 element 0: q=5
         b[16 + 96 + 31] = 0xF7; // sub-block 6 element 31: q=7; sub-block 7 element 31: q=15

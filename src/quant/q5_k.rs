@@ -49,7 +49,7 @@ pub fn dequantize_block(block: &[u8; BLOCK_BYTES], out: &mut [f32; BLOCK_ELEMS])
 
 /// Dequantizes `dst.len()` elements (a whole number of super-blocks) from `src`.
 ///
-/// Panics if `dst.len()` is not a multiple of [`BLOCK_ELEMS`] or `src` is not exactly the
+/// Panics if `dst.len()` is not a multiple of [`BLOCK_ELEMS`] or `src` is shorter than the
 /// matching number of blocks: tensor sizes are validated when a file is loaded.
 pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
     super::check_row_lengths("Q5_K", src, dst, BLOCK_BYTES, BLOCK_ELEMS);

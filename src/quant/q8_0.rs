@@ -37,7 +37,7 @@ pub fn dequantize_block(block: &[u8; BLOCK_BYTES], out: &mut [f32; BLOCK_ELEMS])
 
 /// Dequantizes `dst.len()` elements (a whole number of blocks) from `src`.
 ///
-/// Panics if `dst.len()` is not a multiple of [`BLOCK_ELEMS`] or `src` is not exactly the
+/// Panics if `dst.len()` is not a multiple of [`BLOCK_ELEMS`] or `src` is shorter than the
 /// matching number of blocks: tensor sizes are validated when a file is loaded.
 pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
     super::check_row_lengths("Q8_0", src, dst, BLOCK_BYTES, BLOCK_ELEMS);
@@ -89,7 +89,9 @@ mod tests {
 
     #[test]
     fn round_trip_error_is_within_half_a_step() {
-        let x: Vec<f32> = (0..96).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37).collect();
+        let x: Vec<f32> = (0..96)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37)
+            .collect();
         let mut q = vec![0u8; 3 * BLOCK_BYTES];
         quantize_row_ref(&x, &mut q);
         let mut y = vec![0.0; 96];
@@ -97,7 +99,10 @@ mod tests {
         for (xb, yb) in x.chunks(32).zip(y.chunks(32)) {
             let step = xb.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
             for (a, b) in xb.iter().zip(yb) {
-                assert!((a - b).abs() <= 0.5 * step * 1.01 + 1e-3 * step, "{a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 0.5 * step * 1.01 + 1e-3 * step,
+                    "{a} vs {b}"
+                );
             }
         }
     }

@@ -1,0 +1,129 @@
+// Causal grouped-query attention over the paged KV cache: out[T, H·D].
+//
+// One workgroup per (token, query head). The token attends to positions 0..=pos of its own
+// sequence; position p lives in KV slot block_table[p / bs] · bs + p % bs. The context is
+// walked in chunks of WG positions with an online softmax (running max and sum, rescaling the
+// accumulator when the max grows): one thread scores one position of the chunk, then each
+// thread accumulates D/WG output dimensions over the chunk's values. Four barriers per chunk.
+// Scores, softmax and accumulation are f32.
+//
+// Not yet: splitting one long context over several workgroups (flash-decoding) and sharing
+// the K/V loads between the query heads of one KV group.
+
+const WG: u32 = 64u;
+// Largest head dimension supported (checked when the KV cache is made).
+const MAX_D: u32 = 256u;
+// Output dimensions per thread.
+const DPT: u32 = MAX_D / WG;
+
+struct Params {
+    num_tokens: u32,          // T
+    num_heads: u32,           // H
+    num_kv_heads: u32,        // Hkv
+    head_dim: u32,            // D
+    qkv_width: u32,           // (H+2Hkv)·D
+    block_size: u32,          // tokens per KV block
+    positions_off: u32,       // offset of positions[T] in `batch`
+    row_seq_off: u32,         // offset of row_seq[T] (each row's sequence) in `batch`
+    block_tables_off: u32,    // offset of block_tables[S, stride] in `batch`
+    block_table_stride: u32,  // entries per sequence in block_tables
+    scale: f32,               // 1/sqrt(D)
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<storage, read> qkv: array<f32>;       // [T, (H+2Hkv)·D]
+@group(0) @binding(1) var<storage, read> k_cache: array<f32>;   // [slots, Hkv·D]
+@group(0) @binding(2) var<storage, read> v_cache: array<f32>;   // [slots, Hkv·D]
+@group(0) @binding(3) var<storage, read> batch: array<u32>;     // the step's batch words
+@group(0) @binding(4) var<storage, read_write> out: array<f32>; // [T, H·D]
+@group(1) @binding(0) var<uniform> p: Params;
+
+var<workgroup> q_sh: array<f32, MAX_D>;    // [D] the query
+var<workgroup> score_sh: array<f32, WG>;   // [WG] scores of the chunk, then exp(score - max)
+var<workgroup> slot_sh: array<u32, WG>;    // [WG] KV slot of each chunk position
+var<workgroup> ctx_sh: u32;
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let job = wid.x + wid.y * nwg.x;
+    if job >= p.num_tokens * p.num_heads {
+        return;
+    }
+    let row = job / p.num_heads;
+    let head = job % p.num_heads;
+    let d = p.head_dim;
+    let kv_dim = p.num_kv_heads * d;
+    let kv_off = (head / (p.num_heads / p.num_kv_heads)) * d;
+    let bs = p.block_size;
+    let table = p.block_tables_off + batch[p.row_seq_off + row] * p.block_table_stride;
+
+    for (var i = lid; i < d; i += WG) {
+        q_sh[i] = qkv[row * p.qkv_width + head * d + i];
+    }
+    if lid == 0u {
+        ctx_sh = batch[p.positions_off + row] + 1u;
+    }
+    // Also the barrier that publishes q_sh.
+    let ctx = workgroupUniformLoad(&ctx_sh);
+
+    var m = -3.0e38;  // running max of the scores (the same in every thread)
+    var l = 0.0;      // running sum of exp(score - m) (the same in every thread)
+    var acc: array<f32, DPT>;
+    for (var c0 = 0u; c0 < ctx; c0 += WG) {
+        let pos = c0 + lid;
+        var s = -3.0e38;
+        var slot = 0u;
+        if pos < ctx {
+            slot = batch[table + pos / bs] * bs + pos % bs;
+            let kb = slot * kv_dim + kv_off;
+            var dot = 0.0;
+            for (var i = 0u; i < d; i++) {
+                dot += q_sh[i] * k_cache[kb + i];
+            }
+            s = dot * p.scale;
+        }
+        score_sh[lid] = s;
+        slot_sh[lid] = slot;
+        workgroupBarrier();
+        // Every thread finds the chunk's max itself (cheap compares instead of a tree
+        // reduction's barriers), then each exponentiates its own position once.
+        let n = min(WG, ctx - c0);
+        var m_new = m;
+        for (var j = 0u; j < n; j++) {
+            m_new = max(m_new, score_sh[j]);
+        }
+        workgroupBarrier();
+        score_sh[lid] = select(0.0, exp(s - m_new), pos < ctx);
+        workgroupBarrier();
+        let alpha = exp(m - m_new);
+        l *= alpha;
+        for (var k = 0u; k < DPT; k++) {
+            acc[k] *= alpha;
+        }
+        for (var j = 0u; j < n; j++) {
+            let e = score_sh[j];
+            l += e;
+            let vb = slot_sh[j] * kv_dim + kv_off;
+            for (var k = 0u; k < DPT; k++) {
+                let dd = lid + k * WG;
+                if dd < d {
+                    acc[k] += e * v_cache[vb + dd];
+                }
+            }
+        }
+        m = m_new;
+        // Nobody may overwrite score_sh / slot_sh before everyone has used them.
+        workgroupBarrier();
+    }
+    let inv = 1.0 / l;
+    for (var k = 0u; k < DPT; k++) {
+        let dd = lid + k * WG;
+        if dd < d {
+            out[row * p.num_heads * d + head * d + dd] = acc[k] * inv;
+        }
+    }
+}

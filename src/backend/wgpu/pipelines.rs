@@ -1,0 +1,462 @@
+//! Kernels, their variants, and the cache of compiled pipelines.
+//!
+//! A [`PipelineKey`] names one compiled variant: the kernel, the weight format it reads (for
+//! kernels that read weights), whether it uses subgroup operations, and how it widens f16. The key alone decides
+//! which `shaders/` file is used and which `#ifdef`s are set, so the same key drives
+//! preprocessing, the pipeline cache, and the naga validation test of every variant.
+//!
+//! Every kernel has the same two bind groups: group 0 holds its storage buffers (the
+//! read-only ones first, as listed by [`Kernel::bindings`]), group 1 a slot of the
+//! per-dispatch uniform parameters, bound with a dynamic offset.
+
+use std::collections::HashMap;
+
+use super::preprocess::{preprocess, PreprocessError};
+use crate::quant::DType;
+
+/// The WGSL sources, by path relative to `shaders/`.
+const SHADERS: &[(&str, &str)] = &[
+    ("embed.wgsl", include_str!("../../../shaders/embed.wgsl")),
+    (
+        "rms_norm.wgsl",
+        include_str!("../../../shaders/rms_norm.wgsl"),
+    ),
+    (
+        "matmul_vec.wgsl",
+        include_str!("../../../shaders/matmul_vec.wgsl"),
+    ),
+    (
+        "matmul_mat.wgsl",
+        include_str!("../../../shaders/matmul_mat.wgsl"),
+    ),
+    (
+        "qk_norm_rope.wgsl",
+        include_str!("../../../shaders/qk_norm_rope.wgsl"),
+    ),
+    (
+        "kv_write.wgsl",
+        include_str!("../../../shaders/kv_write.wgsl"),
+    ),
+    (
+        "attention.wgsl",
+        include_str!("../../../shaders/attention.wgsl"),
+    ),
+    (
+        "silu_mul.wgsl",
+        include_str!("../../../shaders/silu_mul.wgsl"),
+    ),
+    (
+        "gather_rows.wgsl",
+        include_str!("../../../shaders/gather_rows.wgsl"),
+    ),
+    (
+        "include/weight_float.wgsl",
+        include_str!("../../../shaders/include/weight_float.wgsl"),
+    ),
+    (
+        "include/reduce.wgsl",
+        include_str!("../../../shaders/include/reduce.wgsl"),
+    ),
+];
+
+/// The text of `shaders/<path>`.
+pub fn shader_file(path: &str) -> Option<&'static str> {
+    SHADERS.iter().find(|(p, _)| *p == path).map(|(_, s)| *s)
+}
+
+/// Weight formats the GPU kernels read. Block-quantized formats come later, each with its
+/// own `matmul_{vec,mat}_<dtype>.wgsl`.
+pub const WEIGHT_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// One compute kernel (one entry point `main` in one `shaders/` file family).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `embed.wgsl`: token ids → embedding rows.
+    Embed,
+    /// `rms_norm.wgsl`.
+    RmsNorm,
+    /// `matmul_vec.wgsl`: few tokens.
+    MatmulVec,
+    /// `matmul_mat.wgsl`: many tokens.
+    MatmulMat,
+    /// `qk_norm_rope.wgsl`.
+    QkNormRope,
+    /// `kv_write.wgsl`.
+    KvWrite,
+    /// `attention.wgsl`.
+    Attention,
+    /// `silu_mul.wgsl`.
+    SiluMul,
+    /// `gather_rows.wgsl`.
+    GatherRows,
+}
+
+/// How a kernel accesses one storage binding of group 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// `var<storage, read>`.
+    Read,
+    /// `var<storage, read_write>`.
+    ReadWrite,
+}
+
+use Access::{Read, ReadWrite};
+
+impl Kernel {
+    /// Every kernel.
+    pub const ALL: [Kernel; 9] = [
+        Kernel::Embed,
+        Kernel::RmsNorm,
+        Kernel::MatmulVec,
+        Kernel::MatmulMat,
+        Kernel::QkNormRope,
+        Kernel::KvWrite,
+        Kernel::Attention,
+        Kernel::SiluMul,
+        Kernel::GatherRows,
+    ];
+
+    /// The storage bindings of group 0, in binding order.
+    pub fn bindings(self) -> &'static [Access] {
+        match self {
+            Kernel::Embed => &[Read, Read, ReadWrite],
+            Kernel::RmsNorm => &[Read, Read, ReadWrite],
+            Kernel::MatmulVec | Kernel::MatmulMat => &[Read, Read, ReadWrite],
+            Kernel::QkNormRope => &[Read, Read, Read, Read, ReadWrite],
+            Kernel::KvWrite => &[Read, Read, ReadWrite, ReadWrite],
+            Kernel::Attention => &[Read, Read, Read, Read, ReadWrite],
+            Kernel::SiluMul => &[Read, ReadWrite],
+            Kernel::GatherRows => &[Read, Read, ReadWrite],
+        }
+    }
+
+    /// Whether the kernel reads a weight segment (and so has a weight-format variant).
+    pub fn reads_weight(self) -> bool {
+        matches!(self, Kernel::Embed | Kernel::MatmulVec | Kernel::MatmulMat)
+    }
+
+    /// Whether the kernel has a subgroup variant.
+    pub fn has_subgroup_variant(self) -> bool {
+        matches!(self, Kernel::MatmulVec)
+    }
+
+    /// Size in bytes of the kernel's uniform parameter struct.
+    pub fn params_size(self) -> usize {
+        use super::params::*;
+        match self {
+            Kernel::Embed => size_of::<EmbedParams>(),
+            Kernel::RmsNorm => size_of::<RmsNormParams>(),
+            Kernel::MatmulVec | Kernel::MatmulMat => size_of::<MatmulParams>(),
+            Kernel::QkNormRope => size_of::<QkNormRopeParams>(),
+            Kernel::KvWrite => size_of::<KvWriteParams>(),
+            Kernel::Attention => size_of::<AttentionParams>(),
+            Kernel::SiluMul => size_of::<SiluMulParams>(),
+            Kernel::GatherRows => size_of::<GatherRowsParams>(),
+        }
+    }
+
+    fn stem(self) -> &'static str {
+        match self {
+            Kernel::Embed => "embed",
+            Kernel::RmsNorm => "rms_norm",
+            Kernel::MatmulVec => "matmul_vec",
+            Kernel::MatmulMat => "matmul_mat",
+            Kernel::QkNormRope => "qk_norm_rope",
+            Kernel::KvWrite => "kv_write",
+            Kernel::Attention => "attention",
+            Kernel::SiluMul => "silu_mul",
+            Kernel::GatherRows => "gather_rows",
+        }
+    }
+}
+
+/// One compiled variant of a kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PipelineKey {
+    /// The kernel.
+    pub kernel: Kernel,
+    /// The weight format read, for kernels that read weights.
+    pub weight: Option<DType>,
+    /// Use subgroup operations.
+    pub subgroup: bool,
+    /// Widen f16 with `unpack2x16float` (the device has f16-in-f32 support); else with
+    /// integer operations. Only meaningful with `weight: Some(F16)`.
+    pub f16_in_f32: bool,
+}
+
+impl PipelineKey {
+    /// The plain variant of a kernel that reads no weight.
+    pub fn plain(kernel: Kernel) -> Self {
+        PipelineKey {
+            kernel,
+            weight: None,
+            subgroup: false,
+            f16_in_f32: false,
+        }
+    }
+
+    /// Every variant that exists, for validation.
+    pub fn all() -> Vec<PipelineKey> {
+        let mut keys = Vec::new();
+        for kernel in Kernel::ALL {
+            let weights: Vec<Option<DType>> = if kernel.reads_weight() {
+                WEIGHT_DTYPES.iter().copied().map(Some).collect()
+            } else {
+                vec![None]
+            };
+            let subgroups: &[bool] = if kernel.has_subgroup_variant() {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for &weight in &weights {
+                let f16_variants: &[bool] = if weight == Some(DType::F16) {
+                    &[false, true]
+                } else {
+                    &[false]
+                };
+                for &subgroup in subgroups {
+                    for &f16_in_f32 in f16_variants {
+                        keys.push(PipelineKey {
+                            kernel,
+                            weight,
+                            subgroup,
+                            f16_in_f32,
+                        });
+                    }
+                }
+            }
+        }
+        keys
+    }
+
+    /// The `shaders/` file of this variant: float weights share the kernel's plain file,
+    /// block-quantized formats will have `<op>_<dtype>.wgsl`.
+    pub fn file(&self) -> String {
+        format!("{}.wgsl", self.kernel.stem())
+    }
+
+    /// The `#ifdef` names this variant sets.
+    pub fn defines(&self) -> Vec<&'static str> {
+        let mut d = Vec::new();
+        match self.weight {
+            Some(DType::F32) => d.push("W_F32"),
+            Some(DType::F16) => d.push("W_F16"),
+            Some(DType::BF16) => d.push("W_BF16"),
+            _ => {}
+        }
+        if self.subgroup {
+            d.push("SUBGROUP");
+        }
+        if self.f16_in_f32 {
+            d.push("F16_IN_F32");
+        }
+        d
+    }
+
+    /// The preprocessed WGSL of this variant.
+    pub fn source(&self) -> Result<String, PreprocessError> {
+        let file = self.file();
+        let text = shader_file(&file)
+            .ok_or_else(|| PreprocessError(format!("no shader file `{file}`")))?;
+        preprocess(&file, text, &self.defines(), &shader_file)
+    }
+
+    /// A label for debuggers and error messages.
+    pub fn label(&self) -> String {
+        let mut s = self.kernel.stem().to_string();
+        if let Some(w) = self.weight {
+            s.push('_');
+            s.push_str(&w.name().to_ascii_lowercase());
+        }
+        if self.subgroup {
+            s.push_str("_subgroup");
+        }
+        if self.f16_in_f32 {
+            s.push_str("_unpack");
+        }
+        s
+    }
+}
+
+/// A compiled pipeline with the layout of its group 0.
+pub struct Pipeline {
+    /// The pipeline.
+    pub pipeline: wgpu::ComputePipeline,
+    /// Layout of group 0 (shared by every pipeline with the same bindings).
+    pub group0: wgpu::BindGroupLayout,
+}
+
+/// Compiles pipelines on first use and keeps them.
+pub struct Pipelines {
+    group0_layouts: HashMap<&'static [Access], wgpu::BindGroupLayout>,
+    /// Layout of group 1: one uniform slot with a dynamic offset.
+    pub params_layout: wgpu::BindGroupLayout,
+    cache: HashMap<PipelineKey, Pipeline>,
+}
+
+impl Pipelines {
+    /// An empty cache for `device`.
+    pub fn new(device: &wgpu::Device) -> Self {
+        let params_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("wick params"),
+            entries: &[wgpu::BindGroupLayoutEntry {
+                binding: 0,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: true,
+                    min_binding_size: None,
+                },
+                count: None,
+            }],
+        });
+        Pipelines {
+            group0_layouts: HashMap::new(),
+            params_layout,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The pipeline for `key`, compiling it the first time.
+    pub fn get(&mut self, device: &wgpu::Device, key: PipelineKey) -> &Pipeline {
+        if !self.cache.contains_key(&key) {
+            let bindings = key.kernel.bindings();
+            let group0 = self
+                .group0_layouts
+                .entry(bindings)
+                .or_insert_with(|| {
+                    let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
+                        .iter()
+                        .enumerate()
+                        .map(|(i, a)| wgpu::BindGroupLayoutEntry {
+                            binding: i as u32,
+                            visibility: wgpu::ShaderStages::COMPUTE,
+                            ty: wgpu::BindingType::Buffer {
+                                ty: wgpu::BufferBindingType::Storage {
+                                    read_only: *a == Read,
+                                },
+                                has_dynamic_offset: false,
+                                min_binding_size: None,
+                            },
+                            count: None,
+                        })
+                        .collect();
+                    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                        label: None,
+                        entries: &entries,
+                    })
+                })
+                .clone();
+            // The sources are checked by the unit tests; a failure here is a bug in a shader.
+            let source = key
+                .source()
+                .unwrap_or_else(|e| panic!("shader {}: {e}", key.label()));
+            let label = key.label();
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&label),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+            let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(&label),
+                bind_group_layouts: &[Some(&group0), Some(&self.params_layout)],
+                immediate_size: 0,
+            });
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&label),
+                layout: Some(&layout),
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+            self.cache.insert(key, Pipeline { pipeline, group0 });
+        }
+        &self.cache[&key]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A validator with exactly the capabilities `key` may assume.
+    fn validator(key: &PipelineKey) -> naga::valid::Validator {
+        use naga::valid::{Capabilities, ShaderStages, SubgroupOperationSet, ValidationFlags};
+        let subgroup = key.subgroup;
+        let mut caps = Capabilities::empty();
+        if subgroup {
+            caps |= Capabilities::SUBGROUP;
+        }
+        if key.f16_in_f32 {
+            caps |= Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+        }
+        let mut v = naga::valid::Validator::new(ValidationFlags::all(), caps);
+        if subgroup {
+            v.subgroup_stages(ShaderStages::COMPUTE)
+                .subgroup_operations(
+                    SubgroupOperationSet::BASIC | SubgroupOperationSet::ARITHMETIC,
+                );
+        }
+        v
+    }
+
+    /// Every variant preprocesses, parses and validates with only the capabilities it is
+    /// allowed to use (so a plain variant needs neither subgroups nor f16 support), its
+    /// uniform struct has the size of the Rust mirror, and its storage bindings are those
+    /// the bind group layout declares.
+    #[test]
+    fn every_shader_variant_validates() {
+        let keys = PipelineKey::all();
+        assert!(keys.len() >= 20, "{} variants", keys.len());
+        for key in keys {
+            let label = key.label();
+            let src = key.source().unwrap_or_else(|e| panic!("{label}: {e}"));
+            let module = naga::front::wgsl::parse_str(&src)
+                .unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string(&src)));
+            let info = validator(&key)
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string(&src)));
+            drop(info);
+            assert!(
+                module.entry_points.iter().any(|e| e.name == "main"),
+                "{label}: no entry point `main`"
+            );
+            // The uniform block's size equals the Rust struct's.
+            let uniforms: Vec<_> = module
+                .global_variables
+                .iter()
+                .filter(|(_, g)| g.space == naga::AddressSpace::Uniform)
+                .collect();
+            assert_eq!(uniforms.len(), 1, "{label}: one uniform block");
+            let ty = &module.types[uniforms[0].1.ty];
+            let size = ty.inner.size(module.to_ctx()) as usize;
+            assert_eq!(size, key.kernel.params_size(), "{label}: params size");
+            // The storage bindings of group 0 match Kernel::bindings.
+            let mut storage: Vec<(u32, Access)> = module
+                .global_variables
+                .iter()
+                .filter_map(|(_, g)| match (g.space, &g.binding) {
+                    (naga::AddressSpace::Storage { access }, Some(b)) if b.group == 0 => {
+                        let a = if access.contains(naga::StorageAccess::STORE) {
+                            ReadWrite
+                        } else {
+                            Read
+                        };
+                        Some((b.binding, a))
+                    }
+                    _ => None,
+                })
+                .collect();
+            storage.sort_by_key(|(b, _)| *b);
+            let want: Vec<(u32, Access)> = key
+                .kernel
+                .bindings()
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (i as u32, *a))
+                .collect();
+            assert_eq!(storage, want, "{label}: group 0 bindings");
+        }
+    }
+}

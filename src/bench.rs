@@ -1,0 +1,136 @@
+//! `wick bench`: prompt-processing and generation speed, measured like llama-bench.
+//!
+//! - pp: a prompt of `n_prompt` random tokens processed from an empty cache (matrix-matrix
+//!   work in chunks), reported as prompt tokens per second.
+//! - tg: `n_gen` tokens decoded one at a time from an empty cache, reported as tokens per
+//!   second and as GB/s of weights read (decode reads every weight once per token, so GB/s
+//!   against the machine's bandwidth says how close to the limit it runs).
+//!
+//! Each figure is the median over `repetitions` runs after one warm-up run; the machine is
+//! shared and noisy, so medians, not means. Sampling is not timed (argmax only).
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::generate::SequenceRunner;
+
+/// What to measure.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchOptions {
+    /// Prompt length for pp (0 = skip).
+    pub n_prompt: usize,
+    /// Tokens to generate for tg (0 = skip).
+    pub n_gen: usize,
+    /// Timed runs of each test.
+    pub repetitions: usize,
+}
+
+/// Results, all medians.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// Prompt tokens.
+    pub n_prompt: usize,
+    /// Generated tokens.
+    pub n_gen: usize,
+    /// Median prompt tokens per second.
+    pub pp_tok_s: Option<f64>,
+    /// Median generated tokens per second.
+    pub tg_tok_s: Option<f64>,
+    /// Median milliseconds per generated token.
+    pub tg_ms_per_tok: Option<f64>,
+    /// Weight bytes read per generated token.
+    pub weight_bytes_per_token: u64,
+    /// Weight GB/s during generation (10⁹ bytes per second).
+    pub tg_gb_s: Option<f64>,
+    /// Every run's pp tok/s.
+    pub pp_runs: Vec<f64>,
+    /// Every run's tg tok/s.
+    pub tg_runs: Vec<f64>,
+}
+
+/// Median of `v` (0 for empty).
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// Deterministic pseudo-random token ids below `vocab`.
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Runs the benchmark on `runner` (its cache is reset before and after).
+pub fn run(
+    runner: &mut dyn SequenceRunner,
+    vocab: usize,
+    weight_bytes_per_token: u64,
+    opts: &BenchOptions,
+) -> Result<BenchReport> {
+    let mut logits = Vec::new();
+    let mut pp_runs = Vec::new();
+    let mut tg_runs = Vec::new();
+    for rep in 0..=opts.repetitions {
+        if opts.n_prompt > 0 {
+            let prompt = tokens(opts.n_prompt, vocab, 7 + rep as u64);
+            runner.reset();
+            let t = Instant::now();
+            runner.extend_last(&prompt, &mut logits)?;
+            let secs = t.elapsed().as_secs_f64();
+            if rep > 0 {
+                pp_runs.push(opts.n_prompt as f64 / secs);
+            }
+        }
+        if opts.n_gen > 0 {
+            runner.reset();
+            let mut next = tokens(1, vocab, 11 + rep as u64)[0];
+            let t = Instant::now();
+            for _ in 0..opts.n_gen {
+                runner.extend_last(&[next], &mut logits)?;
+                next = argmax(&logits);
+            }
+            let secs = t.elapsed().as_secs_f64();
+            if rep > 0 {
+                tg_runs.push(opts.n_gen as f64 / secs);
+            }
+        }
+    }
+    runner.reset();
+    let pp = (!pp_runs.is_empty()).then(|| median(&pp_runs));
+    let tg = (!tg_runs.is_empty()).then(|| median(&tg_runs));
+    Ok(BenchReport {
+        n_prompt: opts.n_prompt,
+        n_gen: opts.n_gen,
+        pp_tok_s: pp,
+        tg_tok_s: tg,
+        tg_ms_per_tok: tg.map(|t| 1000.0 / t),
+        weight_bytes_per_token,
+        tg_gb_s: tg.map(|t| t * weight_bytes_per_token as f64 / 1e9),
+        pp_runs,
+        tg_runs,
+    })
+}

@@ -1,0 +1,504 @@
+//! Every op of the GPU backend against the CPU backend (the reference), on odd shapes.
+//!
+//! Inputs reach a tensor the only way the `Backend` trait allows: an F32 "embedding" table
+//! holding the input rows, gathered with token ids `0..T` (exact on both backends). Outputs
+//! are compared with a mixed tolerance `|gpu - cpu| ≤ atol + rtol·|cpu|`.
+//!
+//! These tests need a GPU adapter; on a machine without one, Mesa's software Vulkan
+//! (lavapipe, `apt-get install mesa-vulkan-drivers`) is enough. A test that finds no
+//! adapter FAILS. Set `WICK_SKIP_GPU_TESTS=1` to skip them explicitly instead (CI does not).
+
+use wick::backend::cpu::CpuBackend;
+use wick::backend::wgpu::{WgpuBackend, WgpuOptions};
+use wick::backend::{AttentionDims, Backend, Batch, KvLayout, SeqSpan};
+use wick::loader::{Bytes, HostTensor};
+use wick::quant::DType;
+
+/// The GPU backend with `opts`, or `None` when GPU tests are explicitly skipped.
+fn gpu_with(opts: WgpuOptions) -> Option<WgpuBackend> {
+    if std::env::var_os("WICK_SKIP_GPU_TESTS").is_some_and(|v| v == "1") {
+        eprintln!("WICK_SKIP_GPU_TESTS=1: skipping a GPU test");
+        return None;
+    }
+    match WgpuBackend::new(&opts) {
+        Ok(b) => {
+            eprintln!("{}", b.describe());
+            Some(b)
+        }
+        Err(e) => panic!(
+            "no usable GPU adapter ({e}); install mesa-vulkan-drivers for lavapipe, or set \
+             WICK_SKIP_GPU_TESTS=1 to skip GPU tests explicitly"
+        ),
+    }
+}
+
+fn gpu() -> Option<WgpuBackend> {
+    gpu_with(WgpuOptions::default())
+}
+
+fn cpu() -> CpuBackend {
+    CpuBackend::new(2).unwrap()
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn host(name: &str, dtype: DType, shape: &[usize], v: &[f32]) -> HostTensor {
+    let bytes: Vec<u8> = match dtype {
+        DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F16 => v
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        DType::BF16 => v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+        _ => unreachable!(),
+    };
+    HostTensor {
+        name: name.into(),
+        dtype,
+        shape: shape.to_vec(),
+        data: Bytes::from_vec(bytes),
+    }
+}
+
+/// One sequence of `t` new tokens after `cached` cached ones, blocks of 16 in reverse order
+/// (so that block tables matter).
+fn one_seq(t: usize, cached: usize) -> Batch {
+    let ctx = cached + t;
+    let blocks = ctx.div_ceil(16);
+    let table: Vec<u32> = (0..blocks as u32).rev().collect();
+    let slot = |p: usize| table[p / 16] * 16 + (p % 16) as u32;
+    let b = Batch {
+        token_ids: (0..t as u32).collect(),
+        positions: (cached..ctx).map(|p| p as u32).collect(),
+        slot_mapping: (cached..ctx).map(slot).collect(),
+        seqs: vec![SeqSpan {
+            start: 0,
+            len: t as u32,
+            context_len: ctx as u32,
+            block_table: table.clone(),
+        }],
+        logits_rows: vec![t as u32 - 1],
+    };
+    b.check(16).unwrap();
+    b
+}
+
+/// `x[T, C]` filled with `v` through an embedding of token ids 0..T.
+fn fill<B: Backend>(b: &B, batch: &Batch, v: &[f32], cols: usize, cap: usize) -> B::Tensor {
+    let t = batch.num_tokens();
+    assert_eq!(v.len(), t * cols);
+    let table = b
+        .weight(&[&host("input", DType::F32, &[t, cols], v)])
+        .unwrap();
+    let mut x = b.tensor(cap.max(t), cols);
+    b.embed(&table, batch, &mut x);
+    x
+}
+
+fn read<B: Backend>(b: &B, t: &B::Tensor, rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; rows * cols];
+    b.read(t, rows, &mut out);
+    out
+}
+
+#[track_caller]
+fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
+    let mut worst = (0.0f32, 0usize);
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        let excess = (g - c).abs() - (atol + rtol * c.abs());
+        assert!(!g.is_nan(), "{what}: NaN at {i}");
+        if excess > worst.0 {
+            worst = (excess, i);
+        }
+    }
+    let i = worst.1;
+    assert!(
+        worst.0 <= 0.0,
+        "{what}: [{i}] gpu {} vs cpu {} (|Δ| {})",
+        gpu[i],
+        cpu[i],
+        (gpu[i] - cpu[i]).abs()
+    );
+}
+
+fn embed_run<B: Backend>(b: &B, table: &HostTensor, batch: &Batch, cols: usize) -> Vec<f32> {
+    let t = batch.num_tokens();
+    let w = b.weight(&[table]).unwrap();
+    let mut x = b.tensor(t, cols);
+    b.begin_step(batch);
+    b.embed(&w, batch, &mut x);
+    read(b, &x, t, cols)
+}
+
+#[test]
+fn embed_gathers_rows_of_every_dtype_and_across_segments() {
+    // Segments of at most 1 KiB: the 4097-row table is split into many buffers.
+    let Some(g) = gpu_with(WgpuOptions {
+        max_segment_bytes: Some(1024),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let c = cpu();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for &(vocab, cols) in &[(4097usize, 33usize), (7, 1), (33, 64)] {
+            let table_v = values(vocab * cols, 5);
+            let table = host("embed", dtype, &[vocab, cols], &table_v);
+            let ids: Vec<u32> = [0, vocab - 1, vocab / 2, 1 % vocab, vocab - 1, 3 % vocab, 0]
+                .iter()
+                .map(|&i| i as u32)
+                .collect();
+            let mut batch = one_seq(ids.len(), 0);
+            batch.token_ids = ids;
+            assert_eq!(
+                embed_run(&g, &table, &batch, cols),
+                embed_run(&c, &table, &batch, cols),
+                "{dtype} {vocab}×{cols}"
+            );
+        }
+    }
+}
+
+fn rms_norm_run<B: Backend>(b: &B, rows: usize, cols: usize) -> Vec<f32> {
+    let batch = one_seq(rows, 0);
+    b.begin_step(&batch);
+    let x = fill(b, &batch, &values(rows * cols, 1), cols, rows);
+    let w = b
+        .weight(&[&host("norm", DType::BF16, &[cols], &values(cols, 2))])
+        .unwrap();
+    let mut out = b.tensor(rows, cols);
+    b.rms_norm(&x, &w, 1e-6, rows, &mut out);
+    read(b, &out, rows, cols)
+}
+
+#[test]
+fn rms_norm_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for &(rows, cols) in &[(1, 7), (7, 33), (33, 4097), (2, 1)] {
+        assert_close(
+            &format!("rms_norm {rows}×{cols}"),
+            &rms_norm_run(&g, rows, cols),
+            &rms_norm_run(&c, rows, cols),
+            1e-5,
+            1e-4,
+        );
+    }
+}
+
+/// `out = x · Wᵀ` (and then `out += x2 · Wᵀ`) with W stacked from two parts.
+fn matmul_run<B: Backend>(b: &B, t: usize, parts: &[HostTensor], k: usize) -> Vec<f32> {
+    let n: usize = parts.iter().map(|p| p.shape[0]).sum();
+    let batch = one_seq(t, 0);
+    let w = b.weight(&parts.iter().collect::<Vec<_>>()).unwrap();
+    b.begin_step(&batch);
+    let x = fill(b, &batch, &values(t * k, 3), k, t);
+    let x2 = fill(b, &batch, &values(t * k, 4), k, t);
+    let mut out = b.tensor(t, n);
+    b.matmul(&x, &w, t, &mut out);
+    let first = read(b, &out, t, n);
+    b.begin_step(&batch);
+    b.matmul_add(&x2, &w, t, &mut out);
+    let mut both = first;
+    both.extend(read(b, &out, t, n));
+    both
+}
+
+#[test]
+fn matmul_and_matmul_add_match_cpu_on_odd_shapes() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let shapes: &[(usize, usize, usize, usize)] = &[
+        // (T, N1, N2, K)
+        (1, 1, 7, 33),
+        (3, 33, 1, 7),
+        (1, 4097, 3, 64),
+        (7, 40, 17, 64),
+        (33, 7, 33, 4097),
+        (70, 130, 3, 33),
+    ];
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for &(t, n1, n2, k) in shapes {
+            let parts = [
+                host("a", dtype, &[n1, k], &values(n1 * k, 1)),
+                host("b", dtype, &[n2, k], &values(n2 * k, 2)),
+            ];
+            assert_close(
+                &format!("matmul {dtype} T={t} N={n1}+{n2} K={k}"),
+                &matmul_run(&g, t, &parts, k),
+                &matmul_run(&c, t, &parts, k),
+                1e-4,
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn matmul_splits_large_weights_and_mixes_formats() {
+    // 2 KiB segments: a 4097×33 f16 weight becomes ~67 buffers, one dispatch each.
+    let Some(g) = gpu_with(WgpuOptions {
+        max_segment_bytes: Some(2048),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let c = cpu();
+    for &(t, k) in &[(1usize, 33usize), (9, 33), (2, 64)] {
+        let parts = [
+            host("q", DType::F16, &[4097, k], &values(4097 * k, 7)),
+            host("k", DType::BF16, &[5, k], &values(5 * k, 8)),
+            host("v", DType::F32, &[33, k], &values(33 * k, 9)),
+        ];
+        let w = g.weight(&parts.iter().collect::<Vec<_>>()).unwrap();
+        assert!(w.num_segments() > 3, "{} segments", w.num_segments());
+        assert_close(
+            &format!("split matmul T={t} K={k}"),
+            &matmul_run(&g, t, &parts, k),
+            &matmul_run(&c, t, &parts, k),
+            1e-4,
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn matmul_without_subgroups_matches_cpu() {
+    let Some(g) = gpu_with(WgpuOptions {
+        allow_subgroups: false,
+        allow_f16: false,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    assert!(!g.uses_subgroups());
+    let c = cpu();
+    for dtype in [DType::F16, DType::BF16] {
+        let parts = [host("a", dtype, &[129, 4097], &values(129 * 4097, 1))];
+        for t in [1, 4] {
+            assert_close(
+                &format!("plain matmul {dtype} T={t}"),
+                &matmul_run(&g, t, &parts, 4097),
+                &matmul_run(&c, t, &parts, 4097),
+                1e-4,
+                1e-4,
+            );
+        }
+    }
+}
+
+fn dims(h: usize, hkv: usize, d: usize) -> AttentionDims {
+    AttentionDims {
+        num_heads: h,
+        num_kv_heads: hkv,
+        head_dim: d,
+        rope_theta: 1_000_000.0,
+        eps: 1e-6,
+    }
+}
+
+fn qk_norm_rope_run<B: Backend>(
+    b: &B,
+    batch: &Batch,
+    dims: AttentionDims,
+    norms: bool,
+) -> Vec<f32> {
+    let (t, w, d) = (batch.num_tokens(), dims.qkv_width(), dims.head_dim);
+    let qn = b
+        .weight(&[&host("q_norm", DType::BF16, &[d], &values(d, 11))])
+        .unwrap();
+    let kn = b
+        .weight(&[&host("k_norm", DType::BF16, &[d], &values(d, 12))])
+        .unwrap();
+    b.begin_step(batch);
+    let mut qkv = fill(b, batch, &values(t * w, 10), w, t);
+    if norms {
+        b.qk_norm_rope(&mut qkv, Some(&qn), Some(&kn), dims, batch);
+    } else {
+        b.qk_norm_rope(&mut qkv, None, None, dims, batch);
+    }
+    read(b, &qkv, t, w)
+}
+
+#[test]
+fn qk_norm_rope_matches_cpu_at_long_positions() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for &(h, hkv, d) in &[(4, 2, 32), (2, 1, 128), (3, 3, 8)] {
+        for &(t, cached) in &[(1, 0), (7, 1500), (33, 4097)] {
+            let batch = one_seq(t, cached);
+            for norms in [true, false] {
+                assert_close(
+                    &format!("qk_norm_rope H={h} Hkv={hkv} D={d} T={t}+{cached} norms={norms}"),
+                    &qk_norm_rope_run(&g, &batch, dims(h, hkv, d), norms),
+                    &qk_norm_rope_run(&c, &batch, dims(h, hkv, d), norms),
+                    1e-5,
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+/// Two sequences: a prompt chunk each (written to the cache and attended), then one decode
+/// token each on top. Returns both steps' attention outputs.
+fn attention_run<B: Backend>(b: &B, dims: AttentionDims, lens: [usize; 2]) -> Vec<f32> {
+    let (w, hd) = (dims.qkv_width(), dims.num_heads * dims.head_dim);
+    let bs = 16;
+    let layout = KvLayout {
+        num_layers: 2,
+        num_blocks: 2 * (lens[0] + lens[1]).div_ceil(bs) + 4,
+        block_size: bs,
+        num_kv_heads: dims.num_kv_heads,
+        head_dim: dims.head_dim,
+    };
+    let mut cache = b.kv_cache(layout).unwrap();
+    // Interleaved block tables so that sequences share no block and tables matter.
+    let tables: Vec<Vec<u32>> = (0..2)
+        .map(|s| {
+            (0..(lens[s] + 1).div_ceil(bs) as u32)
+                .map(|i| 2 * i + s as u32 + 2)
+                .rev()
+                .collect()
+        })
+        .collect();
+    let slot = |s: usize, p: usize| tables[s][p / bs] * bs as u32 + (p % bs) as u32;
+    let mut outs = Vec::new();
+    for step in 0..2 {
+        let mut batch = Batch::default();
+        for s in 0..2 {
+            let (from, to) = if step == 0 {
+                (0, lens[s])
+            } else {
+                (lens[s], lens[s] + 1)
+            };
+            batch.seqs.push(SeqSpan {
+                start: batch.token_ids.len() as u32,
+                len: (to - from) as u32,
+                context_len: to as u32,
+                block_table: tables[s].clone(),
+            });
+            for p in from..to {
+                batch.token_ids.push(batch.token_ids.len() as u32);
+                batch.positions.push(p as u32);
+                batch.slot_mapping.push(slot(s, p));
+            }
+        }
+        batch.logits_rows = vec![0];
+        batch.check(bs).unwrap();
+        let t = batch.num_tokens();
+        b.begin_step(&batch);
+        let mut qkv = fill(b, &batch, &values(t * w, 20 + step as u64), w, t);
+        b.qk_norm_rope(&mut qkv, None, None, dims, &batch);
+        // Layer 1, so that per-layer pools are told apart.
+        b.kv_write(&qkv, &mut cache, 1, dims, &batch);
+        let mut out = b.tensor(t, hd);
+        b.attention(&qkv, &cache, 1, dims, &batch, &mut out);
+        outs.extend(read(b, &out, t, hd));
+    }
+    outs
+}
+
+#[test]
+fn kv_write_and_attention_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for &(h, hkv, d) in &[(4, 2, 32), (2, 1, 128), (3, 3, 8), (2, 2, 256)] {
+        for lens in [[1, 7], [33, 70], [130, 1]] {
+            assert_close(
+                &format!("attention H={h} Hkv={hkv} D={d} lens={lens:?}"),
+                &attention_run(&g, dims(h, hkv, d), lens),
+                &attention_run(&c, dims(h, hkv, d), lens),
+                1e-5,
+                1e-4,
+            );
+        }
+    }
+}
+
+fn silu_gather_run<B: Backend>(b: &B, rows: usize, f: usize) -> Vec<f32> {
+    let mut batch = one_seq(rows, 0);
+    batch.logits_rows = (0..rows as u32).rev().step_by(2).collect();
+    b.begin_step(&batch);
+    let gu: Vec<f32> = values(rows * 2 * f, 30).iter().map(|v| v * 8.0).collect();
+    let gate_up = fill(b, &batch, &gu, 2 * f, rows);
+    let mut act = b.tensor(rows, f);
+    b.silu_mul(&gate_up, rows, &mut act);
+    let r = batch.logits_rows.len();
+    let mut kept = b.tensor(r, f);
+    b.gather_rows(&act, &batch, &mut kept);
+    let mut out = read(b, &act, rows, f);
+    out.extend(read(b, &kept, r, f));
+    out
+}
+
+#[test]
+fn silu_mul_and_gather_rows_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for &(rows, f) in &[(1, 7), (7, 33), (33, 4097)] {
+        assert_close(
+            &format!("silu_mul/gather_rows {rows}×{f}"),
+            &silu_gather_run(&g, rows, f),
+            &silu_gather_run(&c, rows, f),
+            1e-5,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn a_step_is_one_submit_and_one_readback() {
+    let Some(g) = gpu() else { return };
+    let batch = one_seq(3, 0);
+    let parts = [host("a", DType::BF16, &[40, 64], &values(40 * 64, 1))];
+    let w = g.weight(&[&parts[0]]).unwrap();
+    g.begin_step(&batch);
+    let x = fill(&g, &batch, &values(3 * 64, 2), 64, 3);
+    let mut out = g.tensor(3, 40);
+    let before = g.stats();
+    g.matmul(&x, &w, 3, &mut out);
+    g.matmul_add(&x, &w, 3, &mut out);
+    let mut host_out = vec![0.0; 3 * 40];
+    g.read(&out, 3, &mut host_out);
+    let after = g.stats();
+    assert_eq!(after.dispatches - before.dispatches, 2);
+    assert_eq!(after.readbacks - before.readbacks, 1);
+    assert_eq!(after.submits - before.submits, 1);
+    // A step that reads nothing is submitted when the next one begins.
+    g.begin_step(&batch);
+    g.matmul(&x, &w, 3, &mut out);
+    g.begin_step(&batch);
+    assert_eq!(g.stats().submits - after.submits, 1);
+    assert_eq!(g.stats().readbacks, after.readbacks);
+}
+
+#[test]
+fn bad_adapter_choice_is_an_error() {
+    if std::env::var_os("WICK_SKIP_GPU_TESTS").is_some_and(|v| v == "1") {
+        return;
+    }
+    let err = WgpuBackend::new(&WgpuOptions {
+        adapter: Some("no such adapter anywhere".into()),
+        ..Default::default()
+    })
+    .err()
+    .expect("an unknown adapter name must fail");
+    assert!(err.to_string().contains("no adapter named like"), "{err}");
+    assert!(!wick::backend::wgpu::list_adapters().is_empty());
+}
