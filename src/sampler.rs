@@ -183,7 +183,7 @@ impl SamplingParams {
         }
         if let Some(n) = self.logprobs {
             if n > MAX_TOP_LOGPROBS {
-                return Err(bad("logprobs", "at most 20", n));
+                return Err(bad("logprobs", &format!("at most {MAX_TOP_LOGPROBS}"), n));
             }
         }
         if self.stop.iter().any(String::is_empty) {
@@ -193,8 +193,8 @@ impl SamplingParams {
     }
 
     fn is_greedy(&self) -> bool {
-        // `!(>=)` so that an unvalidated NaN temperature falls back to greedy.
-        !(self.temperature >= GREEDY_TEMPERATURE)
+        // An unvalidated NaN temperature falls back to greedy.
+        self.temperature.is_nan() || self.temperature < GREEDY_TEMPERATURE
     }
 }
 
@@ -215,20 +215,10 @@ pub struct TokenLogprobs {
 /// `chosen` outside the vocabulary gets -inf. Costs one pass over the logits plus, at worst,
 /// O(V · top) for the ranking (fine for the small `top` requests may ask for).
 pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> TokenLogprobs {
-    let max = logits
-        .iter()
-        .copied()
-        .filter(|l| !l.is_nan())
-        .fold(f32::NEG_INFINITY, f32::max);
-    // log(sum(exp(l))) computed around the max so nothing overflows; f64 so 151936 terms add
-    // up without visible error.
+    let max = max_logit(logits);
+    // log(sum(exp(l))) computed around the max so nothing overflows.
     let log_z = if max.is_finite() {
-        let sum: f64 = logits
-            .iter()
-            .filter(|l| !l.is_nan())
-            .map(|&l| ((l - max) as f64).exp())
-            .sum();
-        max as f64 + sum.ln()
+        max as f64 + vocab_mass(logits, max, 1.0).ln()
     } else {
         max as f64
     };
@@ -257,14 +247,22 @@ fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
     if n == 0 {
         return best;
     }
-    for (id, &l) in logits.iter().enumerate() {
-        if l.is_nan() || (best.len() == n && l <= best[n - 1].1) {
-            continue;
+    for (c, chunk) in logits.chunks(LANES).enumerate() {
+        if best.len() == n {
+            let bar = best[n - 1].1;
+            if !chunk.iter().fold(false, |any, &l| any | (l > bar)) {
+                continue;
+            }
         }
-        // Ids arrive in increasing order, so inserting after equal logits keeps ties by id.
-        let at = best.partition_point(|&(_, b)| b >= l);
-        best.insert(at, (id as u32, l));
-        best.truncate(n);
+        for (j, &l) in chunk.iter().enumerate() {
+            if l.is_nan() || (best.len() == n && l <= best[n - 1].1) {
+                continue;
+            }
+            // Ids arrive in increasing order, so inserting after equal logits keeps ties by id.
+            let at = best.partition_point(|&(_, b)| b >= l);
+            best.insert(at, ((c * LANES + j) as u32, l));
+            best.truncate(n);
+        }
     }
     best
 }
@@ -279,24 +277,32 @@ fn by_rank(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
 ///
 /// Streams over the vocabulary with a buffer of 2k: when it fills, it is cut back to the k best
 /// and the k-th logit becomes the bar a later token must beat (strictly, since a later token
-/// has a higher id and loses ties). That is O(V) without sorting or copying the vocabulary.
+/// has a higher id and loses ties). That is O(V) without sorting or copying the vocabulary, and
+/// once the bar is up most chunks are skipped after one vector compare.
 fn top_k_into(logits: &[f32], k: usize, floor: f32, out: &mut Vec<(u32, f32)>) {
     debug_assert!(k > 0);
     out.clear();
     let cap = 2 * k.max(32);
-    let mut bar = f32::NEG_INFINITY;
-    let mut have_bar = false;
-    for (id, &l) in logits.iter().enumerate() {
-        // `!(l >= floor)` also drops NaN.
-        if !(l >= floor) || (have_bar && l <= bar) {
+    // The bar is the k-th best logit seen so far, itself >= floor.
+    let mut bar: Option<f32> = None;
+    for (c, chunk) in logits.chunks(LANES).enumerate() {
+        let promising = match bar {
+            Some(bar) => chunk.iter().fold(false, |any, &l| any | (l > bar)),
+            None => any_at_least(chunk, floor),
+        };
+        if !promising {
             continue;
         }
-        out.push((id as u32, l));
-        if out.len() == cap {
-            out.select_nth_unstable_by(k - 1, by_rank);
-            out.truncate(k);
-            bar = out[k - 1].1;
-            have_bar = true;
+        for (j, &l) in chunk.iter().enumerate() {
+            if l.is_nan() || l < floor || bar.is_some_and(|bar| l <= bar) {
+                continue;
+            }
+            out.push(((c * LANES + j) as u32, l));
+            if out.len() == cap {
+                out.select_nth_unstable_by(k - 1, by_rank);
+                out.truncate(k);
+                bar = Some(out[k - 1].1);
+            }
         }
     }
     if out.len() > k {
@@ -305,18 +311,220 @@ fn top_k_into(logits: &[f32], k: usize, floor: f32, out: &mut Vec<(u32, f32)>) {
     }
 }
 
-/// Index of the largest logit, the lowest one among ties; NaN is skipped. 0 when every logit
-/// is NaN or -inf.
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    let mut best_l = f32::NEG_INFINITY;
-    for (id, &l) in logits.iter().enumerate() {
-        if l > best_l {
-            best = id;
-            best_l = l;
+/// Pushes `(id, logit)` for every logit >= `bar` (so never NaN), in id order.
+fn collect_at_least(logits: &[f32], bar: f32, out: &mut Vec<(u32, f32)>) {
+    out.clear();
+    for (c, chunk) in logits.chunks(LANES).enumerate() {
+        if !any_at_least(chunk, bar) {
+            continue;
+        }
+        // Branch-free compaction: which logits pass is data-dependent and would defeat the
+        // branch predictor.
+        let mut passed = [(0u32, 0.0f32); LANES];
+        let mut n = 0;
+        for (j, &l) in chunk.iter().enumerate() {
+            passed[n] = ((c * LANES + j) as u32, l);
+            n += (l >= bar) as usize;
+        }
+        out.extend_from_slice(&passed[..n]);
+    }
+}
+
+/// Chunk width for the scans over the vocabulary: short, fixed-length loops without early exits
+/// are what the compiler turns into vector instructions.
+const LANES: usize = 16;
+
+/// Whether any logit in `chunk` is >= `bar`. No short-circuit, so it vectorises.
+fn any_at_least(chunk: &[f32], bar: f32) -> bool {
+    chunk.iter().fold(false, |any, &l| any | (l >= bar))
+}
+
+/// The largest logit, ignoring NaN; -inf if there is none.
+fn max_logit(logits: &[f32]) -> f32 {
+    // Independent lanes so the reduction vectorises; `x > m` is false for NaN.
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            if x > *m {
+                *m = x;
+            }
         }
     }
-    best as u32
+    rest.iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// Index of the largest logit, the lowest one among ties; NaN is skipped. 0 when every logit
+/// is NaN.
+fn argmax(logits: &[f32]) -> u32 {
+    let max = max_logit(logits);
+    // Find the chunk first with a vectorised compare, then the position inside it.
+    let Some(c) = logits
+        .chunks(LANES)
+        .position(|chunk| chunk.iter().fold(false, |any, &l| any | (l == max)))
+    else {
+        return 0;
+    };
+    let start = c * LANES;
+    (start + logits[start..].iter().position(|&l| l == max).unwrap_or(0)) as u32
+}
+
+/// exp(x) for x <= 0, within a few ulp; 0 below -87 (where f32 turns subnormal), for -inf and
+/// for NaN.
+///
+/// The sampler takes one exponential per candidate token, up to V per step. This is plain
+/// branch-free arithmetic, so loops over it vectorise, instead of a libm call per token.
+/// exp(x) = 2^n · exp(r) with n = round(x / ln 2) and |r| <= ln 2 / 2, where a degree-7 Taylor
+/// polynomial is accurate to ~5e-9.
+#[inline]
+fn exp_nonpositive(x: f32) -> f32 {
+    // ln 2 split in a short high part (exact when multiplied by n) and the remainder, so that
+    // r = x - n ln 2 loses no precision.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding 1.5 · 2^23 rounds to an integer and leaves it in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    // Not `clamp`, which passes NaN through: `max` and `min` ignore it, so NaN lands on -87
+    // and is zeroed at the end.
+    #[allow(clippy::manual_clamp)]
+    let xc = x.max(-87.0).min(0.0);
+    let shifted = xc * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let n_int = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0 / 5040.0;
+    let p = p * r + 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    // n is in [-126, 0], so 2^n is a normal float built from its exponent bits.
+    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
+    // All ones when x >= -87, zero otherwise (NaN included): a mask, not a branch.
+    let keep = ((x >= -87.0) as u32).wrapping_neg();
+    f32::from_bits((p * scale).to_bits() & keep)
+}
+
+/// Unnormalised probability exp((l - max) / T) of a logit; 0 for NaN and -inf.
+#[inline]
+fn weight(l: f32, max: f32, inv_t: f32) -> f32 {
+    exp_nonpositive((l - max) * inv_t)
+}
+
+/// Sum of the weights of a chunk of at most `LANES` logits. A short chunk is padded to the
+/// full width so that every chunk goes through the same fixed-length, vectorised code.
+#[inline]
+fn chunk_mass(chunk: &[f32], max: f32, inv_t: f32) -> f32 {
+    fn full(l: &[f32; LANES], max: f32, inv_t: f32) -> f32 {
+        let mut w = [0.0f32; LANES];
+        for (w, &l) in w.iter_mut().zip(l) {
+            *w = weight(l, max, inv_t);
+        }
+        // Pairwise, in lanes.
+        let mut half = LANES;
+        while half > 1 {
+            half /= 2;
+            for i in 0..half {
+                w[i] += w[i + half];
+            }
+        }
+        w[0]
+    }
+    match <&[f32; LANES]>::try_from(chunk) {
+        Ok(l) => full(l, max, inv_t),
+        Err(_) => {
+            let mut l = [f32::NEG_INFINITY; LANES];
+            l[..chunk.len()].copy_from_slice(chunk);
+            full(&l, max, inv_t)
+        }
+    }
+}
+
+/// Sum of the weights of every logit: the softmax normaliser, relative to exp(max / T).
+fn vocab_mass(logits: &[f32], max: f32, inv_t: f32) -> f64 {
+    logits
+        .chunks(LANES)
+        .map(|chunk| chunk_mass(chunk, max, inv_t) as f64)
+        .sum()
+}
+
+/// Cuts `cands` (`(id, weight)`, any order) down to the top-p nucleus: the highest-ranked
+/// tokens whose weights first add up to `target`. Returns the weight kept.
+///
+/// Sorting 150k candidates would dominate a step, so this is a radix select on the weights'
+/// f32 bits (non-negative floats order like their bit patterns): bin the undecided candidates
+/// by their top bits; bins above the one where the running mass crosses `target` are wholly
+/// inside, bins below wholly out; repeat on the crossing bin with the next bits. Only the last
+/// few undecided candidates are sorted. `mass` is scratch.
+fn nucleus(cands: &mut Vec<(u32, f32)>, target: f64, mass: &mut Vec<f64>) -> f64 {
+    // cands[..inside] are in the nucleus (unordered) and weigh `above`; cands[inside..end] are
+    // undecided; the rest are out.
+    let mut inside = 0;
+    let mut above = 0.0f64;
+    let mut end = cands.len();
+    // Bit 31 (the sign) is 0 for every weight; the first pass bins on 11 bits (exponent and
+    // 3 mantissa bits, a factor 2^(1/8) per bin), the next ones on the bits below.
+    let mut high = 31;
+    for low in [20, 12, 4, 0] {
+        if end - inside <= 256 {
+            break;
+        }
+        let bins = 1usize << (high - low);
+        let bin = |w: f32| (w.to_bits() >> low) as usize & (bins - 1);
+        mass.clear();
+        mass.resize(bins, 0.0);
+        for c in &cands[inside..end] {
+            mass[bin(c.1)] += c.1 as f64;
+        }
+        let mut crossing = None;
+        for b in (0..bins).rev() {
+            if above + mass[b] >= target {
+                crossing = Some(b);
+                break;
+            }
+            above += mass[b];
+        }
+        let Some(edge) = crossing else {
+            // Rounding kept the total just under the target: everything is in.
+            inside = end;
+            break;
+        };
+        let undecided = &mut cands[inside..end];
+        let n_in = partition(undecided, |c| bin(c.1) > edge);
+        let n_edge = partition(&mut undecided[n_in..], |c| bin(c.1) == edge);
+        inside += n_in;
+        end = inside + n_edge;
+        high = low;
+    }
+    cands.truncate(end);
+    cands[inside..].sort_unstable_by(by_rank);
+    let mut cum = above;
+    for i in inside..end {
+        cum += cands[i].1 as f64;
+        if cum >= target {
+            cands.truncate(i + 1);
+            break;
+        }
+    }
+    cands.iter().map(|c| c.1 as f64).sum()
+}
+
+/// Moves the elements satisfying `pred` to the front; returns how many there are.
+fn partition<T>(items: &mut [T], pred: impl Fn(&T) -> bool) -> usize {
+    // Swapping unconditionally avoids a data-dependent branch; when `pred` fails, both
+    // items[n] and items[i] fail it, so the swap changes nothing that matters.
+    let mut n = 0;
+    for i in 0..items.len() {
+        let keep = pred(&items[i]);
+        items.swap(i, n);
+        n += keep as usize;
+    }
+    n
 }
 
 /// Chooses the tokens of one request. Create it when the request starts; call
@@ -338,6 +546,8 @@ pub struct Sampler {
     candidates: Vec<(u32, f32)>,
     /// Scratch: copy of the raw logits `[V]` when logprobs are wanted.
     raw: Vec<f32>,
+    /// Scratch: probability mass per bin for top-p (up to 2048 bins).
+    nucleus_mass: Vec<f64>,
 }
 
 impl Sampler {
@@ -358,6 +568,7 @@ impl Sampler {
             output_counts: HashMap::new(),
             candidates: Vec::new(),
             raw: Vec::new(),
+            nucleus_mass: Vec::new(),
         }
     }
 
@@ -387,14 +598,16 @@ impl Sampler {
         if self.params.is_greedy() {
             return argmax(logits);
         }
-        let max = logits
-            .iter()
-            .copied()
-            .filter(|l| !l.is_nan())
-            .fold(f32::NEG_INFINITY, f32::max);
+        let max = max_logit(logits);
         if !max.is_finite() {
             // Everything masked, or a +inf logit that outweighs every finite one.
             return argmax(logits);
+        }
+        let p = &self.params;
+        let unfiltered =
+            (p.top_k == 0 || p.top_k >= logits.len()) && p.top_p >= 1.0 && p.min_p <= 0.0;
+        if unfiltered {
+            return self.draw_dense(logits, max, 1.0 / p.temperature);
         }
         let total = self.filter(logits, max);
         self.draw(total)
@@ -452,54 +665,71 @@ impl Sampler {
             floor = floor.max(max + t * p.min_p.ln());
         }
         // Top-p over the whole vocabulary (no top-k or min-p to restrict it) needs the
-        // normaliser over every token, but only tokens near the top can be in the nucleus: if
-        // each token under the bar has probability below (1 - top_p) / 2V, together they hold
-        // less than 1 - top_p, so the tokens above the bar already reach top_p. Since
-        // p_i <= exp((l_i - max) / T), the bar needs no normaliser.
-        let whole_vocab_top_p = top_p.is_some() && top_k.is_none() && p.min_p <= 0.0;
-        let mut bar = floor;
-        if let Some(top_p) = top_p.filter(|_| whole_vocab_top_p) {
-            let ln_bound = ((1.0 - top_p) * 100.0 / (2 * vocab) as f64).ln() as f32;
-            bar = bar.max(max + t * ln_bound);
-        }
+        // normaliser Z over every token, and then only tokens near the top can be in the
+        // nucleus: if each token under the bar has probability below (1 - top_p) / 2V, together
+        // they hold less than 1 - top_p, so the tokens above the bar already reach top_p. In
+        // weights that is w_i < (1 - top_p) Z / 2V; a flat distribution has a large Z and so a
+        // high bar.
+        let whole_vocab_z = match top_p {
+            Some(top_p) if top_k.is_none() && p.min_p <= 0.0 => {
+                let z = vocab_mass(logits, max, inv_t);
+                let ln_bound = ((1.0 - top_p) * z / (2 * vocab) as f64).ln() as f32;
+                floor = floor.max(max + t * ln_bound);
+                Some(z)
+            }
+            _ => None,
+        };
 
         let cands = &mut self.candidates;
-        // Probability mass (unnormalised) of the tokens left out by the bar alone.
-        let mut tail = 0.0f64;
         match top_k {
             Some(k) => top_k_into(logits, k, floor, cands),
-            None => {
-                cands.clear();
-                for (id, &l) in logits.iter().enumerate() {
-                    if l >= bar {
-                        cands.push((id as u32, l));
-                    } else if whole_vocab_top_p && l >= floor {
-                        tail += (((l - max) * inv_t).exp()) as f64;
-                    }
-                }
-            }
+            None => collect_at_least(logits, floor, cands),
         }
         for c in cands.iter_mut() {
-            c.1 = ((c.1 - max) * inv_t).exp();
+            c.1 = exp_nonpositive((c.1 - max) * inv_t);
         }
-        let mut total: f64 = cands.iter().map(|c| c.1 as f64).sum();
+        let total: f64 = cands.iter().map(|c| c.1 as f64).sum();
+        match top_p {
+            Some(top_p) => {
+                // Top-p cuts the distribution min-p and top-k left, or the whole vocabulary's.
+                let z = whole_vocab_z.unwrap_or(total);
+                nucleus(cands, (top_p - TOP_P_SLACK) * z, &mut self.nucleus_mass)
+            }
+            None => total,
+        }
+    }
 
-        if let Some(top_p) = top_p {
-            cands.sort_unstable_by(by_rank);
-            let target = top_p * (total + tail) - TOP_P_SLACK * (total + tail);
-            let mut cum = 0.0f64;
-            let mut keep = cands.len();
-            for (i, c) in cands.iter().enumerate() {
-                cum += c.1 as f64;
-                if cum >= target {
-                    keep = i + 1;
-                    break;
+    /// Draws from the whole vocabulary with weights exp((logit - max) / T), without building
+    /// a candidate list: one pass for the normaliser, a second to find the token, both in
+    /// chunks whose mass is computed the same way each time.
+    fn draw_dense(&mut self, logits: &[f32], max: f32, inv_t: f32) -> u32 {
+        let total = vocab_mass(logits, max, inv_t);
+        let u = self.rng.random::<f64>() * total;
+        let mut cum = 0.0f64;
+        for (c, chunk) in logits.chunks(LANES).enumerate() {
+            let mass = chunk_mass(chunk, max, inv_t) as f64;
+            if cum + mass > u {
+                let mut last = None;
+                for (j, &l) in chunk.iter().enumerate() {
+                    let w = weight(l, max, inv_t) as f64;
+                    if w > 0.0 {
+                        cum += w;
+                        last = Some(j);
+                        if u < cum {
+                            break;
+                        }
+                    }
+                }
+                // `last` is the token where `u` fell, or (rounding) the chunk's last one with
+                // any weight.
+                if let Some(j) = last {
+                    return (c * LANES + j) as u32;
                 }
             }
-            cands.truncate(keep);
-            total = cum;
+            cum += mass;
         }
-        total
+        // Rounding left `u` at the very top.
+        argmax(logits)
     }
 
     /// Draws one of `self.candidates` in proportion to its weight; `total` is their sum.
@@ -686,6 +916,22 @@ mod tests {
     }
 
     #[test]
+    fn exp_nonpositive_matches_std() {
+        let mut worst = 0.0f64;
+        for i in 0..=870_000 {
+            let x = -(i as f32) * 1e-4;
+            let want = (x as f64).exp();
+            let got = exp_nonpositive(x) as f64;
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-88.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpositive(f32::NAN), 0.0);
+    }
+
+    #[test]
     fn greedy_picks_the_argmax() {
         let mut s = Sampler::new(&SamplingParams::greedy(), &[]);
         assert_eq!(s.sample(&mut [0.1, 2.0, -1.0, 1.5]), 1);
@@ -698,6 +944,11 @@ mod tests {
         let mut s = Sampler::new(&SamplingParams::greedy(), &[]);
         assert_eq!(s.sample(&mut [1.0, 3.0, 2.0, 3.0, 3.0]), 1);
         assert_eq!(s.sample(&mut [0.0; 8]), 0);
+        // Long enough for the chunked scan: the max sits in a later chunk, twice.
+        let mut logits = random_logits(1000, 2, 1.0);
+        logits[517] = 5.0;
+        logits[900] = 5.0;
+        assert_eq!(s.sample(&mut logits), 517);
     }
 
     #[test]
@@ -805,6 +1056,22 @@ mod tests {
     }
 
     #[test]
+    fn unfiltered_sampling_over_many_chunks_matches_softmax() {
+        // 50 tokens: three full chunks and a partial one, with masked tokens mixed in.
+        let mut logits = random_logits(50, 19, 2.0);
+        logits[3] = f32::NEG_INFINITY;
+        logits[20] = f32::NAN;
+        let params = SamplingParams {
+            temperature: 0.8,
+            ..random_params(19)
+        };
+        let counts = histogram(&params, &logits, 20_000);
+        let mut expected = logits.clone();
+        expected[20] = f32::NEG_INFINITY;
+        assert_matches(&counts, &softmax(&expected, 0.8));
+    }
+
+    #[test]
     fn temperature_2_matches_softmax_of_halved_logits() {
         let logits = [1.0, 0.0, -1.0, 2.0, 0.5];
         let params = SamplingParams {
@@ -856,7 +1123,7 @@ mod tests {
     #[test]
     fn filters_match_the_reference_distribution() {
         let cases = [
-            (1.0, 0, 1.0, 0.0),
+            (1.0, 0, 0.99, 0.0),
             (0.6, 20, 0.95, 0.0),
             (1.0, 0, 0.9, 0.0),
             (0.7, 0, 0.5, 0.0),
@@ -891,6 +1158,85 @@ mod tests {
     }
 
     #[test]
+    fn top_p_on_near_equal_weights_matches_the_reference() {
+        // Weights within 0.1% of each other share the first radix bins, so the cut is found
+        // by the finer passes.
+        let params = SamplingParams {
+            top_p: 0.37,
+            ..random_params(0)
+        };
+        let logits: Vec<f32> = random_logits(5000, 31, 1e-3);
+        let expected = reference_distribution(&logits, &params);
+        let mut s = Sampler::new(&params, &[]);
+        let total = s.filter(&logits, max_logit(&logits));
+        let mut got = vec![0.0; logits.len()];
+        for &(id, w) in &s.candidates {
+            got[id as usize] = w as f64 / total;
+        }
+        let kept = got.iter().filter(|&&g| g > 0.0).count();
+        assert_eq!(kept, expected.iter().filter(|&&e| e > 0.0).count());
+        for (id, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert!((g - e).abs() <= 1e-9 + 1e-4 * e, "token {id}: {g} vs {e}");
+        }
+    }
+
+    #[test]
+    fn top_p_on_equal_logits_keeps_the_lowest_ids() {
+        let params = SamplingParams {
+            top_p: 0.5,
+            ..random_params(0)
+        };
+        let logits = vec![1.5f32; 1000];
+        let mut s = Sampler::new(&params, &[]);
+        s.filter(&logits, 1.5);
+        let mut ids: Vec<u32> = s.candidates.iter().map(|c| c.0).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (0..500).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn min_p_applies_before_top_p() {
+        // min-p (bar 0.12) drops token 3; top-p then works on [0.4, 0.3, 0.2] / 0.9, where
+        // 0.4 + 0.3 already reach 0.75. The other order would also keep token 2.
+        let params = SamplingParams {
+            min_p: 0.3,
+            top_p: 0.75,
+            ..random_params(21)
+        };
+        let counts = histogram(&params, &logits_of(&[0.4, 0.3, 0.2, 0.1]), 10_000);
+        assert_matches(&counts, &[0.4 / 0.7, 0.3 / 0.7, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn top_p_counts_the_long_tail() {
+        // Three likely tokens and a tail of 19 997 that each fall under the prefilter's bar but
+        // together hold 0.1: the nucleus for top_p = 0.5 is {0, 1}, not {0} as it would be if
+        // the tail were forgotten (0.47 >= 0.5 * 0.9).
+        let vocab = 20_000;
+        let mut probs = vec![0.1 / (vocab - 3) as f64; vocab];
+        probs[..3].copy_from_slice(&[0.47, 0.25, 0.18]);
+        let logits = logits_of(&probs);
+        let params = SamplingParams {
+            top_p: 0.5,
+            ..random_params(23)
+        };
+        let expected = reference_distribution(&logits, &params);
+        assert!((expected[1] - 0.25 / 0.72).abs() < 1e-6);
+        let mut s = Sampler::new(&params, &[]);
+        let total = s.filter(&logits, logits[0]);
+        let mut got: Vec<(u32, f64)> = s
+            .candidates
+            .iter()
+            .map(|&(id, w)| (id, w as f64 / total))
+            .collect();
+        got.sort_by_key(|c| c.0);
+        assert_eq!(got.len(), 2, "{got:?}");
+        for (id, p) in got {
+            assert!((p - expected[id as usize]).abs() < 1e-6, "token {id}: {p}");
+        }
+    }
+
+    #[test]
     fn penalties_change_logits_by_the_expected_amounts() {
         let params = SamplingParams {
             repetition_penalty: 2.0,
@@ -909,7 +1255,7 @@ mod tests {
             -2.0 * 2.0 - 0.25 - 0.5,      // prompt + generated once
             1.0 / 2.0 - 2.0 * 0.25 - 0.5, // generated twice
             0.5,                          // never seen
-            -1.0 * 2.0 - 0.25 - 0.5,      // generated once
+            -2.0 - 0.25 - 0.5,            // -1.0 * 2: generated once
             3.0,                          // never seen
         ];
         assert_eq!(logits, expected);
@@ -1126,10 +1472,7 @@ mod tests {
         let mut stopped = false;
         for piece in pieces {
             let o = m.push(piece);
-            assert!(
-                !(stopped && !o.emit.is_empty()),
-                "text emitted after a stop"
-            );
+            assert!(!stopped || o.emit.is_empty(), "text emitted after a stop");
             out.push_str(&o.emit);
             stopped |= o.stopped;
         }
