@@ -1,10 +1,11 @@
 //! llama.cpp's GGUF files on the CPU backend against transformers' float32 references computed
 //! on the exactly dequantized weights (`*.oracle.*`).
 //!
-//! Tolerance: the CPU backend's matrix products use f32 activations on the weights as stored
-//! (dequantized exactly), so the README's rule for exact weights would apply (2e-3); the
-//! quantized kernels quantize activations to 8 bits as llama.cpp does, so these tests use the
-//! 8-bit-activation tolerance of 0.1.
+//! Tolerance: the README's rule for f32 compute on exactly dequantized weights, 2e-3.
+//! Prompt processing widens the stored weights exactly to f32 (error ~2e-5 here). Decode
+//! steps quantize each activation row to 16 bits per block of 32 for integer dot products
+//! (`backend::cpu::qdot`), which moves logits by at most ~1.3e-3 on these fixtures: inside the
+//! same bound, checked separately on the decode path's logits.
 
 mod common;
 
@@ -16,11 +17,16 @@ use wick::loader::checkpoint::Checkpoint;
 use wick::model::Model;
 use wick::session::{Session, SessionOptions, WantLogits};
 
-const TOL: f32 = 0.1;
+const TOL: f32 = 2e-3;
 
 fn session(file: &str) -> Session<CpuBackend> {
     let ckpt = Checkpoint::open_gguf(&fixture(file), file.into()).unwrap();
-    let model = Model::load(CpuBackend::new(2).unwrap(), ckpt.config.clone(), &ckpt.tensors).unwrap();
+    let model = Model::load(
+        CpuBackend::new(2).unwrap(),
+        ckpt.config.clone(),
+        &ckpt.tensors,
+    )
+    .unwrap();
     let opts = SessionOptions {
         max_model_len: 2048,
         ..Default::default()
@@ -29,7 +35,10 @@ fn session(file: &str) -> Session<CpuBackend> {
 }
 
 fn check_file(stem: &str) {
-    let oracle = Oracle::load(&format!("{stem}.oracle.json"), &format!("{stem}.oracle.safetensors"));
+    let oracle = Oracle::load(
+        &format!("{stem}.oracle.json"),
+        &format!("{stem}.oracle.safetensors"),
+    );
     let mut s = session(&format!("{stem}.gguf"));
     for case in &oracle.cases {
         s.reset();
@@ -46,12 +55,32 @@ fn check_file(stem: &str) {
         .unwrap();
         let d = max_abs_diff(&last, &oracle.last_logits(&case.name));
         assert!(d <= TOL, "{stem} {}: last logits max |Δ| {d}", case.name);
+        // The same logits through the decode path (one token, 8-bit activations).
+        s.reuse_prefix(&case.input_ids);
+        let mut decoded = Vec::new();
+        s.extend(&case.input_ids[n - 1..], WantLogits::Last, |_, row| {
+            decoded = row.to_vec()
+        })
+        .unwrap();
+        let dq = max_abs_diff(&decoded, &oracle.last_logits(&case.name));
+        assert!(
+            dq <= TOL,
+            "{stem} {}: decode-path last logits max |Δ| {dq}",
+            case.name
+        );
+        s.reuse_prefix(&case.input_ids);
+        s.extend(&case.input_ids[n - 1..], WantLogits::Last, |_, _| {})
+            .unwrap();
         let mut argmaxes = vec![argmax(&last)];
         for &id in &case.greedy_ids[..case.greedy_ids.len() - 1] {
-            s.extend(&[id], WantLogits::Last, |_, row| argmaxes.push(argmax(row))).unwrap();
+            s.extend(&[id], WantLogits::Last, |_, row| argmaxes.push(argmax(row)))
+                .unwrap();
         }
         let checked = check_greedy(case, &argmaxes, TOL);
-        eprintln!("{stem} {}: max |Δ| {d:.2e}, {checked} greedy steps checked", case.name);
+        eprintln!(
+            "{stem} {}: max |Δ| {d:.2e} prefill, {dq:.2e} decode; {checked} greedy steps checked",
+            case.name
+        );
     }
 }
 

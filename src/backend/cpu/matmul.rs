@@ -10,6 +10,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::qdot::{self, Q16Act};
 use super::simd;
 use super::CpuWeight;
 use crate::quant::{dequantize_row, DType};
@@ -32,7 +33,13 @@ impl OutPtr {
 thread_local! {
     /// Per-thread f32 copy of the weight rows being processed.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's 8-bit copies of the activation rows (decode path).
+    static XQ: RefCell<Vec<Q16Act>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Fewer activation rows than this take the integer path for quantized weights; more share
+/// widened f32 weight rows.
+const MAX_ROWS_INTEGER_PATH: usize = 4;
 
 /// Rows of W handed to one job.
 const MIN_ROWS_PER_JOB: usize = 16;
@@ -61,6 +68,33 @@ pub fn matmul(x: &[f32], w: &CpuWeight, rows: usize, out: &mut [f32], accumulate
         col += part_rows;
     }
     let out_ptr = OutPtr(out.as_mut_ptr());
+    let integer = rows < MAX_ROWS_INTEGER_PATH && w.parts.iter().all(|p| qdot::supported(p.dtype));
+    if integer {
+        XQ.with(|xq| {
+            let mut xq = xq.borrow_mut();
+            xq.resize_with(rows, Q16Act::default);
+            for (t, q) in xq.iter_mut().enumerate() {
+                q.quantize(&x[t * k..(t + 1) * k]);
+            }
+            let xq = &*xq;
+            jobs.par_iter().for_each(|&(p, r0, len, c0)| {
+                let part = &w.parts[p];
+                let row_bytes = part.dtype.bytes_for(k).expect("validated at load");
+                let data = &part.data.as_slice()[r0 * row_bytes..(r0 + len) * row_bytes];
+                for (i, row) in data.chunks_exact(row_bytes).enumerate() {
+                    for (t, q) in xq.iter().enumerate() {
+                        let v = qdot::dot(part.dtype, row, q);
+                        // SAFETY: as in the float path below.
+                        unsafe {
+                            let o = out_ptr.get().add(t * n + c0 + i);
+                            *o = if accumulate { *o + v } else { v };
+                        }
+                    }
+                }
+            });
+        });
+        return;
+    }
     jobs.par_iter().for_each(|&(p, r0, len, c0)| {
         let part = &w.parts[p];
         let row_bytes = part.dtype.bytes_for(k).expect("validated at load");

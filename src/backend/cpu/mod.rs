@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod matmul;
+pub mod qdot;
 pub mod simd;
 
 use rayon::prelude::*;
