@@ -133,20 +133,33 @@ pub fn matmul(x: &[f32], w: &CpuWeight, rows: usize, out: &mut [f32], accumulate
             for (i, row) in data.chunks_exact(row_bytes).enumerate() {
                 widen(part.dtype, row, &mut s[i * k..(i + 1) * k]);
             }
-            for i in 0..len {
-                let wr = &s[i * k..(i + 1) * k];
-                let mut t = 0;
-                while t + 4 <= rows {
-                    let xs = [0, 1, 2, 3].map(|j| &x[(t + j) * k..(t + j + 1) * k]);
-                    let v = simd::dot4_f32(wr, xs);
+            // Tokens outer, weight rows inner: four activation rows stay in L1 while the
+            // widened rows (len × K floats, in L2) stream past them two at a time.
+            let w_row = |i: usize| &s[i * k..(i + 1) * k];
+            let mut t = 0;
+            while t + 4 <= rows {
+                let xs = [0, 1, 2, 3].map(|j| &x[(t + j) * k..(t + j + 1) * k]);
+                let mut i = 0;
+                while i + 2 <= len {
+                    let v = simd::dot2x4_f32([w_row(i), w_row(i + 1)], xs);
+                    for (r, vr) in v.into_iter().enumerate() {
+                        for (j, vj) in vr.into_iter().enumerate() {
+                            store(t + j, c0 + i + r, vj);
+                        }
+                    }
+                    i += 2;
+                }
+                if i < len {
+                    let v = simd::dot4_f32(w_row(i), xs);
                     for (j, vj) in v.into_iter().enumerate() {
                         store(t + j, c0 + i, vj);
                     }
-                    t += 4;
                 }
-                while t < rows {
-                    store(t, c0 + i, simd::dot_f32(wr, &x[t * k..(t + 1) * k]));
-                    t += 1;
+                t += 4;
+            }
+            for t in t..rows {
+                for i in 0..len {
+                    store(t, c0 + i, simd::dot_f32(w_row(i), &x[t * k..(t + 1) * k]));
                 }
             }
         });

@@ -264,19 +264,26 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_0(row: &[u8], x: &Q16Act) -> f32 {
         let mut acc = _mm256_setzero_ps();
-        let mut corr = 0.0f32;
         let pr = row.as_ptr();
+        let eight = _mm_set1_epi8(8);
         for b in 0..x.d.len() {
             let blk = pr.add(18 * b);
             let (lo, hi) = nibbles(_mm_loadu_si128(blk.add(2) as *const __m128i));
-            let scale = f16(blk) * *x.d.get_unchecked(b);
-            let s = dot32_u8(lo, hi, x, 32 * b);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(s), acc);
-            // The stored quants are offset by 8.
-            let sx = *x.sum16.get_unchecked(2 * b) + *x.sum16.get_unchecked(2 * b + 1);
-            corr += scale * (8 * sx) as f32;
+            // The stored quants are offset by 8: subtract it before widening with sign.
+            let s = _mm256_add_epi32(
+                _mm256_madd_epi16(
+                    _mm256_cvtepi8_epi16(_mm_sub_epi8(lo, eight)),
+                    xload(x, 32 * b),
+                ),
+                _mm256_madd_epi16(
+                    _mm256_cvtepi8_epi16(_mm_sub_epi8(hi, eight)),
+                    xload(x, 32 * b + 16),
+                ),
+            );
+            let scale = _mm256_set1_ps(f16(blk) * *x.d.get_unchecked(b));
+            acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s), acc);
         }
-        hsum(acc) - corr
+        hsum(acc)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -331,10 +338,10 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q6_k(row: &[u8], x: &Q16Act) -> f32 {
         let mut acc = _mm256_setzero_ps();
-        let mut corr = 0.0f32;
         let pr = row.as_ptr();
         let m4 = _mm256_set1_epi8(0xF);
         let m2 = _mm256_set1_epi8(3);
+        let m32 = _mm256_set1_epi8(32);
         for sb in 0..x.d.len() / 8 {
             let blk = pr.add(210 * sb);
             let d = f16(blk.add(208));
@@ -359,33 +366,30 @@ mod x86 {
                         },
                         m2,
                     );
-                    let q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+                    // The stored quants are offset by 32: subtract it before widening with sign.
+                    let q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), m32);
                     let xb = 8 * sb + 4 * n + part;
                     // Elements 0..16 of this part have scale 2·part, 16..32 the next one.
                     let (s0, s1) = (*sc.add(2 * part) as i32, *sc.add(2 * part + 1) as i32);
                     let a = _mm256_madd_epi16(
-                        _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
+                        _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
                         xload(x, 32 * xb),
                     );
                     let b = _mm256_madd_epi16(
-                        _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1)),
+                        _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)),
                         xload(x, 32 * xb + 16),
                     );
-                    // |lane| ≤ 2·63·32767·127 < 2³¹.
+                    // |lane| ≤ 2 · (2·32·32767·128) < 2³¹.
                     let scaled = _mm256_add_epi32(
                         _mm256_mullo_epi32(a, _mm256_set1_epi32(s0)),
                         _mm256_mullo_epi32(b, _mm256_set1_epi32(s1)),
                     );
                     let dx = *x.d.get_unchecked(xb);
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(scaled), acc);
-                    // The stored quants are offset by 32.
-                    let off = s0 * *x.sum16.get_unchecked(2 * xb)
-                        + s1 * *x.sum16.get_unchecked(2 * xb + 1);
-                    corr += d * dx * (32 * off) as f32;
                 }
             }
         }
-        hsum(acc) - corr
+        hsum(acc)
     }
 }
 

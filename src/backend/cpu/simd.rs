@@ -62,6 +62,17 @@ pub fn dot4_f32(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     x.map(|xi| dot_f32_scalar(w, xi))
 }
 
+/// Eight dot products: two weight rows with four activation rows (a 2×4 register tile:
+/// six loads feed eight FMAs).
+pub fn dot2x4_f32(w: [&[f32]; 2], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::dot2x4_f32(w, x) };
+    }
+    w.map(|wr| x.map(|xi| dot_f32_scalar(wr, xi)))
+}
+
 /// `Σ x[i]·bf16(w[2i..2i+2])`, the weight row stored as little-endian bf16 bytes.
 pub fn dot_bf16(x: &[f32], w: &[u8]) -> f32 {
     debug_assert_eq!(w.len(), 2 * x.len());
@@ -196,6 +207,36 @@ mod x86 {
             out[j] = hsum(acc[j]);
             for k in i..n {
                 out[j] += w[k] * x[j][k];
+            }
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot2x4_f32(w: [&[f32]; 2], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+        let n = w[0].len();
+        let (pw0, pw1) = (w[0].as_ptr(), w[1].as_ptr());
+        let px = x.map(|r| r.as_ptr());
+        let mut a0 = [_mm256_setzero_ps(); 4];
+        let mut a1 = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 8 <= n {
+            let w0 = _mm256_loadu_ps(pw0.add(i));
+            let w1 = _mm256_loadu_ps(pw1.add(i));
+            for j in 0..4 {
+                let xv = _mm256_loadu_ps(px[j].add(i));
+                a0[j] = _mm256_fmadd_ps(w0, xv, a0[j]);
+                a1[j] = _mm256_fmadd_ps(w1, xv, a1[j]);
+            }
+            i += 8;
+        }
+        let mut out = [[0.0f32; 4]; 2];
+        for j in 0..4 {
+            out[0][j] = hsum(a0[j]);
+            out[1][j] = hsum(a1[j]);
+            for k in i..n {
+                out[0][j] += w[0][k] * x[j][k];
+                out[1][j] += w[1][k] * x[j][k];
             }
         }
         out
@@ -375,6 +416,13 @@ mod tests {
             let r = dot4_f32(&a, [&b, &c, &d, &e]);
             for (got, x) in r.iter().zip([&b, &c, &d, &e]) {
                 assert!(close(*got, dot_f32_scalar(&a, x), n), "dot4 n={n}");
+            }
+            let f = values(n, 6);
+            let r2 = dot2x4_f32([&a, &f], [&b, &c, &d, &e]);
+            for (row, wr) in r2.iter().zip([&a, &f]) {
+                for (got, x) in row.iter().zip([&b, &c, &d, &e]) {
+                    assert!(close(*got, dot_f32_scalar(wr, x), n), "dot2x4 n={n}");
+                }
             }
             let mut out = vec![0.0; n];
             let mut reference = vec![0.0; n];
