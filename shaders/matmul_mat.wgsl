@@ -22,7 +22,7 @@ struct Params {
     seg_rows: u32,    // rows of W in this segment
     col0: u32,        // output column of the segment's first row
     accumulate: u32,  // 1: out += x·Wᵀ, 0: out = x·Wᵀ
-    _pad: u32,
+    eps: f32,         // unused here
 }
 
 // binding 0: the weight segment `w` [seg_rows, ks] (see weight_float.wgsl)

@@ -3,13 +3,15 @@
 // Decode reads every weight once per token, so the kernel is shaped for bandwidth: a
 // workgroup owns NR consecutive rows of one weight segment for one token, its threads
 // stride over K two elements (one packed word) at a time, and the NR partial sums are
-// reduced across the workgroup at the end — through subgroup sums when the adapter has
+// reduced across the workgroup at the end (x comes through matmul_x.wgsl: plain, or with
+// the RMSNorm / SwiGLU in front folded in) — through subgroup sums when the adapter has
 // subgroups (SUBGROUP), else a tree in workgroup memory. Float weight formats come from
 // weight_float.wgsl; block-quantized formats get their own matmul_vec_<dtype>.wgsl.
 //
 // Dispatch: x·y = ceil(seg_rows / NR) row groups (linearised), z = T.
 
 #include "include/weight_float.wgsl"
+#include "include/matmul_x.wgsl"
 
 const WG: u32 = 64u;
 // Rows of W per workgroup (one vec4 of partial sums per thread).
@@ -23,11 +25,11 @@ struct Params {
     seg_rows: u32,    // rows of W in this segment
     col0: u32,        // output column of the segment's first row
     accumulate: u32,  // 1: out += x·Wᵀ, 0: out = x·Wᵀ
-    _pad: u32,
+    eps: f32,         // RMSNorm epsilon (NORM)
 }
 
 // binding 0: the weight segment `w` [seg_rows, ks] (see weight_float.wgsl)
-@group(0) @binding(1) var<storage, read> x: array<f32>;         // [T, K]
+// binding 1 (and 3): x, see matmul_x.wgsl
 @group(0) @binding(2) var<storage, read_write> out: array<f32>; // [T, N]
 @group(1) @binding(0) var<uniform> p: Params;
 
@@ -50,16 +52,16 @@ fn main(
         return;
     }
     let t = wid.z;
-    let xb = t * p.k;
+    x_begin(t, lid);
     let pairs = (p.k + 1u) / 2u;
     let wrow = p.ks / 2u;  // pairs per weight row
     let nr = min(NR, p.seg_rows - r0);
     var acc = vec4<f32>(0.0);
     for (var j = lid; j < pairs; j += WG) {
         let k = 2u * j;
-        var xv = vec2<f32>(x[xb + k], 0.0);
+        var xv = vec2<f32>(x_at(t, k), 0.0);
         if k + 1u < p.k {
-            xv.y = x[xb + k + 1u];
+            xv.y = x_at(t, k + 1u);
         }
         for (var r = 0u; r < nr; r++) {
             acc[r] += dot(w_pair((r0 + r) * wrow + j), xv);

@@ -8,11 +8,16 @@
 //!
 //! Each figure is the median over `repetitions` runs after one warm-up run; the machine is
 //! shared and noisy, so medians, not means. Sampling is not timed (argmax only).
+//!
+//! On the GPU, the backend's counters give the work of each decoded token: compute
+//! dispatches (each one a pass the driver schedules: fewer, fused kernels cost less) and
+//! blocking read-backs (each one a full CPU ↔ GPU round trip).
 
 use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::backend::wgpu::GpuStats;
 use crate::error::Result;
 use crate::generate::SequenceRunner;
 
@@ -48,6 +53,12 @@ pub struct BenchReport {
     pub pp_runs: Vec<f64>,
     /// Every run's tg tok/s.
     pub tg_runs: Vec<f64>,
+    /// GPU compute dispatches per generated token (GPU only).
+    pub tg_dispatches_per_tok: Option<f64>,
+    /// GPU command-buffer submits per generated token (GPU only).
+    pub tg_submits_per_tok: Option<f64>,
+    /// Blocking GPU read-backs per generated token (GPU only).
+    pub tg_readbacks_per_tok: Option<f64>,
 }
 
 /// Median of `v` (0 for empty).
@@ -91,7 +102,20 @@ pub fn run(
     weight_bytes_per_token: u64,
     opts: &BenchOptions,
 ) -> Result<BenchReport> {
+    run_counting(runner, vocab, weight_bytes_per_token, opts, None)
+}
+
+/// [`run`], also reading the GPU backend's counters around generation (`gpu_stats`, from
+/// [`crate::runtime::Runtime::gpu_stats_reader`]) to report the work per decoded token.
+pub fn run_counting(
+    runner: &mut dyn SequenceRunner,
+    vocab: usize,
+    weight_bytes_per_token: u64,
+    opts: &BenchOptions,
+    gpu_stats: Option<&dyn Fn() -> GpuStats>,
+) -> Result<BenchReport> {
     let mut logits = Vec::new();
+    let mut per_tok: Option<[f64; 3]> = None;
     let mut pp_runs = Vec::new();
     let mut tg_runs = Vec::new();
     for rep in 0..=opts.repetitions {
@@ -108,12 +132,21 @@ pub fn run(
         if opts.n_gen > 0 {
             runner.reset();
             let mut next = tokens(1, vocab, 11 + rep as u64)[0];
+            let before = gpu_stats.map(|f| f());
             let t = Instant::now();
             for _ in 0..opts.n_gen {
                 runner.extend_last(&[next], &mut logits)?;
                 next = argmax(&logits);
             }
             let secs = t.elapsed().as_secs_f64();
+            if let (Some(b), Some(f)) = (before, gpu_stats) {
+                let (a, n) = (f(), opts.n_gen as f64);
+                per_tok = Some([
+                    (a.dispatches - b.dispatches) as f64 / n,
+                    (a.submits - b.submits) as f64 / n,
+                    (a.readbacks - b.readbacks) as f64 / n,
+                ]);
+            }
             if rep > 0 {
                 tg_runs.push(opts.n_gen as f64 / secs);
             }
@@ -132,5 +165,8 @@ pub fn run(
         tg_gb_s: tg.map(|t| t * weight_bytes_per_token as f64 / 1e9),
         pp_runs,
         tg_runs,
+        tg_dispatches_per_tok: per_tok.map(|p| p[0]),
+        tg_submits_per_tok: per_tok.map(|p| p[1]),
+        tg_readbacks_per_tok: per_tok.map(|p| p[2]),
     })
 }

@@ -1,14 +1,45 @@
 //! wick runs Qwen3 language models on the CPU (rayon + SIMD) and, through `wgpu`, on GPUs.
+//!
+//! The principal types, from the outside in:
+//!
+//! - [`runtime::Runtime`]: load a model (a local directory, a `.gguf` file or a Hub id) on a
+//!   device, then [`chat`](runtime::Runtime::chat) or [`generate`](runtime::Runtime::generate)
+//!   with a streaming callback; a conversation's earlier turns stay in the KV cache.
+//! - [`loader::checkpoint::Checkpoint`]: configuration, tokenizer, chat template and
+//!   memory-mapped weights as found on disk.
+//! - [`model::Model`]: the forward pass, written once over the [`backend::Backend`] trait and
+//!   run by [`backend::cpu::CpuBackend`] or [`backend::wgpu::WgpuBackend`].
+//! - [`session::Session`]: one sequence and its paged KV cache; [`generate::generate`] drives
+//!   it token by token (sampling, stop conditions, reasoning/content split).
+//!
+//! ```no_run
+//! use std::sync::atomic::AtomicBool;
+//! use wick::runtime::{Runtime, RuntimeOptions};
+//!
+//! # fn main() -> wick::Result<()> {
+//! let mut rt = Runtime::load("Qwen/Qwen3-0.6B", &RuntimeOptions::default())?;
+//! let messages = vec![serde_json::json!({"role": "user", "content": "Name three rivers."})];
+//! let mut opts = rt.chat_options();
+//! opts.enable_thinking = false;
+//! let reply = rt.chat(&messages, &opts, &AtomicBool::new(false), &mut |ev| {
+//!     print!("{}", ev.delta.content);
+//! })?;
+//! assert!(reply.reasoning.is_none());
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod backend;
 pub mod bench;
 pub mod chat_template;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod generate;
 pub mod kv_cache;
 pub mod loader;
 pub mod model;
+pub mod perplexity;
 pub mod quant;
 pub mod reasoning;
 pub mod runtime;

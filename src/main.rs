@@ -11,6 +11,7 @@ use serde_json::json;
 use wick::chat_template::RenderOptions;
 use wick::generate::prompt_opens_reasoning;
 use wick::loader::hub::HubOptions;
+use wick::quant::scheme::QuantScheme;
 use wick::runtime::{Device, Runtime, RuntimeOptions};
 
 #[derive(Parser)]
@@ -34,6 +35,58 @@ enum Command {
     Bench(BenchArgs),
     /// Write a random-weight checkpoint with the exact shape of a published model.
     Synth(SynthArgs),
+    /// Quantize a Hugging Face checkpoint directory into a GGUF file (like llama-quantize).
+    Quantize(QuantizeArgs),
+    /// Measure perplexity over a text file (llama.cpp's method).
+    Perplexity(PerplexityArgs),
+    /// List GPU adapters, their features and limits, and what `--device auto` picks.
+    Info,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    input: std::path::PathBuf,
+    /// The GGUF file to write.
+    output: std::path::PathBuf,
+    /// The quantization mix: q8_0, q4_0 or q4_k_m.
+    #[arg(long = "type", value_enum)]
+    qtype: QuantArg,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text file to score.
+    #[arg(long, short)]
+    file: std::path::PathBuf,
+    /// Tokens per chunk; the second half of each chunk is scored.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_k_m", alias = "q4_k")]
+    Q4KM,
+}
+
+impl QuantArg {
+    fn scheme(self) -> QuantScheme {
+        match self {
+            QuantArg::Q8_0 => QuantScheme::Q8_0,
+            QuantArg::Q4_0 => QuantScheme::Q4_0,
+            QuantArg::Q4KM => QuantScheme::Q4_K_M,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -95,6 +148,12 @@ struct ModelArgs {
     /// Longest sequence (prompt + reply) to hold in the KV cache.
     #[arg(long, default_value_t = 8192)]
     max_model_len: usize,
+    /// Quantize float weights at load: q8_0, q4_0 or q4_k (llama-quantize's Q4_K_M mix).
+    #[arg(long, value_enum)]
+    quantize: Option<QuantArg>,
+    /// GPU adapter: an index or part of a name, as listed by `wick info` (default: the first).
+    #[arg(long)]
+    adapter: Option<String>,
 }
 
 impl ModelArgs {
@@ -107,6 +166,8 @@ impl ModelArgs {
             },
             threads: self.threads,
             max_model_len: self.max_model_len,
+            quantize: self.quantize.map(QuantArg::scheme),
+            adapter: self.adapter.clone(),
             hub: HubOptions {
                 offline: self.offline,
                 ..HubOptions::default()
@@ -188,6 +249,9 @@ fn main() -> Result<()> {
         Command::Run(a) => run(a),
         Command::Logits(a) => logits(a),
         Command::Bench(a) => bench(a),
+        Command::Quantize(a) => quantize(a),
+        Command::Perplexity(a) => perplexity(a),
+        Command::Info => info(),
         Command::Synth(a) => {
             let preset = wick::synth::Preset::parse(&a.preset)?;
             wick::synth::write_checkpoint(preset, &a.out, &a.tokenizer, a.seed)?;
@@ -347,6 +411,56 @@ fn logits(a: LogitsArgs) -> Result<()> {
     Ok(())
 }
 
+/// `wick info`: the GPU adapters in `--adapter` order and the `--device auto` choice.
+fn info() -> Result<()> {
+    let adapters = wick::backend::wgpu::list_adapters();
+    if adapters.is_empty() {
+        println!(
+            "no GPU adapter with compute shaders (on Linux: apt-get install mesa-vulkan-drivers)"
+        );
+    }
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    for a in &adapters {
+        println!("adapter {}: {}", a.index, a.name);
+        println!("  backend      {}", a.backend);
+        println!("  device type  {}", a.device_type);
+        println!("  driver       {}", a.driver);
+        println!(
+            "  features     shader-f16: {}, subgroups: {}",
+            if a.shader_f16 { "yes" } else { "no" },
+            if a.subgroup { "yes" } else { "no" }
+        );
+        println!(
+            "  limits       max_storage_buffer_binding_size {} ({:.0} MiB), max_buffer_size {} \
+             ({:.0} MiB),",
+            a.max_storage_buffer_binding_size,
+            mib(a.max_storage_buffer_binding_size),
+            a.max_buffer_size,
+            mib(a.max_buffer_size)
+        );
+        println!(
+            "               max_compute_workgroup_size_x {}, \
+             max_compute_invocations_per_workgroup {}",
+            a.max_compute_workgroup_size_x, a.max_compute_invocations_per_workgroup
+        );
+    }
+    // The rule of `Runtime::from_checkpoint`: a hardware GPU if there is one, else the CPU
+    // (a software rasterizer such as lavapipe is slower than the CPU backend).
+    match adapters.iter().find(|a| a.is_hardware_gpu) {
+        Some(_) => println!(
+            "--device auto: gpu, adapter 0 ({})",
+            adapters.first().map_or("", |a| a.name.as_str())
+        ),
+        None => println!(
+            "--device auto: cpu (no hardware GPU; --device gpu runs on adapter 0{})",
+            adapters
+                .first()
+                .map_or(String::new(), |a| format!(", {}", a.name))
+        ),
+    }
+    Ok(())
+}
+
 fn bench(a: BenchArgs) -> Result<()> {
     let max_len = a.model.max_model_len.max(a.n_prompt.max(a.n_gen) + 1);
     let mut rt = ModelArgs {
@@ -361,7 +475,14 @@ fn bench(a: BenchArgs) -> Result<()> {
     };
     let vocab = rt.config().vocab_size;
     let bytes = rt.weight_bytes_per_token();
-    let report = wick::bench::run(rt.runner(), vocab, bytes, &opts)?;
+    let stats = rt.gpu_stats_reader();
+    let report = wick::bench::run_counting(
+        rt.runner(),
+        vocab,
+        bytes,
+        &opts,
+        stats.as_ref().map(|f| f.as_ref() as &dyn Fn() -> _),
+    )?;
     if a.json {
         let mut v = serde_json::to_value(&report)?;
         v["model"] = json!(rt.name());
@@ -372,7 +493,9 @@ fn bench(a: BenchArgs) -> Result<()> {
         if let Some(pp) = report.pp_tok_s {
             println!("pp{:<5} {:8.1} tok/s", a.n_prompt, pp);
         }
-        if let (Some(tg), Some(ms), Some(gb)) = (report.tg_tok_s, report.tg_ms_per_tok, report.tg_gb_s) {
+        if let (Some(tg), Some(ms), Some(gb)) =
+            (report.tg_tok_s, report.tg_ms_per_tok, report.tg_gb_s)
+        {
             println!(
                 "tg{:<5} {:8.1} tok/s  {:7.2} ms/tok  {:6.2} GB/s ({:.1} MB of weights per token)",
                 a.n_gen,
@@ -382,6 +505,82 @@ fn bench(a: BenchArgs) -> Result<()> {
                 bytes as f64 / 1e6
             );
         }
+        if let (Some(d), Some(r)) = (report.tg_dispatches_per_tok, report.tg_readbacks_per_tok) {
+            println!(
+                "gpu work per decoded token: {d:.1} dispatches, {r:.1} blocking read-back(s), \
+                 {:.1} submit(s)",
+                report.tg_submits_per_tok.unwrap_or(0.0)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn quantize(a: QuantizeArgs) -> Result<()> {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+                .expect("valid template"),
+        );
+        b
+    });
+    let scheme = a.qtype.scheme();
+    wick::convert::quantize_checkpoint(&a.input, &a.output, scheme, &mut |done, total, name| {
+        if let Some(b) = &bar {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+            b.set_message(name.to_string());
+        }
+    })
+    .with_context(|| format!("quantizing {}", a.input.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let size = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "wrote {} ({scheme}, {:.1} MiB)",
+        a.output.display(),
+        size as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
+
+fn perplexity(a: PerplexityArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let mut rt = ModelArgs {
+        max_model_len: a.model.max_model_len.max(a.ctx),
+        ..a.model
+    }
+    .load()?;
+    // The tokenizer's post-processor adds a BOS exactly when the model wants one.
+    let tokens = rt.encode_raw(&text)?;
+    let with_bos = rt.tokenizer().encode("", true)?;
+    let bos = with_bos.first().copied();
+    let json_out = a.json;
+    let report = wick::perplexity::perplexity(rt.runner(), &tokens, a.ctx, bos, &mut |i, ppl| {
+        if !json_out {
+            print!("[{}]{ppl:.4},", i + 1);
+            let _ = std::io::stdout().flush();
+        }
+    })?;
+    if a.json {
+        let v = json!({
+            "ppl": report.ppl,
+            "ppl_err": report.ppl_err,
+            "chunks": report.chunks,
+            "tokens": report.tokens,
+            "ctx": a.ctx,
+            "model": rt.name(),
+        });
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!();
+        println!(
+            "Final estimate: PPL = {:.4} +/- {:.5} ({} tokens, {} chunks of {})",
+            report.ppl, report.ppl_err, report.tokens, report.chunks, a.ctx
+        );
     }
     Ok(())
 }

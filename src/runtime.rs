@@ -25,7 +25,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::wgpu::{has_hardware_gpu, WgpuBackend, WgpuOptions};
+use crate::backend::wgpu::{has_hardware_gpu, GpuStats, WgpuBackend, WgpuOptions};
 use crate::chat_template::{ChatTemplate, RenderOptions};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
@@ -35,6 +35,7 @@ use crate::generate::{
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::hub::HubOptions;
 use crate::model::Model;
+use crate::quant::scheme::{quantize_set, QuantScheme};
 use crate::sampler::SamplingParams;
 use crate::session::{Session, SessionOptions};
 use crate::tokenizer::Tokenizer;
@@ -64,6 +65,11 @@ pub struct RuntimeOptions {
     pub prefill_chunk: usize,
     /// How to reach the Hub.
     pub hub: HubOptions,
+    /// `--adapter`: which GPU adapter (an index of `wick info`, or part of its name);
+    /// `None` takes the first.
+    pub adapter: Option<String>,
+    /// Quantize float weights at load ([`crate::quant::scheme`]); `None` keeps them as stored.
+    pub quantize: Option<QuantScheme>,
 }
 
 impl Default for RuntimeOptions {
@@ -74,6 +80,8 @@ impl Default for RuntimeOptions {
             max_model_len: 8192,
             prefill_chunk: 512,
             hub: HubOptions::default(),
+            adapter: None,
+            quantize: None,
         }
     }
 }
@@ -97,7 +105,12 @@ pub struct Runtime {
     runner: Box<dyn SequenceRunner>,
     device: String,
     weight_bytes_per_token: u64,
+    /// Reads the GPU backend's counters (`None` on the CPU).
+    gpu_stats: Option<GpuStatsFn>,
 }
+
+/// Reads the work counters of the GPU backend a runtime runs on.
+pub type GpuStatsFn = Arc<dyn Fn() -> GpuStats + Send + Sync>;
 
 impl Runtime {
     /// Loads `spec` (local directory, `.gguf` file or Hub id) onto `opts.device`.
@@ -107,16 +120,26 @@ impl Runtime {
     }
 
     /// Puts an opened checkpoint on `opts.device`.
-    pub fn from_checkpoint(ckpt: Checkpoint, opts: &RuntimeOptions) -> Result<Self> {
+    pub fn from_checkpoint(mut ckpt: Checkpoint, opts: &RuntimeOptions) -> Result<Self> {
+        if let Some(scheme) = opts.quantize {
+            let n_layers = ckpt.config.num_hidden_layers;
+            ckpt.tensors = quantize_set(&ckpt.tensors, scheme, n_layers, &mut |_| {})?;
+        }
         let session_opts = SessionOptions {
             max_model_len: opts.max_model_len,
             prefill_chunk: opts.prefill_chunk,
             ..SessionOptions::default()
         };
-        let on_gpu = || -> Result<(Box<dyn SequenceRunner>, String)> {
-            let backend = WgpuBackend::new(&WgpuOptions::default())?;
+        let mut gpu_stats: Option<GpuStatsFn> = None;
+        let mut on_gpu = || -> Result<(Box<dyn SequenceRunner>, String)> {
+            let backend = WgpuBackend::new(&WgpuOptions {
+                adapter: opts.adapter.clone(),
+                ..WgpuOptions::default()
+            })?;
             let model = Arc::new(Model::load(backend, ckpt.config.clone(), &ckpt.tensors)?);
             let device = crate::backend::Backend::describe(model.backend());
+            let m = model.clone();
+            gpu_stats = Some(Arc::new(move || m.backend().stats()));
             Ok((Box::new(Session::new(model, session_opts)?), device))
         };
         let on_cpu = || -> Result<(Box<dyn SequenceRunner>, String)> {
@@ -157,7 +180,20 @@ impl Runtime {
             chat_template: ckpt.chat_template,
             runner,
             device,
+            gpu_stats,
         })
+    }
+
+    /// The GPU backend's work counters (dispatches, submits, blocking read-backs) since
+    /// the model was loaded; `None` when running on the CPU.
+    pub fn gpu_stats(&self) -> Option<GpuStats> {
+        self.gpu_stats.as_ref().map(|f| f())
+    }
+
+    /// A reader of [`Runtime::gpu_stats`] that outlives borrows of the runtime, for tools
+    /// that drive [`Runtime::runner`] and count the work of each step (`wick bench`).
+    pub fn gpu_stats_reader(&self) -> Option<GpuStatsFn> {
+        self.gpu_stats.clone()
     }
 
     /// The model's name (Hub id or directory name).

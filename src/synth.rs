@@ -69,7 +69,11 @@ impl Preset {
 
 /// Names and shapes of every tensor of a Qwen3/Llama checkpoint with `config`.
 pub fn tensor_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (c, f, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+    let (c, f, v) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+    );
     let (q, kv, d) = (config.q_dim(), config.kv_dim(), config.head_dim);
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, c])];
     for i in 0..config.num_hidden_layers {
@@ -98,22 +102,24 @@ pub fn tensor_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 /// Fills `out` with bf16 values: uniform with standard deviation `std` around `mean`.
 fn random_bf16(seed: u64, mean: f32, std: f32, out: &mut [u8]) {
     let half_width = std * 3f32.sqrt();
-    out.par_chunks_mut(2 * 4096).enumerate().for_each(|(chunk, bytes)| {
-        // splitmix64 per chunk: reproducible whatever the thread count.
-        let mut s = seed ^ (chunk as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut next = || {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        for b in bytes.chunks_exact_mut(2) {
-            let u = (next() >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-            let v = mean + (2.0 * u - 1.0) * half_width;
-            b.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
-        }
-    });
+    out.par_chunks_mut(2 * 4096)
+        .enumerate()
+        .for_each(|(chunk, bytes)| {
+            // splitmix64 per chunk: reproducible whatever the thread count.
+            let mut s = seed ^ (chunk as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut next = || {
+                s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = s;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^ (z >> 31)
+            };
+            for b in bytes.chunks_exact_mut(2) {
+                let u = (next() >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+                let v = mean + (2.0 * u - 1.0) * half_width;
+                b.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+            }
+        });
 }
 
 /// Writes a random checkpoint of `preset` to `out`, copying the tokenizer files from
@@ -126,7 +132,10 @@ pub fn write_checkpoint(preset: Preset, out: &Path, tokenizer_dir: &Path, seed: 
         let p = out.join(name);
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
     };
-    write("config.json", serde_json::to_string_pretty(&config_json).expect("json"))?;
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&config_json).expect("json"),
+    )?;
     write(
         "generation_config.json",
         serde_json::to_string_pretty(&json!({
@@ -137,7 +146,16 @@ pub fn write_checkpoint(preset: Preset, out: &Path, tokenizer_dir: &Path, seed: 
     )?;
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         let src = tokenizer_dir.join(f);
-        std::fs::copy(&src, out.join(f)).map_err(|e| Error::io(&src, e))?;
+        let dst = out.join(f);
+        // Replace rather than overwrite: the source may be read-only, and so its earlier copy.
+        let _ = std::fs::remove_file(&dst);
+        std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+        let mut perms = std::fs::metadata(&dst)
+            .map_err(|e| Error::io(&dst, e))?
+            .permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        std::fs::set_permissions(&dst, perms).map_err(|e| Error::io(&dst, e))?;
     }
     let shapes = tensor_shapes(&config);
     let mut buffers = Vec::with_capacity(shapes.len());
@@ -152,16 +170,48 @@ pub fn write_checkpoint(preset: Preset, out: &Path, tokenizer_dir: &Path, seed: 
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
         .iter()
         .map(|(name, shape, data)| {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), data)
-                .expect("sizes match");
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), data)
+                    .expect("sizes match");
             (name.clone(), view)
         })
         .collect();
     let path = out.join("model.safetensors");
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| Error::MalformedWeights {
-        path: path.clone(),
-        message: e.to_string(),
+    safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| {
+        Error::MalformedWeights {
+            path: path.clone(),
+            message: e.to_string(),
+        }
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_list_matches_a_real_checkpoint() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/qwen3-tiny");
+        let config = ModelConfig::from_file(&dir.join("config.json")).expect("fixture config");
+        let set = crate::loader::safetensors::load_dir(&dir).expect("fixture weights");
+        let mut ours: Vec<(String, Vec<usize>)> = tensor_shapes(&config);
+        ours.sort();
+        let theirs: Vec<(String, Vec<usize>)> = set
+            .names()
+            .map(|n| (n.to_string(), set.get(n).unwrap().shape.clone()))
+            .collect();
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn preset_config_is_qwen3_06b() {
+        let c = ModelConfig::from_json_str(&Preset::Qwen3_0_6B.config_json().to_string()).unwrap();
+        let params: usize = tensor_shapes(&c).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        // 596.05 M parameters, as the published model (tied embedding counted once).
+        assert_eq!(params, 596_049_920);
+        assert_eq!(Preset::parse("Qwen3-0.6B").unwrap(), Preset::Qwen3_0_6B);
+        assert!(Preset::parse("gpt2").is_err());
+    }
 }

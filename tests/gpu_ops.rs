@@ -502,3 +502,182 @@ fn bad_adapter_choice_is_an_error() {
     assert!(err.to_string().contains("no adapter named like"), "{err}");
     assert!(!wick::backend::wgpu::list_adapters().is_empty());
 }
+
+/// Block formats the GPU reads, with the byte offsets of their f16 scale fields in a block.
+const QUANT_FORMATS: [(DType, &[usize]); 6] = [
+    (DType::Q8_0, &[0]),
+    (DType::Q4_0, &[0]),
+    (DType::Q4_1, &[0, 2]),
+    (DType::Q4_K, &[0, 2]),
+    (DType::Q5_K, &[0, 2]),
+    (DType::Q6_K, &[208]),
+];
+
+/// A `[rows, cols]` tensor of `dtype` with random quants and sub-block scales and small f16
+/// super-scales, and the same weights dequantized exactly by the scalar reference, as F32.
+fn quant_host(name: &str, dtype: DType, rows: usize, cols: usize, seed: u64) -> [HostTensor; 2] {
+    let scale_offsets = QUANT_FORMATS.iter().find(|f| f.0 == dtype).unwrap().1;
+    let n_bytes = dtype.bytes_for(rows * cols).unwrap();
+    let mut bytes: Vec<u8> = values(n_bytes, seed)
+        .iter()
+        .map(|v| ((v + 1.0) * 128.0) as u8)
+        .collect();
+    let scales = values(n_bytes / dtype.block_bytes() * 2, seed + 1);
+    for (b, block) in bytes.chunks_exact_mut(dtype.block_bytes()).enumerate() {
+        for (i, &o) in scale_offsets.iter().enumerate() {
+            let d = half::f16::from_f32(scales[2 * b + i] * 0.004);
+            block[o..o + 2].copy_from_slice(&d.to_le_bytes());
+        }
+    }
+    let mut dense = vec![0.0f32; rows * cols];
+    wick::quant::dequantize_row(dtype, &bytes, &mut dense);
+    [
+        HostTensor {
+            name: name.into(),
+            dtype,
+            shape: vec![rows, cols],
+            data: Bytes::from_vec(bytes),
+        },
+        host(name, DType::F32, &[rows, cols], &dense),
+    ]
+}
+
+/// Quantized weights on the GPU against the CPU backend on the exactly dequantized weights
+/// (f32 both sides, so only summation order differs), through the matrix-vector kernel
+/// (T ≤ 4) and the tiled one, with two parts of different formats stacked (as `Q4_K_M`
+/// stacks Q4_K q/k with a Q6_K v).
+#[test]
+fn quantized_matmul_matches_cpu_on_odd_shapes() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    // (T, N1, N2, K)
+    let shapes: &[(usize, usize, usize, usize)] = &[
+        (1, 1, 7, 256),
+        (3, 33, 1, 512),
+        (1, 4097, 7, 256),
+        (9, 7, 33, 256),
+        (70, 33, 1, 512),
+    ];
+    for (dtype, _) in QUANT_FORMATS {
+        let other = if dtype == DType::Q6_K {
+            DType::Q8_0
+        } else {
+            DType::Q6_K
+        };
+        for &(t, n1, n2, k) in shapes {
+            let [qa, fa] = quant_host("a", dtype, n1, k, 1);
+            let [qb, fb] = quant_host("b", other, n2, k, 2);
+            assert_close(
+                &format!("matmul {dtype}+{other} T={t} N={n1}+{n2} K={k}"),
+                &matmul_run(&g, t, &[qa, qb], k),
+                &matmul_run(&c, t, &[fa, fb], k),
+                1e-4,
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn quantized_matmul_splits_large_weights() {
+    // 16 KiB segments: a 4097×256 Q4_0 weight (160 bytes a row) becomes 41 buffers.
+    let Some(g) = gpu_with(WgpuOptions {
+        max_segment_bytes: Some(16 << 10),
+        allow_subgroups: false,
+        allow_f16: false,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let c = cpu();
+    for dtype in [DType::Q4_0, DType::Q4_K, DType::Q6_K] {
+        let [q, f] = quant_host("w", dtype, 4097, 256, 3);
+        assert!(g.weight(&[&q]).unwrap().num_segments() > 4);
+        for t in [1, 7] {
+            assert_close(
+                &format!("split matmul {dtype} T={t}"),
+                &matmul_run(&g, t, std::slice::from_ref(&q), 256),
+                &matmul_run(&c, t, std::slice::from_ref(&f), 256),
+                1e-4,
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn quantized_embed_matches_dequantized_table_across_segments() {
+    let Some(g) = gpu_with(WgpuOptions {
+        max_segment_bytes: Some(8 << 10),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let c = cpu();
+    for (dtype, _) in QUANT_FORMATS {
+        for &(vocab, cols) in &[(4097usize, 256usize), (7, 512), (1, 256)] {
+            let [q, f] = quant_host("embed", dtype, vocab, cols, 5);
+            let ids: Vec<u32> = [0, vocab - 1, vocab / 2, 1 % vocab, vocab - 1, 3 % vocab, 0]
+                .iter()
+                .map(|&i| i as u32)
+                .collect();
+            let mut batch = one_seq(ids.len(), 0);
+            batch.token_ids = ids;
+            // Dequantization is exact on both sides: equal bits.
+            assert_eq!(
+                embed_run(&g, &q, &batch, cols),
+                embed_run(&c, &f, &batch, cols),
+                "{dtype} {vocab}×{cols}"
+            );
+        }
+    }
+}
+
+/// `rms_norm_matmul` then `silu_mul_matmul_add` (the folded decode kernels below 5 tokens,
+/// the separate ops above), for a float and a block-quantized weight.
+fn fused_run<B: Backend>(b: &B, t: usize, w1: &HostTensor, w2: &HostTensor) -> Vec<f32> {
+    let (n, k) = (w1.shape[0], w1.shape[1]);
+    assert_eq!(w2.shape, [k, n / 2]);
+    let batch = one_seq(t, 0);
+    let w1 = b.weight(&[w1]).unwrap();
+    let w2 = b.weight(&[w2]).unwrap();
+    let norm = b
+        .weight(&[&host("norm", DType::BF16, &[k], &values(k, 2))])
+        .unwrap();
+    b.begin_step(&batch);
+    let x = fill(b, &batch, &values(t * k, 3), k, t);
+    let mut res = fill(b, &batch, &values(t * k, 4), k, t);
+    let (mut xn, mut gu, mut act) = (b.tensor(t, k), b.tensor(t, n), b.tensor(t, n / 2));
+    b.rms_norm_matmul(&x, &norm, 1e-6, &w1, t, &mut xn, &mut gu);
+    b.silu_mul_matmul_add(&gu, &w2, t, &mut act, &mut res);
+    let mut out = read(b, &gu, t, n);
+    out.extend(read(b, &res, t, k));
+    out
+}
+
+#[test]
+fn folded_norm_and_swiglu_products_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for t in [1, 3, 4, 7] {
+        let (k, f) = (256, 66);
+        let w1 = host("gu", DType::BF16, &[2 * f, k], &values(2 * f * k, 5));
+        let w2 = host("down", DType::F16, &[k, f], &values(k * f, 6));
+        assert_close(
+            &format!("folded float T={t}"),
+            &fused_run(&g, t, &w1, &w2),
+            &fused_run(&c, t, &w1, &w2),
+            1e-4,
+            1e-4,
+        );
+        let [q1, f1] = quant_host("gu", DType::Q4_K, 2 * 64, k, 7);
+        let [q2, f2] = quant_host("down", DType::Q8_0, k, 64, 8);
+        assert_close(
+            &format!("folded quantized T={t}"),
+            &fused_run(&g, t, &q1, &q2),
+            &fused_run(&c, t, &f1, &f2),
+            1e-3,
+            1e-4,
+        );
+    }
+}

@@ -200,6 +200,40 @@ pub trait Backend: Send + Sync + 'static {
     /// `out[rows, N] += x[rows, K] · Wᵀ`: a product added into the residual stream.
     fn matmul_add(&self, x: &Self::Tensor, w: &Self::Weight, rows: usize, out: &mut Self::Tensor);
 
+    /// `out[rows, N] = rms_norm(x, norm) · Wᵀ`: the RMSNorm in front of a product, which a
+    /// backend may fold into it (the GPU does when decoding, to save a dispatch). `xn`
+    /// `[rows, K]` is scratch for backends that do not fold; its contents afterwards are
+    /// unspecified.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_matmul(
+        &self,
+        x: &Self::Tensor,
+        norm: &Self::Weight,
+        eps: f32,
+        w: &Self::Weight,
+        rows: usize,
+        xn: &mut Self::Tensor,
+        out: &mut Self::Tensor,
+    ) {
+        self.rms_norm(x, norm, eps, rows, xn);
+        self.matmul(xn, w, rows, out);
+    }
+
+    /// `out[rows, N] += (silu(gate_up[:, :F]) * gate_up[:, F:]) · Wᵀ`: the SwiGLU in front of
+    /// `down_proj`, which a backend may fold into the product. `act` `[rows, F]` is scratch
+    /// for backends that do not fold; its contents afterwards are unspecified.
+    fn silu_mul_matmul_add(
+        &self,
+        gate_up: &Self::Tensor,
+        w: &Self::Weight,
+        rows: usize,
+        act: &mut Self::Tensor,
+        out: &mut Self::Tensor,
+    ) {
+        self.silu_mul(gate_up, rows, act);
+        self.matmul_add(act, w, rows, out);
+    }
+
     /// On the fused `qkv[T, (H+2Hkv)·D]`: per-head RMSNorm of q and k (when norms are given),
     /// then rotate-half RoPE of q and k at each token's position.
     fn qk_norm_rope(

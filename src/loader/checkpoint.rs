@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::hub::{resolve_model, HubOptions, ModelKind};
 use super::gguf::GgufFile;
+use super::hub::{resolve_model, HubOptions, ModelKind};
 use super::TensorSet;
 use crate::chat_template::ChatTemplate;
 use crate::config::{GenerationConfig, ModelConfig};

@@ -8,11 +8,13 @@
 //!
 //! - [`safetensors`]: Hugging Face `model.safetensors` and sharded checkpoints.
 //! - [`gguf`]: llama.cpp's GGUF files (quantized weights, tokenizer and template in one file).
+//! - [`gguf_write`]: writing GGUF files (`wick quantize`).
 //! - [`names`]: the GGUF → Hugging Face tensor name table.
 //! - [`hub`]: resolving `--model` (a local directory or a Hub id) to files on disk.
 
 pub mod checkpoint;
 pub mod gguf;
+pub mod gguf_write;
 pub mod hub;
 pub mod names;
 pub mod safetensors;

@@ -212,8 +212,15 @@ impl<B: Backend> Model<B> {
         b.begin_step(batch);
         b.embed(&self.embed_tokens, batch, &mut state.x);
         for (il, layer) in self.layers.iter().enumerate() {
-            b.rms_norm(&state.x, &layer.input_layernorm, eps, t, &mut state.xn);
-            b.matmul(&state.xn, &layer.qkv_proj, t, &mut state.qkv);
+            b.rms_norm_matmul(
+                &state.x,
+                &layer.input_layernorm,
+                eps,
+                &layer.qkv_proj,
+                t,
+                &mut state.xn,
+                &mut state.qkv,
+            );
             b.qk_norm_rope(
                 &mut state.qkv,
                 layer.q_norm.as_ref(),
@@ -224,16 +231,22 @@ impl<B: Backend> Model<B> {
             b.kv_write(&state.qkv, cache, il, dims, batch);
             b.attention(&state.qkv, cache, il, dims, batch, &mut state.att);
             b.matmul_add(&state.att, &layer.o_proj, t, &mut state.x);
-            b.rms_norm(
+            b.rms_norm_matmul(
                 &state.x,
                 &layer.post_attention_layernorm,
                 eps,
+                &layer.gate_up_proj,
                 t,
                 &mut state.xn,
+                &mut state.gate_up,
             );
-            b.matmul(&state.xn, &layer.gate_up_proj, t, &mut state.gate_up);
-            b.silu_mul(&state.gate_up, t, &mut state.act);
-            b.matmul_add(&state.act, &layer.down_proj, t, &mut state.x);
+            b.silu_mul_matmul_add(
+                &state.gate_up,
+                &layer.down_proj,
+                t,
+                &mut state.act,
+                &mut state.x,
+            );
         }
         let r = batch.logits_rows.len();
         assert!(r <= state.max_logits_rows, "{r} logits rows requested");
@@ -242,9 +255,16 @@ impl<B: Backend> Model<B> {
             return;
         }
         b.gather_rows(&state.x, batch, &mut state.last);
-        b.rms_norm(&state.last, &self.norm, eps, r, &mut state.last_n);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        b.matmul(&state.last_n, head, r, &mut state.logits);
+        b.rms_norm_matmul(
+            &state.last,
+            &self.norm,
+            eps,
+            head,
+            r,
+            &mut state.last_n,
+            &mut state.logits,
+        );
         logits.resize(r * self.config.vocab_size, 0.0);
         b.read(&state.logits, r, logits);
     }

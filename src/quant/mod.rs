@@ -7,8 +7,9 @@
 //! - [`q8_0`], [`q4_0`], [`q4_1`]: 32-element blocks with one f16 scale (and minimum).
 //! - [`q4_k`], [`q5_k`], [`q6_k`]: 256-element super-blocks with quantized sub-block scales.
 //!
-//! Reference quantizers exist for `Q8_0` and `Q4_0` (round to nearest, bit-exact with GGML's
-//! `quantize_row_*_ref`); the K formats are only read, their quantizers come later.
+//! Every format has a reference quantizer (`quantize_row_ref`), byte-exact with GGML's
+//! `quantize_row_*_ref` (what llama-quantize runs without an importance matrix); [`scheme`]
+//! picks the format of each tensor of a checkpoint the way llama-quantize does.
 
 pub mod q4_0;
 pub mod q4_1;
@@ -16,6 +17,7 @@ pub mod q4_k;
 pub mod q5_k;
 pub mod q6_k;
 pub mod q8_0;
+pub mod scheme;
 
 use std::fmt;
 

@@ -43,6 +43,33 @@ pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Reference quantizer, bit-exact with GGML's `quantize_row_q4_1_ref`: `m` is the block's
+/// minimum, `d = (max - min) / 15`, quants `min(15, trunc((x - min) / d + 0.5))`.
+///
+/// Panics under the same length rules as [`dequantize_row`].
+pub fn quantize_row_ref(src: &[f32], dst: &mut [u8]) {
+    super::check_row_lengths("Q4_1", dst, src, BLOCK_BYTES, BLOCK_ELEMS);
+    for (x, b) in src
+        .chunks_exact(BLOCK_ELEMS)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+    {
+        let (mut min, mut max) = (f32::MAX, -f32::MAX);
+        for &v in x {
+            min = min.min(v);
+            max = max.max(v);
+        }
+        let d = (max - min) / 15.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        b[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
+        // `as u8` truncates toward zero like GGML's `(uint8_t)` cast of a non-negative value.
+        let quant = |v: f32| (((v - min) * id + 0.5) as u8).min(15);
+        for j in 0..16 {
+            b[4 + j] = quant(x[j]) | (quant(x[j + 16]) << 4);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

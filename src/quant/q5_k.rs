@@ -61,6 +61,42 @@ pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Reference quantizer, byte-exact with GGML's `quantize_row_q5_K_ref`: the `Q4_K` fit
+/// ([`super::q4_k`]) with 31 levels and GGML's narrower search, then the fifth bits split
+/// off into `qh`.
+///
+/// Panics under the same length rules as [`dequantize_row`].
+pub fn quantize_row_ref(src: &[f32], dst: &mut [u8]) {
+    super::check_row_lengths("Q5_K", dst, src, BLOCK_BYTES, BLOCK_ELEMS);
+    for (x, b) in src
+        .chunks_exact(BLOCK_ELEMS)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+    {
+        let x: &[f32; BLOCK_ELEMS] = x.try_into().unwrap();
+        let mut l = [0u8; BLOCK_ELEMS];
+        let (d, dmin, scales) = super::q4_k::quantize_sub_blocks(x, 31, -0.5, 0.1, 15, &mut l);
+        b[..2].copy_from_slice(&d.to_le_bytes());
+        b[2..4].copy_from_slice(&dmin.to_le_bytes());
+        b[4..16].copy_from_slice(&scales);
+        b[16..48].fill(0);
+        for c in 0..4 {
+            let (u1, u2) = (1u8 << (2 * c), 1u8 << (2 * c + 1));
+            for i in 0..32 {
+                let (mut l1, mut l2) = (l[64 * c + i], l[64 * c + 32 + i]);
+                if l1 > 15 {
+                    l1 -= 16;
+                    b[16 + i] |= u1;
+                }
+                if l2 > 15 {
+                    l2 -= 16;
+                    b[16 + i] |= u2;
+                }
+                b[48 + 32 * c + i] = l1 | (l2 << 4);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +123,23 @@ mod tests {
         assert_eq!(out[192 + 5], 2.0);
         assert_eq!(out[224 + 5], 19.0);
         assert_eq!(out[32 + 5], 0.0);
+    }
+
+    #[test]
+    fn round_trip_error_is_within_one_sub_block_step() {
+        let x: Vec<f32> = (0..512)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let mut q = vec![0u8; 2 * BLOCK_BYTES];
+        quantize_row_ref(&x, &mut q);
+        let mut y = vec![0.0; 512];
+        dequantize_row(&q, &mut y);
+        for (xs, ys) in x.chunks(32).zip(y.chunks(32)) {
+            let hi = xs.iter().fold(0f32, |m, v| m.max(*v));
+            let lo = xs.iter().fold(0f32, |m, v| m.min(*v));
+            for (a, b) in xs.iter().zip(ys) {
+                assert!((a - b).abs() <= (hi - lo) / 31.0, "{a} vs {b}");
+            }
+        }
     }
 }

@@ -61,6 +61,131 @@ pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Reference quantizer, byte-exact with GGML's `quantize_row_q6_K_ref`.
+///
+/// Each 16-element sub-block gets a signed scale from `fit_symmetric` (weights `x²`); the
+/// sixteen scales are quantized to i8 against the one of largest magnitude (which maps to
+/// -128), and the elements re-quantized with the rounded scales.
+///
+/// Panics under the same length rules as [`dequantize_row`].
+pub fn quantize_row_ref(src: &[f32], dst: &mut [u8]) {
+    super::check_row_lengths("Q6_K", dst, src, BLOCK_BYTES, BLOCK_ELEMS);
+    for (x, b) in src
+        .chunks_exact(BLOCK_ELEMS)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+    {
+        quantize_block(x.try_into().unwrap(), b.try_into().unwrap());
+    }
+}
+
+/// GGML's `GROUP_MAX_EPS`: sub-blocks whose largest magnitude is below it count as zero.
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+fn quantize_block(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
+    // Quants with the +32 offset applied: 0..=63.
+    let mut l = [0u8; BLOCK_ELEMS];
+    let mut scales = [0f32; 16];
+    let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
+    for ib in 0..16 {
+        let xs: &[f32; 16] = x[16 * ib..16 * ib + 16].try_into().unwrap();
+        let ls: &mut [u8; 16] = (&mut l[16 * ib..16 * ib + 16]).try_into().unwrap();
+        let scale = fit_symmetric(xs, 32, ls);
+        scales[ib] = scale;
+        if scale.abs() > max_abs_scale {
+            max_abs_scale = scale.abs();
+            max_scale = scale;
+        }
+    }
+    b.fill(0);
+    if max_abs_scale < GROUP_MAX_EPS {
+        return;
+    }
+    let iscale = -128.0 / max_scale;
+    let d = f16::from_f32(1.0 / iscale);
+    b[208..].copy_from_slice(&d.to_le_bytes());
+    let mut sc = [0i8; 16];
+    for (s, &v) in sc.iter_mut().zip(&scales) {
+        *s = nearest_int(iscale * v).min(127) as i8;
+    }
+    for (j, &s) in sc.iter().enumerate() {
+        let dj = d.to_f32() * s as f32;
+        if dj == 0.0 {
+            continue;
+        }
+        for i in 0..16 {
+            let q = nearest_int(x[16 * j + i] / dj).clamp(-32, 31);
+            l[16 * j + i] = (q + 32) as u8;
+        }
+    }
+    for n in 0..2 {
+        let l = &l[128 * n..128 * n + 128];
+        for i in 0..32 {
+            let (q1, q2, q3, q4) = (l[i], l[i + 32], l[i + 64], l[i + 96]);
+            b[64 * n + i] = (q1 & 0xF) | ((q3 & 0xF) << 4);
+            b[64 * n + 32 + i] = (q2 & 0xF) | ((q4 & 0xF) << 4);
+            b[128 + 32 * n + i] =
+                (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+        }
+    }
+    for (o, s) in b[192..208].iter_mut().zip(sc) {
+        *o = s as u8;
+    }
+}
+
+use super::q4_k::nearest_int;
+
+/// GGML's `make_qx_quants` with `rmse_type = 1`: a symmetric fit `x ≈ scale * (l - nmax)`
+/// with `l - nmax` in `-nmax..nmax`, weights `x²`, trying 19 scales around `-nmax / max`
+/// (max = the element of largest magnitude) and keeping the best least-squares fit.
+/// Leaves `l` in `0..2·nmax` and returns the scale (negative when `max` is positive).
+fn fit_symmetric(x: &[f32; 16], nmax: i32, l: &mut [u8; 16]) -> f32 {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        l.fill(0);
+        return 0.0;
+    }
+    let nmaxf = nmax as f32;
+    let quant = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+    let sums = |iscale: f32| {
+        let (mut sumlx, mut suml2) = (0f32, 0f32);
+        for &v in x {
+            let q = quant(iscale, v) as f32;
+            let w = v * v;
+            sumlx += w * v * q;
+            suml2 += w * q * q;
+        }
+        (sumlx, suml2)
+    };
+    let mut iscale = -nmaxf / max;
+    let (sumlx, suml2) = sums(iscale);
+    for (o, &v) in l.iter_mut().zip(x) {
+        *o = (quant(iscale, v) + nmax) as u8;
+    }
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        iscale = -(nmaxf + 0.1 * is as f32) / max;
+        let (sumlx, suml2) = sums(iscale);
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            for (o, &v) in l.iter_mut().zip(x) {
+                *o = (quant(iscale, v) + nmax) as u8;
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +210,29 @@ mod tests {
         assert_eq!(out[128 + 113], 0.5 * 7.0 * (9 + 48 - 32) as f32);
         // First half, element 0: q = 0 - 32, scale -8.
         assert_eq!(out[0], 0.5 * -8.0 * -32.0);
+    }
+
+    #[test]
+    fn round_trip_error_is_within_one_sub_block_step() {
+        let x: Vec<f32> = (0..512)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let mut q = vec![0u8; 2 * BLOCK_BYTES];
+        quantize_row_ref(&x, &mut q);
+        let mut y = vec![0.0; 512];
+        dequantize_row(&q, &mut y);
+        for (xs, ys) in x.chunks(16).zip(y.chunks(16)) {
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in xs.iter().zip(ys) {
+                assert!((a - b).abs() <= amax / 31.0 * 1.05, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn all_zero_block_quantizes_to_zero() {
+        let mut q = vec![0xAAu8; BLOCK_BYTES];
+        quantize_row_ref(&[0.0; BLOCK_ELEMS], &mut q);
+        assert!(q.iter().all(|&b| b == 0));
     }
 }

@@ -33,7 +33,7 @@ impl Q16Act {
     /// Quantizes `x` (length a multiple of 32) into `self`, reusing its buffers.
     pub fn quantize(&mut self, x: &[f32]) {
         assert!(
-            x.len() % 32 == 0,
+            x.len().is_multiple_of(32),
             "activation length {} is not whole blocks",
             x.len()
         );

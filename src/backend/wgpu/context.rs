@@ -33,6 +33,10 @@ pub struct AdapterInfoSummary {
     pub max_storage_buffer_binding_size: u64,
     /// Largest buffer, bytes.
     pub max_buffer_size: u64,
+    /// Largest workgroup along x.
+    pub max_compute_workgroup_size_x: u32,
+    /// Most invocations in one workgroup.
+    pub max_compute_invocations_per_workgroup: u32,
     /// Whether this is a hardware GPU (discrete or integrated): what `--device auto` uses.
     pub is_hardware_gpu: bool,
 }
@@ -119,6 +123,8 @@ fn summary(index: usize, a: &wgpu::Adapter) -> AdapterInfoSummary {
         subgroup: f.contains(wgpu::Features::SUBGROUP),
         max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
         max_buffer_size: l.max_buffer_size,
+        max_compute_workgroup_size_x: l.max_compute_workgroup_size_x,
+        max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
         is_hardware_gpu: matches!(
             i.device_type,
             wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu

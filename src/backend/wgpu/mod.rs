@@ -36,6 +36,7 @@ pub mod context;
 pub mod params;
 pub mod pipelines;
 pub mod preprocess;
+pub mod repack;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -164,6 +165,18 @@ pub struct WgpuKvCache {
     layout: KvLayout,
     k: Vec<GpuBuffer>,
     v: Vec<GpuBuffer>,
+}
+
+/// What the matrix-vector kernel applies to x before the product (see
+/// `shaders/include/matmul_x.wgsl`).
+#[derive(Clone, Copy)]
+enum Prologue<'a> {
+    /// x as is.
+    None,
+    /// RMSNorm with this epsilon and `[K]` f32 weight.
+    Norm(f32, &'a GpuBuffer),
+    /// x is gate_up `[T, 2K]`: silu(gate) · up.
+    Silu,
 }
 
 /// Where the sections of the batch buffer start (in u32 words) for the current step.
@@ -302,6 +315,11 @@ impl WgpuBackend {
     /// The largest weight segment (and KV pool) in bytes.
     pub fn segment_limit(&self) -> u64 {
         self.segment_limit
+    }
+
+    /// Whether kernels reading `dtype` widen f16 bits (F16 elements or block scales).
+    fn widens_f16(dtype: DType) -> bool {
+        dtype == DType::F16 || dtype.is_quantized()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -509,7 +527,25 @@ impl WgpuBackend {
         out: &WgpuTensor,
         accumulate: bool,
     ) {
-        assert_eq!((x.cols, out.cols), (w.cols, w.rows), "matmul shapes");
+        self.matmul_with(x, w, rows, out, accumulate, Prologue::None);
+    }
+
+    /// `out (+)= f(x) · Wᵀ`, with `f` folded into the matrix-vector kernel (callers use a
+    /// prologue only below `MAT_MIN_TOKENS` tokens).
+    fn matmul_with(
+        &self,
+        x: &WgpuTensor,
+        w: &WgpuWeight,
+        rows: usize,
+        out: &WgpuTensor,
+        accumulate: bool,
+        prologue: Prologue,
+    ) {
+        let x_cols = match prologue {
+            Prologue::Silu => x.cols / 2,
+            _ => x.cols,
+        };
+        assert_eq!((x_cols, out.cols), (w.cols, w.rows), "matmul shapes");
         assert!(rows <= x.rows && rows <= out.rows, "matmul rows");
         assert!(w.vector.is_none(), "matmul with a vector weight");
         if rows == 0 {
@@ -517,6 +553,14 @@ impl WgpuBackend {
         }
         let inner = &mut *self.lock();
         let vec = rows < MAT_MIN_TOKENS;
+        assert!(
+            vec || matches!(prologue, Prologue::None),
+            "prologue on the tiled kernel"
+        );
+        let (eps, norm) = match prologue {
+            Prologue::Norm(eps, nw) => (eps, Some(nw)),
+            _ => (0.0, None),
+        };
         for seg in &w.segments {
             let params = MatmulParams {
                 num_tokens: rows as u32,
@@ -526,11 +570,16 @@ impl WgpuBackend {
                 seg_rows: seg.rows as u32,
                 col0: seg.row0 as u32,
                 accumulate: accumulate as u32,
-                _pad: 0,
+                eps,
             };
             let (kernel, groups) = if vec {
                 let (gx, gy) = self.grid(seg.rows.div_ceil(VEC_ROWS_PER_WG));
-                (Kernel::MatmulVec, (gx, gy, rows as u32))
+                let kernel = match prologue {
+                    Prologue::None => Kernel::MatmulVec,
+                    Prologue::Norm(..) => Kernel::MatmulVecNorm,
+                    Prologue::Silu => Kernel::MatmulVecSilu,
+                };
+                (kernel, (gx, gy, rows as u32))
             } else {
                 let gx = seg.rows.div_ceil(MAT_TILE) as u32;
                 let gy = rows.div_ceil(MAT_TILE) as u32;
@@ -540,9 +589,18 @@ impl WgpuBackend {
                 kernel,
                 weight: Some(seg.dtype),
                 subgroup: vec && self.ctx.subgroup,
-                f16_in_f32: seg.dtype == DType::F16 && self.ctx.f16_in_f32,
+                f16_in_f32: Self::widens_f16(seg.dtype) && self.ctx.f16_in_f32,
             };
-            self.dispatch(inner, key, &[&seg.buf, &x.buf, &out.buf], &params, groups);
+            match norm {
+                Some(nw) => self.dispatch(
+                    inner,
+                    key,
+                    &[&seg.buf, &x.buf, &out.buf, nw],
+                    &params,
+                    groups,
+                ),
+                None => self.dispatch(inner, key, &[&seg.buf, &x.buf, &out.buf], &params, groups),
+            }
         }
     }
 
@@ -555,9 +613,17 @@ impl WgpuBackend {
         cols: usize,
         segments: &mut Vec<Segment>,
     ) -> Result<()> {
-        let elem = dtype.block_bytes();
-        let ks = cols.next_multiple_of(2);
-        let row_bytes = ks * elem;
+        // Float rows are padded to an even length; block rows are repacked to whole words.
+        let (ks, row_bytes, src_row_bytes) = match repack::block_words(dtype) {
+            None => {
+                let ks = cols.next_multiple_of(2);
+                (ks, ks * dtype.block_bytes(), cols * dtype.block_bytes())
+            }
+            Some(words) => {
+                let blocks = cols / dtype.block_elems();
+                (cols, blocks * words * 4, blocks * dtype.block_bytes())
+            }
+        };
         let max_rows = self.segment_limit as usize / row_bytes.max(1);
         if max_rows == 0 {
             return Err(Error::UnsupportedModel(format!(
@@ -568,7 +634,6 @@ impl WgpuBackend {
         }
         // Rows of all parts, in order, as (part, row in part).
         let total: usize = parts.iter().map(|p| p.rows_cols().0).sum();
-        let src_row_bytes = cols * elem;
         let mut part = 0;
         let mut part_row = 0;
         let mut done = 0;
@@ -594,7 +659,17 @@ impl WgpuBackend {
                     let src = &p.data.as_slice()
                         [part_row * src_row_bytes..(part_row + n) * src_row_bytes];
                     let at = filled * row_bytes;
-                    if ks == cols {
+                    if dtype.is_quantized() {
+                        // The mapped range is write-only: repack through a small host buffer.
+                        const ROWS: usize = 64;
+                        let mut tmp = vec![0u8; ROWS.min(n) * row_bytes];
+                        for (i, s) in src.chunks(ROWS * src_row_bytes).enumerate() {
+                            let d = &mut tmp[..s.len() / src_row_bytes * row_bytes];
+                            repack::repack_blocks(dtype, s, d);
+                            let a = at + i * ROWS * row_bytes;
+                            view.slice(a..a + d.len()).copy_from_slice(d);
+                        }
+                    } else if ks == cols {
                         view.slice(at..at + n * row_bytes).copy_from_slice(src);
                     } else {
                         // Odd K: row by row; the padding element stays zero (buffers are
@@ -672,11 +747,17 @@ impl Backend for WgpuBackend {
             if !WEIGHT_DTYPES.contains(&p.dtype) {
                 return Err(Error::UnsupportedDType {
                     name: p.name.clone(),
-                    dtype: format!(
-                        "{} (the GPU backend reads F32, F16 and BF16 so far)",
-                        p.dtype
-                    ),
+                    dtype: format!("{} (not readable by the GPU backend)", p.dtype),
                 });
+            }
+            // The quantized kernels read whole blocks of a row, eight elements at a time.
+            if p.dtype.is_quantized() && !c.is_multiple_of(p.dtype.block_elems()) {
+                return Err(Error::UnsupportedModel(format!(
+                    "tensor `{}`: {c} columns is not a whole number of {} blocks of {}",
+                    p.name,
+                    p.dtype,
+                    p.dtype.block_elems()
+                )));
             }
             if p.data.len() != p.dtype.bytes_for(r * c).unwrap_or(usize::MAX) {
                 return Err(Error::UnsupportedModel(format!(
@@ -849,7 +930,13 @@ impl Backend for WgpuBackend {
         assert!(t <= out.rows, "embed rows");
         let inner = &mut *self.lock();
         debug_assert_eq!(inner.step.num_tokens, t, "begin_step was not called");
-        let groups = self.grid((t * c).div_ceil(WG));
+        // The quantized kernel writes eight elements per thread.
+        let per_thread = if table.segments.iter().any(|s| s.dtype.is_quantized()) {
+            8
+        } else {
+            1
+        };
+        let groups = self.grid((t * c).div_ceil(WG * per_thread));
         for seg in &table.segments {
             let params = EmbedParams {
                 num_tokens: t as u32,
@@ -864,7 +951,7 @@ impl Backend for WgpuBackend {
                 kernel: Kernel::Embed,
                 weight: Some(seg.dtype),
                 subgroup: false,
-                f16_in_f32: seg.dtype == DType::F16 && self.ctx.f16_in_f32,
+                f16_in_f32: Self::widens_f16(seg.dtype) && self.ctx.f16_in_f32,
             };
             let batch_buf = inner.batch_buf.clone();
             self.dispatch(
@@ -915,6 +1002,43 @@ impl Backend for WgpuBackend {
 
     fn matmul_add(&self, x: &WgpuTensor, w: &WgpuWeight, rows: usize, out: &mut WgpuTensor) {
         self.matmul_impl(x, w, rows, out, true);
+    }
+
+    fn rms_norm_matmul(
+        &self,
+        x: &WgpuTensor,
+        norm: &WgpuWeight,
+        eps: f32,
+        w: &WgpuWeight,
+        rows: usize,
+        xn: &mut WgpuTensor,
+        out: &mut WgpuTensor,
+    ) {
+        if rows >= MAT_MIN_TOKENS {
+            // Prefill: the tiled kernel reads each x row many times; normalise it once.
+            self.rms_norm(x, norm, eps, rows, xn);
+            self.matmul_impl(xn, w, rows, out, false);
+            return;
+        }
+        let nw = norm.vector.as_ref().expect("a norm weight is a vector");
+        assert_eq!(norm.cols, x.cols, "rms_norm width");
+        self.matmul_with(x, w, rows, out, false, Prologue::Norm(eps, nw));
+    }
+
+    fn silu_mul_matmul_add(
+        &self,
+        gate_up: &WgpuTensor,
+        w: &WgpuWeight,
+        rows: usize,
+        act: &mut WgpuTensor,
+        out: &mut WgpuTensor,
+    ) {
+        if rows >= MAT_MIN_TOKENS {
+            self.silu_mul(gate_up, rows, act);
+            self.matmul_impl(act, w, rows, out, true);
+            return;
+        }
+        self.matmul_with(gate_up, w, rows, out, true, Prologue::Silu);
     }
 
     fn qk_norm_rope(

@@ -59,8 +59,8 @@ pub struct MatmulParams {
     pub col0: u32,
     /// 1 to add into the output, 0 to overwrite it.
     pub accumulate: u32,
-    /// Padding.
-    pub _pad: u32,
+    /// RMSNorm epsilon of the `NORM` variant (else unused).
+    pub eps: f32,
 }
 
 /// `shaders/qk_norm_rope.wgsl`.

@@ -57,6 +57,58 @@ const SHADERS: &[(&str, &str)] = &[
         "include/reduce.wgsl",
         include_str!("../../../shaders/include/reduce.wgsl"),
     ),
+    (
+        "matmul_vec_quant.wgsl",
+        include_str!("../../../shaders/matmul_vec_quant.wgsl"),
+    ),
+    (
+        "matmul_mat_quant.wgsl",
+        include_str!("../../../shaders/matmul_mat_quant.wgsl"),
+    ),
+    (
+        "embed_quant.wgsl",
+        include_str!("../../../shaders/embed_quant.wgsl"),
+    ),
+    (
+        "include/matmul_x.wgsl",
+        include_str!("../../../shaders/include/matmul_x.wgsl"),
+    ),
+    (
+        "include/half.wgsl",
+        include_str!("../../../shaders/include/half.wgsl"),
+    ),
+    (
+        "include/weight_quant.wgsl",
+        include_str!("../../../shaders/include/weight_quant.wgsl"),
+    ),
+    (
+        "include/weight_kscale.wgsl",
+        include_str!("../../../shaders/include/weight_kscale.wgsl"),
+    ),
+    (
+        "include/weight_q8_0.wgsl",
+        include_str!("../../../shaders/include/weight_q8_0.wgsl"),
+    ),
+    (
+        "include/weight_q4_0.wgsl",
+        include_str!("../../../shaders/include/weight_q4_0.wgsl"),
+    ),
+    (
+        "include/weight_q4_1.wgsl",
+        include_str!("../../../shaders/include/weight_q4_1.wgsl"),
+    ),
+    (
+        "include/weight_q4_k.wgsl",
+        include_str!("../../../shaders/include/weight_q4_k.wgsl"),
+    ),
+    (
+        "include/weight_q5_k.wgsl",
+        include_str!("../../../shaders/include/weight_q5_k.wgsl"),
+    ),
+    (
+        "include/weight_q6_k.wgsl",
+        include_str!("../../../shaders/include/weight_q6_k.wgsl"),
+    ),
 ];
 
 /// The text of `shaders/<path>`.
@@ -64,9 +116,20 @@ pub fn shader_file(path: &str) -> Option<&'static str> {
     SHADERS.iter().find(|(p, _)| *p == path).map(|(_, s)| *s)
 }
 
-/// Weight formats the GPU kernels read. Block-quantized formats come later, each with its
-/// own `matmul_{vec,mat}_<dtype>.wgsl`.
-pub const WEIGHT_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+/// Weight formats the GPU kernels read: the float formats through `include/weight_float.wgsl`,
+/// the block-quantized ones through `include/weight_quant.wgsl` (repacked at upload by
+/// [`super::repack`]).
+pub const WEIGHT_DTYPES: [DType; 9] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q4_K,
+    DType::Q5_K,
+    DType::Q6_K,
+];
 
 /// One compute kernel (one entry point `main` in one `shaders/` file family).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -77,6 +140,10 @@ pub enum Kernel {
     RmsNorm,
     /// `matmul_vec.wgsl`: few tokens.
     MatmulVec,
+    /// `matmul_vec.wgsl` with `NORM`: RMSNorm of x folded in front of the product.
+    MatmulVecNorm,
+    /// `matmul_vec.wgsl` with `SILU`: x = silu(gate) · up folded in front of the product.
+    MatmulVecSilu,
     /// `matmul_mat.wgsl`: many tokens.
     MatmulMat,
     /// `qk_norm_rope.wgsl`.
@@ -104,10 +171,12 @@ use Access::{Read, ReadWrite};
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 9] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::MatmulVec,
+        Kernel::MatmulVecNorm,
+        Kernel::MatmulVecSilu,
         Kernel::MatmulMat,
         Kernel::QkNormRope,
         Kernel::KvWrite,
@@ -121,7 +190,11 @@ impl Kernel {
         match self {
             Kernel::Embed => &[Read, Read, ReadWrite],
             Kernel::RmsNorm => &[Read, Read, ReadWrite],
-            Kernel::MatmulVec | Kernel::MatmulMat => &[Read, Read, ReadWrite],
+            Kernel::MatmulVec | Kernel::MatmulVecSilu | Kernel::MatmulMat => {
+                &[Read, Read, ReadWrite]
+            }
+            // The norm weight comes last so that `out` keeps binding 2 in every variant.
+            Kernel::MatmulVecNorm => &[Read, Read, ReadWrite, Read],
             Kernel::QkNormRope => &[Read, Read, Read, Read, ReadWrite],
             Kernel::KvWrite => &[Read, Read, ReadWrite, ReadWrite],
             Kernel::Attention => &[Read, Read, Read, Read, ReadWrite],
@@ -132,12 +205,22 @@ impl Kernel {
 
     /// Whether the kernel reads a weight segment (and so has a weight-format variant).
     pub fn reads_weight(self) -> bool {
-        matches!(self, Kernel::Embed | Kernel::MatmulVec | Kernel::MatmulMat)
+        matches!(
+            self,
+            Kernel::Embed
+                | Kernel::MatmulVec
+                | Kernel::MatmulVecNorm
+                | Kernel::MatmulVecSilu
+                | Kernel::MatmulMat
+        )
     }
 
     /// Whether the kernel has a subgroup variant.
     pub fn has_subgroup_variant(self) -> bool {
-        matches!(self, Kernel::MatmulVec)
+        matches!(
+            self,
+            Kernel::MatmulVec | Kernel::MatmulVecNorm | Kernel::MatmulVecSilu
+        )
     }
 
     /// Size in bytes of the kernel's uniform parameter struct.
@@ -146,7 +229,10 @@ impl Kernel {
         match self {
             Kernel::Embed => size_of::<EmbedParams>(),
             Kernel::RmsNorm => size_of::<RmsNormParams>(),
-            Kernel::MatmulVec | Kernel::MatmulMat => size_of::<MatmulParams>(),
+            Kernel::MatmulVec
+            | Kernel::MatmulVecNorm
+            | Kernel::MatmulVecSilu
+            | Kernel::MatmulMat => size_of::<MatmulParams>(),
             Kernel::QkNormRope => size_of::<QkNormRopeParams>(),
             Kernel::KvWrite => size_of::<KvWriteParams>(),
             Kernel::Attention => size_of::<AttentionParams>(),
@@ -159,7 +245,7 @@ impl Kernel {
         match self {
             Kernel::Embed => "embed",
             Kernel::RmsNorm => "rms_norm",
-            Kernel::MatmulVec => "matmul_vec",
+            Kernel::MatmulVec | Kernel::MatmulVecNorm | Kernel::MatmulVecSilu => "matmul_vec",
             Kernel::MatmulMat => "matmul_mat",
             Kernel::QkNormRope => "qk_norm_rope",
             Kernel::KvWrite => "kv_write",
@@ -180,7 +266,8 @@ pub struct PipelineKey {
     /// Use subgroup operations.
     pub subgroup: bool,
     /// Widen f16 with `unpack2x16float` (the device has f16-in-f32 support); else with
-    /// integer operations. Only meaningful with `weight: Some(F16)`.
+    /// integer operations. Only meaningful for F16 weights and block formats (whose scales
+    /// are f16).
     pub f16_in_f32: bool,
 }
 
@@ -210,11 +297,13 @@ impl PipelineKey {
                 &[false]
             };
             for &weight in &weights {
-                let f16_variants: &[bool] = if weight == Some(DType::F16) {
-                    &[false, true]
-                } else {
-                    &[false]
-                };
+                // Half-precision bits to widen: F16 elements, or the scales of a block format.
+                let f16_variants: &[bool] =
+                    if weight.is_some_and(|w| w == DType::F16 || w.is_quantized()) {
+                        &[false, true]
+                    } else {
+                        &[false]
+                    };
                 for &subgroup in subgroups {
                     for &f16_in_f32 in f16_variants {
                         keys.push(PipelineKey {
@@ -231,9 +320,13 @@ impl PipelineKey {
     }
 
     /// The `shaders/` file of this variant: float weights share the kernel's plain file,
-    /// block-quantized formats will have `<op>_<dtype>.wgsl`.
+    /// block-quantized formats read eight elements at a time in `<op>_quant.wgsl`.
     pub fn file(&self) -> String {
-        format!("{}.wgsl", self.kernel.stem())
+        if self.weight.is_some_and(DType::is_quantized) {
+            format!("{}_quant.wgsl", self.kernel.stem())
+        } else {
+            format!("{}.wgsl", self.kernel.stem())
+        }
     }
 
     /// The `#ifdef` names this variant sets.
@@ -243,6 +336,17 @@ impl PipelineKey {
             Some(DType::F32) => d.push("W_F32"),
             Some(DType::F16) => d.push("W_F16"),
             Some(DType::BF16) => d.push("W_BF16"),
+            Some(DType::Q8_0) => d.push("W_Q8_0"),
+            Some(DType::Q4_0) => d.push("W_Q4_0"),
+            Some(DType::Q4_1) => d.push("W_Q4_1"),
+            Some(DType::Q4_K) => d.push("W_Q4_K"),
+            Some(DType::Q5_K) => d.push("W_Q5_K"),
+            Some(DType::Q6_K) => d.push("W_Q6_K"),
+            None => {}
+        }
+        match self.kernel {
+            Kernel::MatmulVecNorm => d.push("NORM"),
+            Kernel::MatmulVecSilu => d.push("SILU"),
             _ => {}
         }
         if self.subgroup {
@@ -265,6 +369,11 @@ impl PipelineKey {
     /// A label for debuggers and error messages.
     pub fn label(&self) -> String {
         let mut s = self.kernel.stem().to_string();
+        match self.kernel {
+            Kernel::MatmulVecNorm => s.push_str("_norm"),
+            Kernel::MatmulVecSilu => s.push_str("_silu"),
+            _ => {}
+        }
         if let Some(w) = self.weight {
             s.push('_');
             s.push_str(&w.name().to_ascii_lowercase());
