@@ -208,7 +208,10 @@ mod tests {
     #[test]
     fn preset_config_is_qwen3_06b() {
         let c = ModelConfig::from_json_str(&Preset::Qwen3_0_6B.config_json().to_string()).unwrap();
-        let params: usize = tensor_shapes(&c).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        let params: usize = tensor_shapes(&c)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
         // 596.05 M parameters, as the published model (tied embedding counted once).
         assert_eq!(params, 596_049_920);
         assert_eq!(Preset::parse("Qwen3-0.6B").unwrap(), Preset::Qwen3_0_6B);
