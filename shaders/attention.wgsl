@@ -7,6 +7,15 @@
 // thread accumulates D/WG output dimensions over the chunk's values. Four barriers per chunk.
 // Scores, softmax and accumulation are f32.
 //
+// With `DECODE` (only for steps where every sequence has exactly one new token), the kernel
+// also does the work of `qk_norm_rope.wgsl` and `kv_write.wgsl`, saving two dispatches per
+// layer: each workgroup normalises and rotates its query head and its KV group's new key
+// from the raw qkv row, uses that key and the row's value for the last position instead of
+// reading them back from the cache, and the first query head of each KV group writes them
+// to the cache at the token's slot. No workgroup reads a slot another one writes: the only
+// slot written for a sequence is its new position, which every workgroup of that sequence
+// takes from its own registers. qkv itself is left as it was (un-normalised, un-rotated).
+//
 // Not yet: splitting one long context over several workgroups (flash-decoding) and sharing
 // the K/V loads between the query heads of one KV group.
 
@@ -15,6 +24,10 @@ const WG: u32 = 64u;
 const MAX_D: u32 = 256u;
 // Output dimensions per thread.
 const DPT: u32 = MAX_D / WG;
+
+#ifdef DECODE
+#include "include/reduce.wgsl"
+#endif
 
 struct Params {
     num_tokens: u32,          // T
@@ -28,14 +41,36 @@ struct Params {
     block_tables_off: u32,    // offset of block_tables[S, stride] in `batch`
     block_table_stride: u32,  // entries per sequence in block_tables
     scale: f32,               // 1/sqrt(D)
+#ifdef DECODE
+    eps: f32,                 // epsilon of the q/k norms
+    has_q_norm: u32,          // 1 when q_norm holds the q norm weight
+    has_k_norm: u32,          // 1 when k_norm holds the k norm weight
+    slots_off: u32,           // offset of slot_mapping[T] in `batch`
+    _pad0: u32,
+#else
     _pad: u32,
+#endif
 }
 
+#ifdef DECODE
+@group(0) @binding(0) var<storage, read> qkv: array<f32>;           // [T, (H+2Hkv)·D] raw
+@group(0) @binding(1) var<storage, read> q_norm: array<f32>;        // [D] (a dummy when absent)
+@group(0) @binding(2) var<storage, read> k_norm: array<f32>;        // [D] (a dummy when absent)
+@group(0) @binding(3) var<storage, read> rope: array<f32>;          // [P, D]: cos[D/2] | sin[D/2]
+@group(0) @binding(4) var<storage, read> batch: array<u32>;         // the step's batch words
+@group(0) @binding(5) var<storage, read_write> k_cache: array<f32>; // [slots, Hkv·D]
+@group(0) @binding(6) var<storage, read_write> v_cache: array<f32>; // [slots, Hkv·D]
+@group(0) @binding(7) var<storage, read_write> out: array<f32>;     // [T, H·D]
+
+var<workgroup> k_sh: array<f32, MAX_D>;    // [D] the new key of this head's KV group
+var<workgroup> v_sh: array<f32, MAX_D>;    // [D] the new value of this head's KV group
+#else
 @group(0) @binding(0) var<storage, read> qkv: array<f32>;       // [T, (H+2Hkv)·D]
 @group(0) @binding(1) var<storage, read> k_cache: array<f32>;   // [slots, Hkv·D]
 @group(0) @binding(2) var<storage, read> v_cache: array<f32>;   // [slots, Hkv·D]
 @group(0) @binding(3) var<storage, read> batch: array<u32>;     // the step's batch words
 @group(0) @binding(4) var<storage, read_write> out: array<f32>; // [T, H·D]
+#endif
 @group(1) @binding(0) var<uniform> p: Params;
 
 var<workgroup> q_sh: array<f32, MAX_D>;    // [D] the query
@@ -61,13 +96,66 @@ fn main(
     let bs = p.block_size;
     let table = p.block_tables_off + batch[p.row_seq_off + row] * p.block_table_stride;
 
+#ifdef DECODE
+    // qk_norm_rope of the query head and of the KV group's key, as `qk_norm_rope.wgsl`
+    // computes them (same reduction, same arithmetic), so both paths round alike.
+    let half = d / 2u;
+    let q_src = row * p.qkv_width + head * d;
+    let k_src = row * p.qkv_width + p.num_heads * d + kv_off;
+    var sq = 0.0;
+    var sk = 0.0;
+    for (var i = lid; i < d; i += WG) {
+        let q = qkv[q_src + i];
+        let k = qkv[k_src + i];
+        sq += q * q;
+        sk += k * k;
+        v_sh[i] = qkv[k_src + kv_dim + i];
+    }
+    let inv_q = 1.0 / sqrt(wg_sum(sq, lid) / f32(d) + p.eps);
+    let inv_k = 1.0 / sqrt(wg_sum(sk, lid) / f32(d) + p.eps);
+    let angles = batch[p.positions_off + row] * d;
+    let writes_kv = head % (p.num_heads / p.num_kv_heads) == 0u;
+    let new_base = batch[p.slots_off + row] * kv_dim + kv_off;
+    // Each thread owns the pairs (i, i + D/2) it reads and writes.
+    for (var i = lid; i < half; i += WG) {
+        let c = rope[angles + i];
+        let s = rope[angles + half + i];
+        var q0 = qkv[q_src + i];
+        var q1 = qkv[q_src + i + half];
+        if p.has_q_norm != 0u {
+            q0 = q0 * inv_q * q_norm[i];
+            q1 = q1 * inv_q * q_norm[i + half];
+        }
+        q_sh[i] = q0 * c - q1 * s;
+        q_sh[i + half] = q1 * c + q0 * s;
+        var k0 = qkv[k_src + i];
+        var k1 = qkv[k_src + i + half];
+        if p.has_k_norm != 0u {
+            k0 = k0 * inv_k * k_norm[i];
+            k1 = k1 * inv_k * k_norm[i + half];
+        }
+        k_sh[i] = k0 * c - k1 * s;
+        k_sh[i + half] = k1 * c + k0 * s;
+        if writes_kv {
+            k_cache[new_base + i] = k_sh[i];
+            k_cache[new_base + i + half] = k_sh[i + half];
+        }
+    }
+    if writes_kv {
+        // v_sh[i] was stored by this same thread above.
+        for (var i = lid; i < d; i += WG) {
+            v_cache[new_base + i] = v_sh[i];
+        }
+    }
+#else
     for (var i = lid; i < d; i += WG) {
         q_sh[i] = qkv[row * p.qkv_width + head * d + i];
     }
+#endif
     if lid == 0u {
         ctx_sh = batch[p.positions_off + row] + 1u;
     }
-    // Also the barrier that publishes q_sh.
+    // Also the barrier that publishes q_sh (and k_sh, v_sh).
     let ctx = workgroupUniformLoad(&ctx_sh);
 
     var m = -3.0e38;  // running max of the scores (the same in every thread)
@@ -81,9 +169,21 @@ fn main(
             slot = batch[table + pos / bs] * bs + pos % bs;
             let kb = slot * kv_dim + kv_off;
             var dot = 0.0;
+#ifdef DECODE
+            if pos + 1u == ctx {
+                for (var i = 0u; i < d; i++) {
+                    dot += q_sh[i] * k_sh[i];
+                }
+            } else {
+                for (var i = 0u; i < d; i++) {
+                    dot += q_sh[i] * k_cache[kb + i];
+                }
+            }
+#else
             for (var i = 0u; i < d; i++) {
                 dot += q_sh[i] * k_cache[kb + i];
             }
+#endif
             s = dot * p.scale;
         }
         score_sh[lid] = s;
@@ -111,7 +211,15 @@ fn main(
             for (var k = 0u; k < DPT; k++) {
                 let dd = lid + k * WG;
                 if dd < d {
+#ifdef DECODE
+                    if c0 + j + 1u == ctx {
+                        acc[k] += e * v_sh[dd];
+                    } else {
+                        acc[k] += e * v_cache[vb + dd];
+                    }
+#else
                     acc[k] += e * v_cache[vb + dd];
+#endif
                 }
             }
         }

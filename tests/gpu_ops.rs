@@ -431,6 +431,107 @@ fn kv_write_and_attention_match_cpu() {
     }
 }
 
+/// Two sequences: a prompt chunk each, then two decode tokens each, every step through
+/// `qk_norm_rope_kv_write_attention` (the GPU folds it into one dispatch for the decode
+/// steps, and the second decode step attends to keys the first one wrote from inside the
+/// folded kernel). Returns every step's attention output.
+fn folded_attention_run<B: Backend>(
+    b: &B,
+    dims: AttentionDims,
+    lens: [usize; 2],
+    norms: bool,
+) -> Vec<f32> {
+    let (w, hd, d) = (
+        dims.qkv_width(),
+        dims.num_heads * dims.head_dim,
+        dims.head_dim,
+    );
+    let bs = 16;
+    let layout = KvLayout {
+        num_layers: 2,
+        num_blocks: 2 * (lens[0] + lens[1] + 2).div_ceil(bs) + 4,
+        block_size: bs,
+        num_kv_heads: dims.num_kv_heads,
+        head_dim: d,
+    };
+    let mut cache = b.kv_cache(layout).unwrap();
+    let qn = b
+        .weight(&[&host("q_norm", DType::BF16, &[d], &values(d, 41))])
+        .unwrap();
+    let kn = b
+        .weight(&[&host("k_norm", DType::BF16, &[d], &values(d, 42))])
+        .unwrap();
+    let (qn, kn) = if norms {
+        (Some(&qn), Some(&kn))
+    } else {
+        (None, None)
+    };
+    let tables: Vec<Vec<u32>> = (0..2)
+        .map(|s| {
+            (0..(lens[s] + 2).div_ceil(bs) as u32)
+                .map(|i| 2 * i + s as u32 + 2)
+                .rev()
+                .collect()
+        })
+        .collect();
+    let slot = |s: usize, p: usize| tables[s][p / bs] * bs as u32 + (p % bs) as u32;
+    let mut outs = Vec::new();
+    for step in 0..3 {
+        let mut batch = Batch::default();
+        for s in 0..2 {
+            let (from, to) = if step == 0 {
+                (0, lens[s])
+            } else {
+                (lens[s] + step - 1, lens[s] + step)
+            };
+            batch.seqs.push(SeqSpan {
+                start: batch.token_ids.len() as u32,
+                len: (to - from) as u32,
+                context_len: to as u32,
+                block_table: tables[s].clone(),
+            });
+            for p in from..to {
+                batch.token_ids.push(batch.token_ids.len() as u32);
+                batch.positions.push(p as u32);
+                batch.slot_mapping.push(slot(s, p));
+            }
+        }
+        batch.logits_rows = vec![0];
+        batch.check(bs).unwrap();
+        let t = batch.num_tokens();
+        b.begin_step(&batch);
+        let mut qkv = fill(b, &batch, &values(t * w, 50 + step as u64), w, t);
+        let mut out = b.tensor(t, hd);
+        b.qk_norm_rope_kv_write_attention(&mut qkv, qn, kn, &mut cache, 1, dims, &batch, &mut out);
+        outs.extend(read(b, &out, t, hd));
+    }
+    outs
+}
+
+#[test]
+fn folded_decode_attention_matches_cpu_ops() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for &(h, hkv, d) in &[(4, 2, 32), (6, 2, 8), (3, 3, 128), (2, 1, 256)] {
+        for lens in [[1, 7], [33, 70], [130, 1]] {
+            for norms in [true, false] {
+                let what =
+                    format!("folded attention H={h} Hkv={hkv} D={d} lens={lens:?} norms={norms}");
+                let before = g.stats().dispatches;
+                let got = folded_attention_run(&g, dims(h, hkv, d), lens, norms);
+                // Prefill: embed + the three separate ops; each decode step: embed + one.
+                assert_eq!(
+                    g.stats().dispatches - before,
+                    4 + 2 + 2,
+                    "{what}: dispatches"
+                );
+                let want = folded_attention_run(&c, dims(h, hkv, d), lens, norms);
+                assert_close(&what, &got, &want, 1e-5, 1e-4);
+            }
+        }
+    }
+}
+
 fn silu_gather_run<B: Backend>(b: &B, rows: usize, f: usize) -> Vec<f32> {
     let mut batch = one_seq(rows, 0);
     batch.logits_rows = (0..rows as u32).rev().step_by(2).collect();

@@ -267,6 +267,28 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Tensor,
     );
 
+    /// The attention half of a layer after the QKV product: [`Backend::qk_norm_rope`], then
+    /// [`Backend::kv_write`] into `layer`'s pools, then [`Backend::attention`] into
+    /// `out[T, H·D]`. A backend may fold them (the GPU does when every sequence of the batch
+    /// has one new token, to save two dispatches per layer). `qkv[T, (H+2Hkv)·D]` holds the
+    /// raw product on entry; its contents afterwards are unspecified.
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm_rope_kv_write_attention(
+        &self,
+        qkv: &mut Self::Tensor,
+        q_norm: Option<&Self::Weight>,
+        k_norm: Option<&Self::Weight>,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        dims: AttentionDims,
+        batch: &Batch,
+        out: &mut Self::Tensor,
+    ) {
+        self.qk_norm_rope(qkv, q_norm, k_norm, dims, batch);
+        self.kv_write(qkv, cache, layer, dims, batch);
+        self.attention(qkv, cache, layer, dims, batch, out);
+    }
+
     /// `out[rows, F] = silu(gate_up[:, :F]) * gate_up[:, F:]`.
     fn silu_mul(&self, gate_up: &Self::Tensor, rows: usize, out: &mut Self::Tensor);
 

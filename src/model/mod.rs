@@ -221,15 +221,16 @@ impl<B: Backend> Model<B> {
                 &mut state.xn,
                 &mut state.qkv,
             );
-            b.qk_norm_rope(
+            b.qk_norm_rope_kv_write_attention(
                 &mut state.qkv,
                 layer.q_norm.as_ref(),
                 layer.k_norm.as_ref(),
+                cache,
+                il,
                 dims,
                 batch,
+                &mut state.att,
             );
-            b.kv_write(&state.qkv, cache, il, dims, batch);
-            b.attention(&state.qkv, cache, il, dims, batch, &mut state.att);
             b.matmul_add(&state.att, &layer.o_proj, t, &mut state.x);
             b.rms_norm_matmul(
                 &state.x,

@@ -1187,6 +1187,92 @@ impl Backend for WgpuBackend {
         );
     }
 
+    fn qk_norm_rope_kv_write_attention(
+        &self,
+        qkv: &mut WgpuTensor,
+        q_norm: Option<&WgpuWeight>,
+        k_norm: Option<&WgpuWeight>,
+        cache: &mut WgpuKvCache,
+        layer: usize,
+        dims: AttentionDims,
+        batch: &Batch,
+        out: &mut WgpuTensor,
+    ) {
+        // One dispatch is only safe when no token attends to another new token of the step:
+        // its own new key and value it computes itself, anyone else's it would race to read.
+        // The folded kernel binds 8 storage buffers (WebGPU's default limit; some adapters
+        // have fewer).
+        let decode = batch.seqs.iter().all(|s| s.len == 1);
+        if !decode || self.ctx.limits.max_storage_buffers_per_shader_stage < 8 {
+            self.qk_norm_rope(qkv, q_norm, k_norm, dims, batch);
+            self.kv_write(qkv, cache, layer, dims, batch);
+            self.attention(qkv, cache, layer, dims, batch, out);
+            return;
+        }
+        let t = batch.num_tokens();
+        let (h, hkv, d) = (dims.num_heads, dims.num_kv_heads, dims.head_dim);
+        assert_eq!(qkv.cols, dims.qkv_width(), "qkv width");
+        assert!(t <= qkv.rows && t <= out.rows, "attention rows");
+        assert_eq!(out.cols, h * d, "attention output width");
+        assert_eq!(
+            (cache.layout.num_kv_heads, cache.layout.head_dim),
+            (hkv, d),
+            "KV layout"
+        );
+        assert!(
+            hkv > 0 && h % hkv == 0,
+            "heads must be a multiple of KV heads"
+        );
+        assert!(d.is_multiple_of(2) && d > 0, "head_dim must be even");
+        let vec_of = |w: Option<&'_ WgpuWeight>| -> Option<GpuBuffer> {
+            w.map(|w| {
+                assert_eq!(w.cols, d, "q/k norm width");
+                w.vector.clone().expect("a norm weight is a vector")
+            })
+        };
+        let (qn, kn) = (vec_of(q_norm), vec_of(k_norm));
+        let (gx, gy) = self.grid(t * h);
+        let inner = &mut *self.lock();
+        self.ensure_rope(inner, dims.rope_theta, d);
+        let s = inner.step;
+        let params = AttentionDecodeParams {
+            num_tokens: t as u32,
+            num_heads: h as u32,
+            num_kv_heads: hkv as u32,
+            head_dim: d as u32,
+            qkv_width: dims.qkv_width() as u32,
+            block_size: cache.layout.block_size as u32,
+            positions_off: s.positions_off,
+            row_seq_off: s.row_seq_off,
+            block_tables_off: s.block_tables_off,
+            block_table_stride: s.block_table_stride,
+            scale: 1.0 / (d as f32).sqrt(),
+            eps: dims.eps,
+            has_q_norm: qn.is_some() as u32,
+            has_k_norm: kn.is_some() as u32,
+            slots_off: s.slots_off,
+            _pad: 0,
+        };
+        let rope = inner.rope.as_ref().expect("made above").buf.clone();
+        let batch_buf = inner.batch_buf.clone();
+        self.dispatch(
+            inner,
+            PipelineKey::plain(Kernel::AttentionDecode),
+            &[
+                &qkv.buf,
+                qn.as_ref().unwrap_or(&self.dummy),
+                kn.as_ref().unwrap_or(&self.dummy),
+                &rope,
+                &batch_buf,
+                &cache.k[layer],
+                &cache.v[layer],
+                &out.buf,
+            ],
+            &params,
+            (gx, gy, 1),
+        );
+    }
+
     fn silu_mul(&self, gate_up: &WgpuTensor, rows: usize, out: &mut WgpuTensor) {
         let f = out.cols;
         assert_eq!(gate_up.cols, 2 * f, "gate_up width");

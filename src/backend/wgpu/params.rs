@@ -137,6 +137,45 @@ pub struct AttentionParams {
     pub _pad: u32,
 }
 
+/// `shaders/attention.wgsl` with `DECODE`: [`AttentionParams`] and what the folded q/k
+/// norm, RoPE and KV write need.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct AttentionDecodeParams {
+    /// T.
+    pub num_tokens: u32,
+    /// H.
+    pub num_heads: u32,
+    /// Hkv.
+    pub num_kv_heads: u32,
+    /// D.
+    pub head_dim: u32,
+    /// (H+2Hkv)·D.
+    pub qkv_width: u32,
+    /// Tokens per KV block.
+    pub block_size: u32,
+    /// Offset of `positions[T]` in the batch words.
+    pub positions_off: u32,
+    /// Offset of `row_seq[T]` in the batch words.
+    pub row_seq_off: u32,
+    /// Offset of `block_tables[S, stride]` in the batch words.
+    pub block_tables_off: u32,
+    /// Entries per sequence in the block tables.
+    pub block_table_stride: u32,
+    /// 1/sqrt(D).
+    pub scale: f32,
+    /// Epsilon of the q/k norms.
+    pub eps: f32,
+    /// 1 when the q norm weight is bound.
+    pub has_q_norm: u32,
+    /// 1 when the k norm weight is bound.
+    pub has_k_norm: u32,
+    /// Offset of `slot_mapping[T]` in the batch words.
+    pub slots_off: u32,
+    /// Padding.
+    pub _pad: u32,
+}
+
 /// `shaders/silu_mul.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
@@ -170,6 +209,7 @@ const _: () = {
     assert!(size_of::<QkNormRopeParams>() == 48);
     assert!(size_of::<KvWriteParams>() == 32);
     assert!(size_of::<AttentionParams>() == 48);
+    assert!(size_of::<AttentionDecodeParams>() == 64);
     assert!(size_of::<SiluMulParams>() == 16);
     assert!(size_of::<GatherRowsParams>() == 16);
 };

@@ -152,6 +152,9 @@ pub enum Kernel {
     KvWrite,
     /// `attention.wgsl`.
     Attention,
+    /// `attention.wgsl` with `DECODE`: q/k norm, RoPE and the KV write folded in (one new
+    /// token per sequence).
+    AttentionDecode,
     /// `silu_mul.wgsl`.
     SiluMul,
     /// `gather_rows.wgsl`.
@@ -171,7 +174,7 @@ use Access::{Read, ReadWrite};
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 12] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::MatmulVec,
@@ -181,6 +184,7 @@ impl Kernel {
         Kernel::QkNormRope,
         Kernel::KvWrite,
         Kernel::Attention,
+        Kernel::AttentionDecode,
         Kernel::SiluMul,
         Kernel::GatherRows,
     ];
@@ -198,6 +202,9 @@ impl Kernel {
             Kernel::QkNormRope => &[Read, Read, Read, Read, ReadWrite],
             Kernel::KvWrite => &[Read, Read, ReadWrite, ReadWrite],
             Kernel::Attention => &[Read, Read, Read, Read, ReadWrite],
+            Kernel::AttentionDecode => &[
+                Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite,
+            ],
             Kernel::SiluMul => &[Read, ReadWrite],
             Kernel::GatherRows => &[Read, Read, ReadWrite],
         }
@@ -236,6 +243,7 @@ impl Kernel {
             Kernel::QkNormRope => size_of::<QkNormRopeParams>(),
             Kernel::KvWrite => size_of::<KvWriteParams>(),
             Kernel::Attention => size_of::<AttentionParams>(),
+            Kernel::AttentionDecode => size_of::<AttentionDecodeParams>(),
             Kernel::SiluMul => size_of::<SiluMulParams>(),
             Kernel::GatherRows => size_of::<GatherRowsParams>(),
         }
@@ -249,7 +257,7 @@ impl Kernel {
             Kernel::MatmulMat => "matmul_mat",
             Kernel::QkNormRope => "qk_norm_rope",
             Kernel::KvWrite => "kv_write",
-            Kernel::Attention => "attention",
+            Kernel::Attention | Kernel::AttentionDecode => "attention",
             Kernel::SiluMul => "silu_mul",
             Kernel::GatherRows => "gather_rows",
         }
@@ -347,6 +355,7 @@ impl PipelineKey {
         match self.kernel {
             Kernel::MatmulVecNorm => d.push("NORM"),
             Kernel::MatmulVecSilu => d.push("SILU"),
+            Kernel::AttentionDecode => d.push("DECODE"),
             _ => {}
         }
         if self.subgroup {
@@ -372,6 +381,7 @@ impl PipelineKey {
         match self.kernel {
             Kernel::MatmulVecNorm => s.push_str("_norm"),
             Kernel::MatmulVecSilu => s.push_str("_silu"),
+            Kernel::AttentionDecode => s.push_str("_decode"),
             _ => {}
         }
         if let Some(w) = self.weight {
