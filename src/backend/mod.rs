@@ -104,6 +104,43 @@ impl Batch {
     }
 }
 
+/// `(rows, cols)` of `parts` stacked by rows, checked the same way for every backend: at
+/// least one part, the same number of columns in each, rows of whole quantization blocks, and
+/// exactly the bytes the shape needs.
+pub fn stacked_shape(parts: &[&HostTensor]) -> Result<(usize, usize)> {
+    let first = parts
+        .first()
+        .ok_or_else(|| crate::Error::UnsupportedModel("empty weight".into()))?;
+    let cols = first.rows_cols().1;
+    let mut rows = 0;
+    for p in parts {
+        let (r, c) = p.rows_cols();
+        if c != cols {
+            return Err(crate::Error::ShapeMismatch {
+                name: p.name.clone(),
+                expected: vec![r, cols],
+                found: p.shape.clone(),
+            });
+        }
+        if p.dtype.bytes_for(c).is_none() {
+            return Err(crate::Error::UnsupportedModel(format!(
+                "tensor `{}`: rows of {c} elements are not whole {} blocks",
+                p.name, p.dtype
+            )));
+        }
+        if p.dtype.bytes_for(r * c) != Some(p.data.len()) {
+            return Err(crate::Error::UnsupportedModel(format!(
+                "tensor `{}`: {} bytes for shape {:?}",
+                p.name,
+                p.data.len(),
+                p.shape
+            )));
+        }
+        rows += r;
+    }
+    Ok((rows, cols))
+}
+
 /// Shape of the paged KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvLayout {

@@ -65,28 +65,8 @@ pub struct CpuWeight {
 impl CpuWeight {
     /// Stacks `parts` by rows; they must agree on the number of columns.
     pub fn new(parts: &[&HostTensor]) -> Result<Self> {
-        let first = parts
-            .first()
-            .ok_or_else(|| Error::UnsupportedModel("empty weight".into()))?;
-        let cols = first.rows_cols().1;
-        let mut rows = 0;
-        for p in parts {
-            let (r, c) = p.rows_cols();
-            if c != cols {
-                return Err(Error::ShapeMismatch {
-                    name: p.name.clone(),
-                    expected: vec![r, cols],
-                    found: p.shape.clone(),
-                });
-            }
-            if p.dtype.bytes_for(c).is_none() {
-                return Err(Error::UnsupportedModel(format!(
-                    "tensor `{}`: rows of {c} elements are not whole {} blocks",
-                    p.name, p.dtype
-                )));
-            }
-            rows += r;
-        }
+        let (rows, cols) = super::stacked_shape(parts)?;
+        let first = parts[0];
         let vector = (parts.len() == 1 && first.shape.len() == 1).then(|| first.to_f32());
         Ok(CpuWeight {
             parts: parts.iter().map(|p| (*p).clone()).collect(),

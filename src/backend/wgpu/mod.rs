@@ -730,44 +730,15 @@ impl Backend for WgpuBackend {
     }
 
     fn weight(&self, parts: &[&HostTensor]) -> Result<WgpuWeight> {
-        let first = parts
-            .first()
-            .ok_or_else(|| Error::UnsupportedModel("empty weight".into()))?;
-        let cols = first.rows_cols().1;
-        let mut rows = 0;
+        let (rows, cols) = crate::backend::stacked_shape(parts)?;
+        let first = parts[0];
         for p in parts {
-            let (r, c) = p.rows_cols();
-            if c != cols {
-                return Err(Error::ShapeMismatch {
-                    name: p.name.clone(),
-                    expected: vec![r, cols],
-                    found: p.shape.clone(),
-                });
-            }
             if !WEIGHT_DTYPES.contains(&p.dtype) {
                 return Err(Error::UnsupportedDType {
                     name: p.name.clone(),
                     dtype: format!("{} (not readable by the GPU backend)", p.dtype),
                 });
             }
-            // The quantized kernels read whole blocks of a row, eight elements at a time.
-            if p.dtype.is_quantized() && !c.is_multiple_of(p.dtype.block_elems()) {
-                return Err(Error::UnsupportedModel(format!(
-                    "tensor `{}`: {c} columns is not a whole number of {} blocks of {}",
-                    p.name,
-                    p.dtype,
-                    p.dtype.block_elems()
-                )));
-            }
-            if p.data.len() != p.dtype.bytes_for(r * c).unwrap_or(usize::MAX) {
-                return Err(Error::UnsupportedModel(format!(
-                    "tensor `{}`: {} bytes for shape {:?}",
-                    p.name,
-                    p.data.len(),
-                    p.shape
-                )));
-            }
-            rows += r;
         }
         if rows > u32::MAX as usize / 2 || cols > u32::MAX as usize / 2 {
             return Err(Error::UnsupportedModel(format!(
