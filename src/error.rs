@@ -88,6 +88,18 @@ pub enum Error {
         /// The maximum sequence length in tokens.
         max_model_len: usize,
     },
+    /// The engine's queue is full; retry later.
+    #[error("the server is busy: {waiting} requests are already waiting")]
+    Overloaded {
+        /// Requests waiting when this one arrived.
+        waiting: usize,
+    },
+    /// The engine is shutting down and takes no new requests.
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    /// The engine failed while running a request.
+    #[error("engine: {0}")]
+    Engine(String),
     /// The requested device is not available.
     #[error("device: {0}")]
     Device(String),

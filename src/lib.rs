@@ -34,6 +34,7 @@ pub mod bench;
 pub mod chat_template;
 pub mod config;
 pub mod convert;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod kv_cache;

@@ -477,7 +477,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let bytes = rt.weight_bytes_per_token();
     let stats = rt.gpu_stats_reader();
     let report = wick::bench::run_counting(
-        rt.runner(),
+        rt.runner()?,
         vocab,
         bytes,
         &opts,
@@ -559,7 +559,7 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     let with_bos = rt.tokenizer().encode("", true)?;
     let bos = with_bos.first().copied();
     let json_out = a.json;
-    let report = wick::perplexity::perplexity(rt.runner(), &tokens, a.ctx, bos, &mut |i, ppl| {
+    let report = wick::perplexity::perplexity(rt.runner()?, &tokens, a.ctx, bos, &mut |i, ppl| {
         if !json_out {
             print!("[{}]{ppl:.4},", i + 1);
             let _ = std::io::stdout().flush();

@@ -16,8 +16,10 @@
 //! # }
 //! ```
 //!
-//! The device is chosen here, once: [`Runtime`] holds the sequence as a trait object, so
-//! nothing below it matches on the backend.
+//! The device is chosen here, once: [`Runtime`] holds the model behind a trait object, so
+//! nothing below it matches on the backend. A runtime serves one conversation itself
+//! ([`Runtime::chat`], on a [`Session`] made on first use) and starts the batching
+//! [`Engine`] for many ([`Runtime::start_engine`]); both share the loaded weights.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::wgpu::{has_hardware_gpu, GpuStats, WgpuBackend, WgpuOptions};
 use crate::chat_template::{ChatTemplate, RenderOptions};
 use crate::config::{GenerationConfig, ModelConfig};
+use crate::engine::{Engine, EngineOptions, TextModel};
 use crate::error::{Error, Result};
 use crate::generate::{
     generate, prompt_opens_reasoning, GenerateRequest, Generation, SequenceRunner, TokenEvent,
@@ -95,6 +98,21 @@ pub struct ChatOptions {
     pub params: SamplingParams,
 }
 
+/// A model on some backend, behind a trait object.
+trait LoadedModel: Send + Sync {
+    fn session(&self, opts: SessionOptions) -> Result<Box<dyn SequenceRunner>>;
+    fn start_engine(&self, text: TextModel, opts: &EngineOptions) -> Result<Engine>;
+}
+
+impl<B: crate::backend::Backend> LoadedModel for Arc<Model<B>> {
+    fn session(&self, opts: SessionOptions) -> Result<Box<dyn SequenceRunner>> {
+        Ok(Box::new(Session::new(self.clone(), opts)?))
+    }
+    fn start_engine(&self, text: TextModel, opts: &EngineOptions) -> Result<Engine> {
+        Engine::start(self.clone(), text, opts)
+    }
+}
+
 /// A loaded model with one conversation's KV cache.
 pub struct Runtime {
     name: String,
@@ -102,7 +120,10 @@ pub struct Runtime {
     generation: GenerationConfig,
     tokenizer: Arc<Tokenizer>,
     chat_template: Option<Arc<ChatTemplate>>,
-    runner: Box<dyn SequenceRunner>,
+    model: Box<dyn LoadedModel>,
+    session_opts: SessionOptions,
+    /// The conversation's sequence, made on first use.
+    runner: Option<Box<dyn SequenceRunner>>,
     device: String,
     weight_bytes_per_token: u64,
     /// Reads the GPU backend's counters (`None` on the CPU).
@@ -131,7 +152,7 @@ impl Runtime {
             ..SessionOptions::default()
         };
         let mut gpu_stats: Option<GpuStatsFn> = None;
-        let mut on_gpu = || -> Result<(Box<dyn SequenceRunner>, String)> {
+        let mut on_gpu = || -> Result<(Box<dyn LoadedModel>, String)> {
             let backend = WgpuBackend::new(&WgpuOptions {
                 adapter: opts.adapter.clone(),
                 ..WgpuOptions::default()
@@ -140,15 +161,15 @@ impl Runtime {
             let device = crate::backend::Backend::describe(model.backend());
             let m = model.clone();
             gpu_stats = Some(Arc::new(move || m.backend().stats()));
-            Ok((Box::new(Session::new(model, session_opts)?), device))
+            Ok((Box::new(model), device))
         };
-        let on_cpu = || -> Result<(Box<dyn SequenceRunner>, String)> {
+        let on_cpu = || -> Result<(Box<dyn LoadedModel>, String)> {
             let backend = CpuBackend::new(opts.threads)?;
             let model = Arc::new(Model::load(backend, ckpt.config.clone(), &ckpt.tensors)?);
             let device = crate::backend::Backend::describe(model.backend());
-            Ok((Box::new(Session::new(model, session_opts)?), device))
+            Ok((Box::new(model), device))
         };
-        let (runner, device): (Box<dyn SequenceRunner>, String) = match opts.device {
+        let (model, device): (Box<dyn LoadedModel>, String) = match opts.device {
             Device::Gpu => on_gpu()?,
             Device::Cpu => on_cpu()?,
             // A hardware GPU if there is one (a software rasterizer such as lavapipe is slower
@@ -178,7 +199,9 @@ impl Runtime {
             generation: ckpt.generation,
             tokenizer: ckpt.tokenizer,
             chat_template: ckpt.chat_template,
-            runner,
+            model,
+            session_opts,
+            runner: None,
             device,
             gpu_stats,
         })
@@ -218,7 +241,26 @@ impl Runtime {
 
     /// The longest sequence the KV cache holds.
     pub fn max_model_len(&self) -> usize {
-        self.runner.max_model_len()
+        self.session_opts
+            .max_model_len
+            .min(self.config.max_position_embeddings)
+            .max(1)
+    }
+
+    /// Starts the batching engine on this runtime's weights (the weights are shared, the
+    /// engine has its own KV cache).
+    pub fn start_engine(&self, opts: &EngineOptions) -> Result<Engine> {
+        let text = TextModel {
+            tokenizer: self.tokenizer.clone(),
+            chat_template: self.chat_template.clone(),
+            eos_token_ids: self.generation.eos_token_ids.clone(),
+        };
+        self.model.start_engine(text, opts)
+    }
+
+    /// The end-of-sequence ids generation stops at.
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.generation.eos_token_ids
     }
 
     /// Sampling defaults from the model's `generation_config.json`.
@@ -299,13 +341,8 @@ impl Runtime {
             eos_token_ids: self.generation.eos_token_ids.clone(),
             start_in_reasoning,
         };
-        generate(
-            self.runner.as_mut(),
-            &self.tokenizer,
-            &req,
-            cancel,
-            on_token,
-        )
+        let tokenizer = self.tokenizer.clone();
+        generate(self.runner()?, &tokenizer, &req, cancel, on_token)
     }
 
     /// Weight bytes a decode step reads.
@@ -313,21 +350,28 @@ impl Runtime {
         self.weight_bytes_per_token
     }
 
-    /// The sequence itself, for tools that drive it directly (benchmarks, perplexity).
-    pub fn runner(&mut self) -> &mut dyn SequenceRunner {
-        self.runner.as_mut()
+    /// The sequence itself, for tools that drive it directly (benchmarks, perplexity). Its
+    /// KV cache is allocated on first use.
+    pub fn runner(&mut self) -> Result<&mut dyn SequenceRunner> {
+        if self.runner.is_none() {
+            self.runner = Some(self.model.session(self.session_opts)?);
+        }
+        Ok(self.runner.as_mut().expect("just made").as_mut())
     }
 
     /// Forgets the cached conversation.
     pub fn reset(&mut self) {
-        self.runner.reset();
+        if let Some(r) = self.runner.as_mut() {
+            r.reset();
+        }
     }
 
     /// Logits of every position of `ids` (`on_row(i, [V])`), computed from scratch.
     pub fn logits_all(&mut self, ids: &[u32], on_row: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
-        self.runner.reset();
-        let r = self.runner.extend_all(ids, on_row);
-        self.runner.reset();
+        let runner = self.runner()?;
+        runner.reset();
+        let r = runner.extend_all(ids, on_row);
+        runner.reset();
         r
     }
 }

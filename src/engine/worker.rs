@@ -1,0 +1,520 @@
+//! The engine thread: owns the model's activations, the KV cache and the [`Scheduler`], and
+//! runs step after step while there is work.
+//!
+//! Each step: take new requests from the command channel (blocking only when idle), drop
+//! cancelled ones (a set cancel flag or a dropped stream), plan the step, lay it out as one
+//! [`Batch`] (every sequence's chunk, with its positions, KV slots and block table), run
+//! [`Model::forward`] once, then, for each sequence whose chunk reached its last token,
+//! sample the next token and push it through the stop matcher, the streaming detokenizer and
+//! the reasoning parser, exactly as [`crate::generate::generate`] does for one sequence.
+//!
+//! Chat replies that end normally leave behind a prefix-cache fill: the conversation as the
+//! chat template will render it on the next turn (the answer without its reasoning), which
+//! is computed when no request is waiting and released into the prefix cache.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::kv_manager::KvManager;
+use super::metrics::Metrics;
+use super::scheduler::{Scheduler, SchedulerConfig, Sequence, StepPlan};
+use super::{
+    Admitted, Command, Completion, EngineEvent, EngineInfo, EngineOptions, TextModel, Usage,
+};
+use crate::backend::{Backend, Batch, SeqSpan};
+use crate::chat_template::RenderOptions;
+use crate::error::{Error, Result};
+use crate::generate::FinishReason;
+use crate::model::{Model, RunState};
+use crate::reasoning::{Delta, ReasoningParser};
+use crate::sampler::{Sampler, StopMatcher, TokenLogprobs};
+use crate::tokenizer::StreamDecoder;
+
+/// Default KV budget when none is given.
+const DEFAULT_KV_MB: usize = 1024;
+/// Prefix-cache fills kept waiting at most; older ones are dropped.
+const MAX_PENDING_FILLS: usize = 64;
+/// Ids of prefix-cache fills start here, far from request ids.
+const FILL_ID_BASE: u64 = 1 << 62;
+
+/// Sizes the KV pool, allocates it and the activations, and starts the engine thread.
+pub(crate) fn spawn<B: Backend>(
+    model: Arc<Model<B>>,
+    text: TextModel,
+    opts: &EngineOptions,
+    metrics: Arc<Metrics>,
+    commands: Receiver<Command>,
+) -> Result<(EngineInfo, JoinHandle<()>)> {
+    let max_model_len = opts
+        .max_model_len
+        .min(model.config.max_position_embeddings)
+        .max(2);
+    let bs = opts.block_size;
+    let block_bytes = model.kv_layout(1, bs).bytes(4);
+    let budget = opts.kv_cache_mb.unwrap_or(DEFAULT_KV_MB) << 20;
+    let min_blocks = max_model_len.div_ceil(bs);
+    let mut num_blocks = opts.num_blocks.unwrap_or(budget / block_bytes);
+    if num_blocks < min_blocks {
+        if opts.kv_cache_mb.is_some() || opts.num_blocks.is_some() {
+            return Err(Error::InvalidRequest(format!(
+                "a KV cache of {num_blocks} blocks ({} MiB) holds {} tokens, fewer than one \
+                 sequence of max_model_len {max_model_len}; raise the KV budget or lower \
+                 max_model_len",
+                (num_blocks * block_bytes) >> 20,
+                num_blocks * bs,
+            )));
+        }
+        num_blocks = min_blocks;
+    }
+    let cache = model.kv_cache(model.kv_layout(num_blocks, bs))?;
+    let max_num_seqs = opts.max_num_seqs;
+    let state = model.run_state(opts.max_num_batched_tokens, max_num_seqs);
+    let info = EngineInfo {
+        max_model_len,
+        num_blocks,
+        block_size: bs,
+        max_num_seqs,
+        device: model.backend().describe(),
+    };
+    Metrics::set(&metrics.kv_blocks_total, num_blocks);
+    let sched = Scheduler::new(
+        SchedulerConfig {
+            max_num_seqs,
+            // The activations hold at most this many tokens and logits rows.
+            max_num_batched_tokens: state.max_tokens(),
+        },
+        KvManager::new(num_blocks, bs, opts.enable_prefix_caching),
+    );
+    let worker = Worker {
+        model,
+        state,
+        cache,
+        sched,
+        text,
+        metrics,
+        reqs: HashMap::new(),
+        fills: VecDeque::new(),
+        next_fill: FILL_ID_BASE,
+        batch: Batch::default(),
+        logits: Vec::new(),
+        max_model_len,
+        cache_replies: opts.cache_replies && opts.enable_prefix_caching,
+        shutting_down: false,
+    };
+    let handle = std::thread::Builder::new()
+        .name("wick-engine".into())
+        .spawn(move || worker.run(commands))
+        .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
+    Ok((info, handle))
+}
+
+/// A request's generation state.
+struct ReqState {
+    req: Box<Admitted>,
+    sampler: Sampler,
+    stops: StopMatcher,
+    decoder: StreamDecoder,
+    parser: ReasoningParser,
+    generated: Vec<u32>,
+    content: String,
+    reasoning: String,
+    max_new: usize,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    scheduled: bool,
+}
+
+struct Worker<B: Backend> {
+    model: Arc<Model<B>>,
+    state: RunState<B>,
+    cache: B::KvCache,
+    sched: Scheduler,
+    text: TextModel,
+    metrics: Arc<Metrics>,
+    reqs: HashMap<u64, ReqState>,
+    fills: VecDeque<Vec<u32>>,
+    next_fill: u64,
+    batch: Batch,
+    logits: Vec<f32>,
+    max_model_len: usize,
+    cache_replies: bool,
+    shutting_down: bool,
+}
+
+impl<B: Backend> Worker<B> {
+    fn run(mut self, commands: Receiver<Command>) {
+        loop {
+            if self.reqs.is_empty() {
+                if self.shutting_down {
+                    break;
+                }
+                if self.sched.is_idle() && self.fills.is_empty() {
+                    match commands.recv() {
+                        Ok(cmd) => self.handle(cmd),
+                        Err(_) => break,
+                    }
+                }
+            }
+            loop {
+                match commands.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.shutting_down = true;
+                        break;
+                    }
+                }
+            }
+            self.reap_cancelled();
+            self.queue_fill();
+            if self.sched.is_idle() {
+                self.update_gauges();
+                continue;
+            }
+            self.step();
+            self.update_gauges();
+        }
+        for id in self.sched.ids() {
+            self.sched.finish(id);
+        }
+        for (_, r) in self.reqs.drain() {
+            let _ = r
+                .req
+                .events
+                .send(EngineEvent::Error("the engine stopped".into()));
+            self.metrics.on_finish(None);
+        }
+        self.update_gauges();
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Shutdown => {
+                self.shutting_down = true;
+                self.fills.clear();
+            }
+            Command::Add(req) => {
+                self.metrics.in_channel.fetch_sub(1, Ordering::Relaxed);
+                let id = req.id;
+                let prompt_len = req.prompt_ids.len();
+                let max_new = req
+                    .params
+                    .max_tokens
+                    .min(self.max_model_len.saturating_sub(prompt_len));
+                if max_new == 0 || prompt_len == 0 {
+                    let _ = req.events.send(EngineEvent::Error(
+                        Error::PromptTooLong {
+                            prompt_tokens: prompt_len,
+                            max_model_len: self.max_model_len,
+                        }
+                        .to_string(),
+                    ));
+                    self.metrics.on_finish(None);
+                    return;
+                }
+                Metrics::add(&self.metrics.prompt_tokens, prompt_len);
+                let state = ReqState {
+                    sampler: Sampler::new(&req.params, &req.prompt_ids),
+                    stops: StopMatcher::new(&req.params.stop),
+                    decoder: self.text.tokenizer.stream_decoder(true),
+                    parser: ReasoningParser::new(req.start_in_reasoning),
+                    generated: Vec::new(),
+                    content: String::new(),
+                    reasoning: String::new(),
+                    max_new,
+                    first_token: None,
+                    last_token: None,
+                    scheduled: false,
+                    req,
+                };
+                self.sched
+                    .add(Sequence::new(id, state.req.prompt_ids.clone(), false));
+                self.reqs.insert(id, state);
+            }
+        }
+    }
+
+    /// Ends requests whose caller cancelled or dropped the stream.
+    fn reap_cancelled(&mut self) {
+        let gone: Vec<u64> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.req.cancelled.load(Ordering::Relaxed) || r.req.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.finish(id, FinishReason::Cancelled);
+        }
+    }
+
+    /// Moves one prefix-cache fill into the scheduler when nothing else waits.
+    fn queue_fill(&mut self) {
+        if self.sched.num_waiting() > 0 || self.shutting_down {
+            return;
+        }
+        if let Some(tokens) = self.fills.pop_front() {
+            let id = self.next_fill;
+            self.next_fill += 1;
+            self.sched.add(Sequence::new(id, tokens, true));
+        }
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        // Fills first: a reader that sees nothing running then sees the fills too.
+        let fills_running = self.sched.num_waiting() + self.sched.num_running() - self.reqs.len();
+        Metrics::set(&m.pending_fills, self.fills.len() + fills_running);
+        Metrics::set(&m.waiting, self.sched.num_waiting_requests());
+        Metrics::set(&m.running, self.sched.num_running());
+        Metrics::set(&m.kv_blocks_used, self.sched.kv().num_used());
+        Metrics::set(&m.kv_blocks_cached, self.sched.kv().num_cached_free());
+    }
+
+    fn step(&mut self) {
+        let plan = self.sched.schedule();
+        Metrics::add(&self.metrics.preemptions, plan.preempted.len());
+        for &(id, hit) in &plan.admitted {
+            if let Some(r) = self.reqs.get_mut(&id) {
+                if !r.scheduled {
+                    r.scheduled = true;
+                    self.metrics.queue_time.observe(r.req.submitted.elapsed());
+                    Metrics::add(&self.metrics.prefix_cache_hit_tokens, hit);
+                    Metrics::add(
+                        &self.metrics.prefix_cache_query_tokens,
+                        r.req.prompt_ids.len(),
+                    );
+                }
+            }
+        }
+        if plan.seqs.is_empty() {
+            return;
+        }
+        let samplers = self.build_batch(&plan);
+        self.model.forward(
+            &mut self.state,
+            &mut self.cache,
+            &self.batch,
+            &mut self.logits,
+        );
+        Metrics::add(&self.metrics.computed_tokens, self.batch.num_tokens());
+        Metrics::add(&self.metrics.steps, 1);
+        self.sched.commit(&plan);
+        let vocab = self.model.config.vocab_size;
+        for (row, id) in samplers.into_iter().enumerate() {
+            let mut logits = std::mem::take(&mut self.logits);
+            self.on_logits(id, &mut logits[row * vocab..(row + 1) * vocab]);
+            self.logits = logits;
+        }
+        // Fills whose tokens are all computed are done: their blocks go to the prefix cache.
+        for s in &plan.seqs {
+            if s.id >= FILL_ID_BASE {
+                let done = self
+                    .sched
+                    .get(s.id)
+                    .is_some_and(|q| q.num_computed == q.tokens.len());
+                if done {
+                    self.sched.finish(s.id);
+                }
+            }
+        }
+    }
+
+    /// Lays `plan` out as the step's batch; returns the ids of the sequences to sample, in
+    /// logits-row order.
+    fn build_batch(&mut self, plan: &StepPlan) -> Vec<u64> {
+        let bs = self.sched.kv().block_size();
+        let b = &mut self.batch;
+        b.token_ids.clear();
+        b.positions.clear();
+        b.slot_mapping.clear();
+        b.seqs.clear();
+        b.logits_rows.clear();
+        let mut sample = Vec::new();
+        for s in &plan.seqs {
+            let seq = self.sched.get(s.id).expect("scheduled sequence");
+            let row = b.token_ids.len();
+            b.token_ids
+                .extend_from_slice(&seq.tokens[s.start..s.start + s.len]);
+            for p in s.start..s.start + s.len {
+                b.positions.push(p as u32);
+                b.slot_mapping
+                    .push((seq.blocks[p / bs] as usize * bs + p % bs) as u32);
+            }
+            b.seqs.push(SeqSpan {
+                start: row as u32,
+                len: s.len as u32,
+                context_len: (s.start + s.len) as u32,
+                block_table: seq.blocks.clone(),
+            });
+            if s.sample {
+                b.logits_rows.push((row + s.len - 1) as u32);
+                sample.push(s.id);
+            }
+        }
+        debug_assert_eq!(b.check(bs), Ok(()));
+        sample
+    }
+
+    /// Samples `id`'s next token from its logits row and reports it.
+    fn on_logits(&mut self, id: u64, logits: &mut [f32]) {
+        let Some(r) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        let (tok, lp) = if r.req.params.logprobs.is_some() {
+            r.sampler.sample_with_logprobs(logits)
+        } else {
+            (r.sampler.sample(logits), None)
+        };
+        r.sampler.accept(tok);
+        r.generated.push(tok);
+        self.sched.append_token(id, tok);
+        Metrics::add(&self.metrics.generation_tokens, 1);
+        let now = Instant::now();
+        match r.last_token {
+            None => {
+                r.first_token = Some(now);
+                self.metrics
+                    .time_to_first_token
+                    .observe(now - r.req.submitted);
+            }
+            Some(t) => self.metrics.inter_token_latency.observe(now - t),
+        }
+        r.last_token = Some(now);
+        let params = &r.req.params;
+        let is_stop_id = (!params.ignore_eos && r.req.eos_token_ids.contains(&tok))
+            || params.stop_token_ids.contains(&tok);
+        if is_stop_id {
+            self.finish(id, FinishReason::Stop);
+            return;
+        }
+        let text = match r.decoder.push(tok) {
+            Ok(t) => t,
+            Err(e) => {
+                self.fail(id, &e.to_string());
+                return;
+            }
+        };
+        let outcome = r.stops.push(&text);
+        let delta = r.parser.push(&outcome.emit);
+        r.reasoning.push_str(&delta.reasoning);
+        r.content.push_str(&delta.content);
+        let _ = r.req.events.send(EngineEvent::Delta {
+            token_ids: vec![tok],
+            reasoning: delta.reasoning,
+            content: delta.content,
+            logprobs: lp.into_iter().collect::<Vec<TokenLogprobs>>(),
+        });
+        if outcome.stopped {
+            self.finish(id, FinishReason::Stop);
+        } else if r.generated.len() >= r.max_new {
+            self.finish(id, FinishReason::Length);
+        }
+    }
+
+    /// Fails a request with an internal error.
+    fn fail(&mut self, id: u64, message: &str) {
+        tracing::error!("request {id} failed: {message}");
+        if let Some(r) = self.reqs.remove(&id) {
+            let _ = r.req.events.send(EngineEvent::Error(message.to_string()));
+            self.metrics.on_finish(None);
+        }
+        self.sched.finish(id);
+    }
+
+    /// Flushes what the request's decoder, stop matcher and parser hold, sends the last
+    /// delta and the completion, and frees the sequence.
+    fn finish(&mut self, id: u64, reason: FinishReason) {
+        let Some(mut r) = self.reqs.remove(&id) else {
+            return;
+        };
+        let mut tail = String::new();
+        if r.stops.matched().is_none() {
+            match r.decoder.finish() {
+                Ok(rest) => tail = r.stops.push(&rest).emit,
+                Err(e) => tracing::warn!("request {id}: detokenizing the tail: {e}"),
+            }
+            tail.push_str(&r.stops.finish());
+        }
+        let mut delta: Delta = r.parser.push(&tail);
+        let last = r.parser.finish();
+        delta.reasoning.push_str(&last.reasoning);
+        delta.content.push_str(&last.content);
+        r.reasoning.push_str(&delta.reasoning);
+        r.content.push_str(&delta.content);
+        if !delta.is_empty() {
+            let _ = r.req.events.send(EngineEvent::Delta {
+                token_ids: Vec::new(),
+                reasoning: delta.reasoning,
+                content: delta.content,
+                logprobs: Vec::new(),
+            });
+        }
+        let seq = self.sched.finish(id);
+        let now = Instant::now();
+        let completion = Completion {
+            finish_reason: reason,
+            usage: Usage {
+                prompt_tokens: r.req.prompt_ids.len(),
+                completion_tokens: r.generated.len(),
+                cached_tokens: seq
+                    .as_ref()
+                    .and_then(|s| s.cached_prompt_tokens)
+                    .unwrap_or(0),
+            },
+            token_ids: std::mem::take(&mut r.generated),
+            reasoning: (!r.reasoning.is_empty()).then(|| r.reasoning.clone()),
+            time_to_first_token: r
+                .first_token
+                .map_or(now - r.req.submitted, |t| t - r.req.submitted),
+            total_time: now - r.req.submitted,
+            preemptions: seq.as_ref().map_or(0, |s| s.preemptions),
+            content: std::mem::take(&mut r.content),
+        };
+        self.metrics.e2e_latency.observe(completion.total_time);
+        self.metrics.on_finish(Some(reason));
+        if reason != FinishReason::Cancelled && self.cache_replies && !self.shutting_down {
+            if let Some((messages, render)) = &r.req.chat {
+                if let Some(ids) = self.next_turn_prefix(messages, render, &completion.content) {
+                    if self.fills.len() >= MAX_PENDING_FILLS {
+                        self.fills.pop_front();
+                    }
+                    self.fills.push_back(ids);
+                }
+            }
+        }
+        let _ = r.req.events.send(EngineEvent::Finished(completion));
+    }
+
+    /// The token ids the next turn of this conversation will start with: the conversation
+    /// with the reply appended, as far as it renders the same whatever the next user says.
+    fn next_turn_prefix(
+        &self,
+        messages: &[serde_json::Value],
+        render: &RenderOptions,
+        answer: &str,
+    ) -> Option<Vec<u32>> {
+        let template = self.text.chat_template.as_ref()?;
+        let opts = RenderOptions {
+            add_generation_prompt: false,
+            ..render.clone()
+        };
+        let mut conv = messages.to_vec();
+        conv.push(json!({"role": "assistant", "content": answer}));
+        let mut render_with = |user: &str| -> Option<Vec<u32>> {
+            conv.push(json!({"role": "user", "content": user}));
+            let text = template.render(&conv, &opts).ok();
+            conv.pop();
+            self.text.tokenizer.encode(&text?, false).ok()
+        };
+        let a = render_with("a")?;
+        let b = render_with("b")?;
+        let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        (common > self.sched.kv().block_size()).then(|| a[..common].to_vec())
+    }
+}

@@ -1,0 +1,299 @@
+//! The serving engine on the tiny Qwen3 fixture: batched greedy decoding equals
+//! one-at-a-time decoding (with chunked prefill and forced preemption), and a multi-turn
+//! chat prefills only what the prefix cache does not hold.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use wick::chat_template::RenderOptions;
+use wick::engine::{Engine, EngineEvent, EngineOptions, Prompt, Request};
+use wick::runtime::{Device, Runtime, RuntimeOptions};
+use wick::sampler::SamplingParams;
+
+fn runtime(device: Device) -> Runtime {
+    let opts = RuntimeOptions {
+        device,
+        threads: 2,
+        max_model_len: 256,
+        ..RuntimeOptions::default()
+    };
+    Runtime::load(common::fixture("qwen3-tiny").to_str().unwrap(), &opts).unwrap()
+}
+
+/// Eight prompts of different lengths (random ids from a fixed generator).
+fn prompts() -> Vec<Vec<u32>> {
+    let mut state = 0x2545_f491_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    [3usize, 17, 40, 9, 70, 1, 33, 55]
+        .iter()
+        .map(|&n| (0..n).map(|_| 1000 + (next() % 50_000) as u32).collect())
+        .collect()
+}
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    }
+}
+
+fn wait_idle(engine: &Engine) {
+    let t0 = Instant::now();
+    loop {
+        let m = engine.metrics().snapshot();
+        if m.running == 0 && m.waiting == 0 && m.pending_fills == 0 {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "engine never idles");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn batched_equals_sequential(device: Device) {
+    let mut rt = runtime(device);
+    let prompts = prompts();
+    let lens = [24usize, 20, 16, 30, 12, 25, 18, 22];
+    // One at a time, on a plain session (a different code path from the engine).
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(lens)
+        .map(|(p, n)| {
+            rt.reset();
+            let never = std::sync::atomic::AtomicBool::new(false);
+            rt.generate(p.clone(), false, &greedy(n), &never, &mut |_| {})
+                .unwrap()
+                .token_ids
+        })
+        .collect();
+
+    // Batched: small steps (chunked prefill) and a pool of 12 blocks of 16 tokens for eight
+    // sequences of up to 100 tokens, so sequences must be preempted and recomputed.
+    let engine = rt
+        .start_engine(&EngineOptions {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 32,
+            max_model_len: 128,
+            num_blocks: Some(12),
+            enable_prefix_caching: false,
+            ..EngineOptions::default()
+        })
+        .unwrap();
+    let submit = |i: usize| {
+        engine
+            .submit(Request {
+                prompt: Prompt::Ids(prompts[i].clone()),
+                params: greedy(lens[i]),
+            })
+            .unwrap()
+    };
+    // Join at different steps: four now, two after the first has produced tokens, two
+    // after the second has.
+    let mut streams: Vec<_> = (0..4).map(submit).collect();
+    let mut early: Vec<Vec<EngineEvent>> = vec![Vec::new(); 8];
+    for _ in 0..3 {
+        early[0].push(streams[0].blocking_next().unwrap());
+    }
+    streams.extend((4..6).map(submit));
+    for _ in 0..3 {
+        early[1].push(streams[1].blocking_next().unwrap());
+    }
+    streams.extend((6..8).map(submit));
+    let mut got = Vec::new();
+    for (i, mut s) in streams.into_iter().enumerate() {
+        let mut ids = Vec::new();
+        let mut done = None;
+        for ev in early[i]
+            .drain(..)
+            .chain(std::iter::from_fn(|| s.blocking_next()))
+        {
+            match ev {
+                EngineEvent::Delta { token_ids, .. } => ids.extend(token_ids),
+                EngineEvent::Finished(c) => {
+                    done = Some(c);
+                    break;
+                }
+                EngineEvent::Error(e) => panic!("request {i}: {e}"),
+            }
+        }
+        let c = done.expect("finished");
+        assert_eq!(c.token_ids, ids, "deltas carry every token");
+        got.push(c.token_ids);
+    }
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "request {i}: batched output differs from sequential");
+    }
+    wait_idle(&engine);
+    let m = engine.metrics().snapshot();
+    assert!(
+        m.preemptions > 0,
+        "the KV budget was meant to force preemption"
+    );
+    assert_eq!(m.kv_blocks_used, 0, "every block is returned");
+    assert_eq!(m.finished_length, 8);
+}
+
+#[test]
+fn batched_greedy_equals_sequential_cpu() {
+    batched_equals_sequential(Device::Cpu);
+}
+
+#[test]
+fn batched_greedy_equals_sequential_gpu() {
+    batched_equals_sequential(Device::Gpu);
+}
+
+#[test]
+fn three_turn_chat_prefills_only_the_new_tokens() {
+    let rt = runtime(Device::Cpu);
+    let engine = rt
+        .start_engine(&EngineOptions {
+            max_model_len: 256,
+            ..EngineOptions::default()
+        })
+        .unwrap();
+    let bs = engine.info().block_size;
+    let render = RenderOptions {
+        enable_thinking: Some(false),
+        ..RenderOptions::default()
+    };
+    let mut messages = vec![json!({"role": "system", "content": "You are terse."})];
+    let users = [
+        "Name a river in France.",
+        "And one in Spain?",
+        "Which is longer?",
+    ];
+    let mut expected_cached: Option<usize> = None;
+    for (turn, user) in users.iter().enumerate() {
+        messages.push(json!({"role": "user", "content": user}));
+        let prompt = Prompt::Chat {
+            messages: messages.clone(),
+            render: render.clone(),
+        };
+        let (ids, _) = engine.tokenize_prompt(&prompt).unwrap();
+        let before = engine.metrics().snapshot().computed_tokens;
+        let c = engine
+            .submit(Request {
+                prompt,
+                params: SamplingParams {
+                    max_tokens: 12,
+                    ..SamplingParams::greedy()
+                },
+            })
+            .unwrap()
+            .wait(|_| {})
+            .unwrap();
+        assert_eq!(c.usage.prompt_tokens, ids.len());
+        eprintln!(
+            "turn {}: {} prompt tokens, {} from the cache",
+            turn + 1,
+            ids.len(),
+            c.usage.cached_tokens
+        );
+        let computed = engine.metrics().snapshot().computed_tokens - before;
+        // Prompt tokens computed plus one decode step per generated token after the first.
+        let prompt_computed = computed as usize - (c.usage.completion_tokens - 1);
+        assert_eq!(prompt_computed, ids.len() - c.usage.cached_tokens);
+        if let Some(cached) = expected_cached {
+            assert_eq!(
+                c.usage.cached_tokens,
+                cached,
+                "turn {}: the cache should hold every full block of the earlier turns",
+                turn + 1
+            );
+            assert!(
+                ids.len() - cached < 40,
+                "turn {}: too much recomputed",
+                turn + 1
+            );
+        }
+        messages.push(json!({"role": "assistant", "content": c.content}));
+        // What the next turn shares with this conversation, whatever the user says next.
+        let with = |u: &str| {
+            let mut m = messages.clone();
+            m.push(json!({"role": "user", "content": u}));
+            engine
+                .tokenize_prompt(&Prompt::Chat {
+                    messages: m,
+                    render: render.clone(),
+                })
+                .unwrap()
+                .0
+        };
+        let (a, b) = (with("x"), with("y"));
+        let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        expected_cached = Some(shared / bs * bs);
+        // The engine computes the conversation as the next turn renders it while idle.
+        wait_idle(&engine);
+    }
+}
+
+#[test]
+fn dropping_a_stream_cancels_the_request_and_frees_its_blocks() {
+    let rt = runtime(Device::Cpu);
+    let engine = rt.start_engine(&EngineOptions::default()).unwrap();
+    let mut s = engine
+        .submit(Request {
+            prompt: Prompt::Ids(prompts()[4].clone()),
+            params: greedy(10_000),
+        })
+        .unwrap();
+    assert!(matches!(s.blocking_next(), Some(EngineEvent::Delta { .. })));
+    drop(s);
+    wait_idle(&engine);
+    let m = engine.metrics().snapshot();
+    assert_eq!(m.finished_cancelled, 1);
+    assert_eq!(m.kv_blocks_used, 0);
+}
+
+#[test]
+fn bad_requests_are_refused_at_submit() {
+    let rt = runtime(Device::Cpu);
+    let engine = rt
+        .start_engine(&EngineOptions {
+            max_model_len: 64,
+            ..EngineOptions::default()
+        })
+        .unwrap();
+    let submit = |ids: Vec<u32>, params: SamplingParams| {
+        engine.submit(Request {
+            prompt: Prompt::Ids(ids),
+            params,
+        })
+    };
+    assert!(matches!(
+        submit(vec![1; 64], greedy(1)),
+        Err(wick::Error::PromptTooLong {
+            prompt_tokens: 64,
+            max_model_len: 64
+        })
+    ));
+    assert!(matches!(
+        submit(vec![], greedy(1)),
+        Err(wick::Error::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        submit(vec![u32::MAX], greedy(1)),
+        Err(wick::Error::InvalidRequest(_))
+    ));
+    let bad = SamplingParams {
+        top_p: 0.0,
+        ..greedy(1)
+    };
+    assert!(matches!(
+        submit(vec![1], bad),
+        Err(wick::Error::InvalidRequest(_))
+    ));
+    engine.shutdown();
+    assert!(matches!(
+        submit(vec![1], greedy(1)),
+        Err(wick::Error::ShuttingDown)
+    ));
+}
