@@ -6,8 +6,9 @@
 //!
 //! Commands: `/think` and `/no_think` turn Qwen3's thinking on or off (thinking is shown in
 //! grey), `/reset` starts a new conversation, `/exit` quits. Ctrl-C stops the reply being
-//! generated, not the program. Each turn reuses the KV cache of the conversation so far: only
-//! the tokens that differ from the cached ones are computed.
+//! generated, not the program. The chat runs on wick's serving engine, whose prefix cache
+//! keeps the conversation so far: each turn computes only the new message (after a reply,
+//! the engine caches the conversation the way the template renders it on the next turn).
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +17,8 @@ use std::sync::Arc;
 use anyhow::Result;
 use clap::Parser;
 use serde_json::json;
+use wick::chat_template::RenderOptions;
+use wick::engine::{EngineEvent, EngineOptions, Prompt, Request};
 use wick::loader::hub::HubOptions;
 use wick::runtime::{Device, Runtime, RuntimeOptions};
 
@@ -65,7 +68,11 @@ fn main() -> Result<()> {
         },
         ..RuntimeOptions::default()
     };
-    let mut rt = Runtime::load(&args.model, &opts)?;
+    let rt = Runtime::load(&args.model, &opts)?;
+    let engine = rt.start_engine(&EngineOptions {
+        max_num_seqs: 1,
+        ..EngineOptions::default()
+    })?;
     eprintln!(
         "{} on {}. /think, /no_think, /reset, /exit; Ctrl-C stops a reply.",
         rt.name(),
@@ -114,7 +121,6 @@ fn main() -> Result<()> {
             }
             "/reset" => {
                 messages = system.clone();
-                rt.reset();
                 eprintln!("new conversation");
                 continue;
             }
@@ -122,23 +128,55 @@ fn main() -> Result<()> {
         }
         messages.push(json!({"role": "user", "content": input}));
         let mut in_thought = false;
-        let out = rt.chat(&messages, &chat, &cancel, &mut |ev| {
-            let mut stdout = std::io::stdout();
-            if !ev.delta.reasoning.is_empty() {
-                if grey && !in_thought {
-                    let _ = write!(stdout, "\x1b[90m");
+        let request = Request {
+            prompt: Prompt::Chat {
+                messages: messages.clone(),
+                render: RenderOptions {
+                    enable_thinking: Some(chat.enable_thinking),
+                    ..RenderOptions::default()
+                },
+            },
+            params: chat.params.clone(),
+        };
+        let out = engine.submit(request).and_then(|stream| {
+            let stop = stream.cancel_handle();
+            let c = cancel.clone();
+            // Ctrl-C sets `cancel`; pass it on to the engine.
+            let watcher = std::thread::spawn(move || loop {
+                if c.load(Ordering::Relaxed) {
+                    stop.store(true, Ordering::Relaxed);
                 }
-                in_thought = true;
-                let _ = write!(stdout, "{}", ev.delta.reasoning);
-            }
-            if !ev.delta.content.is_empty() {
-                if in_thought {
-                    let _ = write!(stdout, "{}", if grey { "\x1b[0m\n" } else { "\n" });
-                    in_thought = false;
+                if Arc::strong_count(&stop) == 1 {
+                    return;
                 }
-                let _ = write!(stdout, "{}", ev.delta.content);
-            }
-            let _ = stdout.flush();
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            });
+            let r = stream.wait(|ev| {
+                let EngineEvent::Delta {
+                    reasoning, content, ..
+                } = ev
+                else {
+                    return;
+                };
+                let mut stdout = std::io::stdout();
+                if !reasoning.is_empty() {
+                    if grey && !in_thought {
+                        let _ = write!(stdout, "\x1b[90m");
+                    }
+                    in_thought = true;
+                    let _ = write!(stdout, "{reasoning}");
+                }
+                if !content.is_empty() {
+                    if in_thought {
+                        let _ = write!(stdout, "{}", if grey { "\x1b[0m\n" } else { "\n" });
+                        in_thought = false;
+                    }
+                    let _ = write!(stdout, "{content}");
+                }
+                let _ = stdout.flush();
+            });
+            let _ = watcher.join();
+            r
         });
         if grey && in_thought {
             print!("\x1b[0m");
@@ -146,14 +184,21 @@ fn main() -> Result<()> {
         println!();
         match out {
             Ok(out) => {
+                let u = out.usage;
+                let decode = out.total_time.saturating_sub(out.time_to_first_token);
                 eprintln!(
-                    "[{} prompt tokens, {} reused from cache; {} generated; {:.1} tok/s prefill, {:.1} tok/s decode{}]",
-                    out.prompt_tokens,
-                    out.cached_tokens,
-                    out.token_ids.len(),
-                    out.prefill_tok_s(),
-                    out.decode_tok_s(),
-                    if cancel.load(Ordering::Relaxed) { ", stopped" } else { "" },
+                    "[{} prompt tokens, {} reused from cache; {} generated; first token after \
+                     {:.0} ms, {:.1} tok/s decode{}]",
+                    u.prompt_tokens,
+                    u.cached_tokens,
+                    u.completion_tokens,
+                    out.time_to_first_token.as_secs_f64() * 1e3,
+                    u.completion_tokens.saturating_sub(1) as f64 / decode.as_secs_f64().max(1e-9),
+                    if cancel.load(Ordering::Relaxed) {
+                        ", stopped"
+                    } else {
+                        ""
+                    },
                 );
                 // The template re-renders earlier answers without their thinking.
                 messages.push(json!({"role": "assistant", "content": out.content}));

@@ -105,6 +105,45 @@ struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Run N requests at once through the serving engine instead, and report aggregate
+    /// decode speed against one request alone (-p is each prompt's length, -n each reply's).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// With --concurrency: leading prompt tokens all requests share, to measure prefix reuse.
+    #[arg(long, default_value_t = 0)]
+    shared_prefix: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Sizes of the serving engine.
+#[derive(Args, Clone)]
+struct EngineArgs {
+    /// Most sequences decoding at once.
+    #[arg(long, default_value_t = 16)]
+    max_num_seqs: usize,
+    /// Most tokens per forward step (long prompts are prefilled in chunks of this size).
+    #[arg(long, default_value_t = 512)]
+    max_num_batched_tokens: usize,
+    /// KV cache budget in MiB (default 1024, and never less than one max-model-len sequence).
+    #[arg(long)]
+    kv_cache_mb: Option<usize>,
+    /// Do not reuse cached KV blocks across requests.
+    #[arg(long)]
+    no_prefix_caching: bool,
+}
+
+impl EngineArgs {
+    fn options(&self, max_model_len: usize) -> wick::engine::EngineOptions {
+        wick::engine::EngineOptions {
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_model_len,
+            kv_cache_mb: self.kv_cache_mb,
+            enable_prefix_caching: !self.no_prefix_caching,
+            ..wick::engine::EngineOptions::default()
+        }
+    }
 }
 
 #[derive(Args)]
@@ -463,6 +502,9 @@ fn info() -> Result<()> {
 
 fn bench(a: BenchArgs) -> Result<()> {
     let max_len = a.model.max_model_len.max(a.n_prompt.max(a.n_gen) + 1);
+    if let Some(n) = a.concurrency {
+        return bench_concurrency(a, n);
+    }
     let mut rt = ModelArgs {
         max_model_len: max_len,
         ..a.model
@@ -512,6 +554,66 @@ fn bench(a: BenchArgs) -> Result<()> {
                 report.tg_submits_per_tok.unwrap_or(0.0)
             );
         }
+    }
+    Ok(())
+}
+
+fn bench_concurrency(a: BenchArgs, n: usize) -> Result<()> {
+    let max_len = a.model.max_model_len.min(a.n_prompt + a.n_gen + 1);
+    let rt = ModelArgs {
+        max_model_len: max_len,
+        ..a.model
+    }
+    .load()?;
+    let mut opts = a.engine.options(max_len);
+    opts.max_num_seqs = opts.max_num_seqs.max(n);
+    let engine = rt.start_engine(&opts)?;
+    let report = wick::engine::bench::run(
+        &engine,
+        &wick::engine::bench::ConcurrencyOptions {
+            concurrency: n,
+            n_prompt: a.n_prompt,
+            n_gen: a.n_gen,
+            shared_prefix: a.shared_prefix,
+            vocab: rt.config().vocab_size,
+            seed: 1,
+        },
+    )?;
+    if a.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["model"] = json!(rt.name());
+        v["device"] = json!(rt.device());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("model {} on {}", rt.name(), rt.device());
+    println!(
+        "{n} requests, {} prompt tokens ({} shared), {} generated each",
+        a.n_prompt, a.shared_prefix, a.n_gen
+    );
+    println!(
+        "decode: 1 request {:.1} tok/s; {n} together {:.1} tok/s aggregate ({:.2}x); \
+         end to end {:.1} tok/s",
+        report.single_decode_tok_s,
+        report.aggregate_decode_tok_s,
+        report.speedup,
+        report.end_to_end_tok_s
+    );
+    println!(
+        "prefill: {} prompt tokens computed, {} reused from the prefix cache; {} preemptions",
+        report.prefill_computed, report.prefill_reused, report.preemptions
+    );
+    if let Some(r) = report.min_shared_reused_after_first {
+        println!(
+            "shared prefix reused by every request after the first: at least {:.0}%",
+            r * 100.0
+        );
+    }
+    for (i, r) in report.requests.iter().enumerate() {
+        println!(
+            "  request {i}: {} cached, {} computed, ttft {:.0} ms",
+            r.cached_tokens, r.computed_tokens, r.ttft_ms
+        );
     }
     Ok(())
 }

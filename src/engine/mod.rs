@@ -31,6 +31,7 @@
 //! render it next turn and leaves those blocks in the prefix cache: the next turn then
 //! prefills only the new user message.
 
+pub mod bench;
 pub mod kv_manager;
 pub mod metrics;
 pub mod scheduler;
