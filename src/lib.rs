@@ -5,6 +5,9 @@
 //! - [`runtime::Runtime`]: load a model (a local directory, a `.gguf` file or a Hub id) on a
 //!   device, then [`chat`](runtime::Runtime::chat) or [`generate`](runtime::Runtime::generate)
 //!   with a streaming callback; a conversation's earlier turns stay in the KV cache.
+//! - [`engine::Engine`]: many requests on one model at once — continuous batching over a
+//!   paged KV cache with prefix caching, on its own thread, answered through streams
+//!   ([`runtime::Runtime::start_engine`]).
 //! - [`loader::checkpoint::Checkpoint`]: configuration, tokenizer, chat template and
 //!   memory-mapped weights as found on disk.
 //! - [`model::Model`]: the forward pass, written once over the [`backend::Backend`] trait and

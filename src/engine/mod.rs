@@ -377,6 +377,16 @@ impl Engine {
         self.accepting.load(Ordering::SeqCst)
     }
 
+    /// Whether the engine thread is still running (it stops after [`Engine::shutdown`] once
+    /// its requests are done, or if a step fails irrecoverably).
+    pub fn is_running(&self) -> bool {
+        self.thread
+            .lock()
+            .ok()
+            .and_then(|h| h.as_ref().map(|h| !h.is_finished()))
+            .unwrap_or(false)
+    }
+
     /// Waits for the engine thread to exit (after [`Engine::shutdown`]).
     pub fn join(&self) {
         let handle = self.thread.lock().ok().and_then(|mut h| h.take());
