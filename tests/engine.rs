@@ -138,6 +138,11 @@ fn batched_equals_sequential(device: Device) {
     );
     assert_eq!(m.kv_blocks_used, 0, "every block is returned");
     assert_eq!(m.finished_length, 8);
+    let metrics = engine.metrics();
+    assert_eq!(metrics.time_to_first_token.count(), 8);
+    assert_eq!(metrics.e2e_latency.count(), 8);
+    let tokens: usize = lens.iter().sum();
+    assert_eq!(metrics.inter_token_latency.count() as usize, tokens - 8);
 }
 
 #[test]

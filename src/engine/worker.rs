@@ -515,6 +515,8 @@ impl<B: Backend> Worker<B> {
         let a = render_with("a")?;
         let b = render_with("b")?;
         let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-        (common > self.sched.kv().block_size()).then(|| a[..common].to_vec())
+        // Nothing to gain below one block; nothing that could not be a prompt.
+        (common > self.sched.kv().block_size() && common < self.max_model_len)
+            .then(|| a[..common].to_vec())
     }
 }
