@@ -69,7 +69,8 @@ fn apache_license_perplexity_is_within_one_percent_of_llama_cpp() {
     let bos = rt.tokenizer().encode("", true).unwrap().first().copied();
     assert_eq!(bos, None, "this model's tokenizer adds no BOS");
     let report =
-        wick::perplexity::perplexity(rt.runner().unwrap(), &tokens, want.ctx, bos, &mut |_, _| {}).unwrap();
+        wick::perplexity::perplexity(rt.runner().unwrap(), &tokens, want.ctx, bos, &mut |_, _| {})
+            .unwrap();
     assert_eq!(report.chunks, want.chunks);
     assert_eq!(report.scored, want.chunks * (want.ctx - want.ctx / 2 - 1));
     let rel = (report.ppl - want.llama_cpp).abs() / want.llama_cpp;

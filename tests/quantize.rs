@@ -63,7 +63,10 @@ fn last_logit_errors(rt: &mut Runtime, oracle: &Oracle) -> Vec<(String, f32)> {
         .map(|c| {
             rt.reset();
             let mut logits = Vec::new();
-            rt.runner().unwrap().extend_last(&c.input_ids, &mut logits).unwrap();
+            rt.runner()
+                .unwrap()
+                .extend_last(&c.input_ids, &mut logits)
+                .unwrap();
             rt.reset();
             (
                 c.name.clone(),
