@@ -16,8 +16,16 @@
 // slot written for a sequence is its new position, which every workgroup of that sequence
 // takes from its own registers. qkv itself is left as it was (un-normalised, un-rotated).
 //
-// Not yet: splitting one long context over several workgroups (flash-decoding) and sharing
-// the K/V loads between the query heads of one KV group.
+// With `SPLIT` (flash-decoding, for decode steps over long contexts, where T·H workgroups
+// would leave most of a GPU idle), each (token, head) is spread over `num_splits`
+// workgroups: split s walks positions [s·span, (s+1)·span) of the context with the same
+// online softmax and writes its unnormalised accumulator with its running max and sum to
+// `part[T·H·splits, D + 2]`; `attention_reduce.wgsl` rescales and combines the splits. A
+// split past the end of its sequence's context writes an empty partial (sum 0). With
+// `DECODE` too, every split normalises and rotates its query and key itself, only split 0
+// writes the new key and value, and only the last split reads them (from registers).
+//
+// Not yet: sharing the K/V loads between the query heads of one KV group.
 
 const WG: u32 = 64u;
 // Largest head dimension supported (checked when the KV cache is made).
@@ -47,8 +55,22 @@ struct Params {
     has_k_norm: u32,          // 1 when k_norm holds the k norm weight
     slots_off: u32,           // offset of slot_mapping[T] in `batch`
     _pad0: u32,
+#ifdef SPLIT
+    split_span: u32,          // positions per split (a multiple of WG)
+    num_splits: u32,          // splits per (token, head)
+    _pad1: u32,
+    _pad2: u32,
+#endif
+#else
+#ifdef SPLIT
+    split_span: u32,          // positions per split (a multiple of WG)
+    num_splits: u32,          // splits per (token, head)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 #else
     _pad: u32,
+#endif
 #endif
 }
 
@@ -60,7 +82,11 @@ struct Params {
 @group(0) @binding(4) var<storage, read> batch: array<u32>;         // the step's batch words
 @group(0) @binding(5) var<storage, read_write> k_cache: array<f32>; // [slots, Hkv·D]
 @group(0) @binding(6) var<storage, read_write> v_cache: array<f32>; // [slots, Hkv·D]
+#ifdef SPLIT
+@group(0) @binding(7) var<storage, read_write> part: array<f32>;    // [T·H·splits, D + 2]
+#else
 @group(0) @binding(7) var<storage, read_write> out: array<f32>;     // [T, H·D]
+#endif
 
 var<workgroup> k_sh: array<f32, MAX_D>;    // [D] the new key of this head's KV group
 var<workgroup> v_sh: array<f32, MAX_D>;    // [D] the new value of this head's KV group
@@ -69,7 +95,11 @@ var<workgroup> v_sh: array<f32, MAX_D>;    // [D] the new value of this head's K
 @group(0) @binding(1) var<storage, read> k_cache: array<f32>;   // [slots, Hkv·D]
 @group(0) @binding(2) var<storage, read> v_cache: array<f32>;   // [slots, Hkv·D]
 @group(0) @binding(3) var<storage, read> batch: array<u32>;     // the step's batch words
+#ifdef SPLIT
+@group(0) @binding(4) var<storage, read_write> part: array<f32>; // [T·H·splits, D + 2]
+#else
 @group(0) @binding(4) var<storage, read_write> out: array<f32>; // [T, H·D]
+#endif
 #endif
 @group(1) @binding(0) var<uniform> p: Params;
 
@@ -84,10 +114,19 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+#ifdef SPLIT
+    let split_job = wid.x + wid.y * nwg.x;
+    if split_job >= p.num_tokens * p.num_heads * p.num_splits {
+        return;
+    }
+    let split = split_job % p.num_splits;
+    let job = split_job / p.num_splits;
+#else
     let job = wid.x + wid.y * nwg.x;
     if job >= p.num_tokens * p.num_heads {
         return;
     }
+#endif
     let row = job / p.num_heads;
     let head = job % p.num_heads;
     let d = p.head_dim;
@@ -114,7 +153,11 @@ fn main(
     let inv_q = 1.0 / sqrt(wg_sum(sq, lid) / f32(d) + p.eps);
     let inv_k = 1.0 / sqrt(wg_sum(sk, lid) / f32(d) + p.eps);
     let angles = batch[p.positions_off + row] * d;
+#ifdef SPLIT
+    let writes_kv = head % (p.num_heads / p.num_kv_heads) == 0u && split == 0u;
+#else
     let writes_kv = head % (p.num_heads / p.num_kv_heads) == 0u;
+#endif
     let new_base = batch[p.slots_off + row] * kv_dim + kv_off;
     // Each thread owns the pairs (i, i + D/2) it reads and writes.
     for (var i = lid; i < half; i += WG) {
@@ -156,12 +199,20 @@ fn main(
         ctx_sh = batch[p.positions_off + row] + 1u;
     }
     // Also the barrier that publishes q_sh (and k_sh, v_sh).
-    let ctx = workgroupUniformLoad(&ctx_sh);
+    let ctx_all = workgroupUniformLoad(&ctx_sh);
+#ifdef SPLIT
+    // This split's positions: [first, ctx).
+    let first = min(split * p.split_span, ctx_all);
+    let ctx = min(first + p.split_span, ctx_all);
+#else
+    let first = 0u;
+    let ctx = ctx_all;
+#endif
 
     var m = -3.0e38;  // running max of the scores (the same in every thread)
     var l = 0.0;      // running sum of exp(score - m) (the same in every thread)
     var acc: array<f32, DPT>;
-    for (var c0 = 0u; c0 < ctx; c0 += WG) {
+    for (var c0 = first; c0 < ctx; c0 += WG) {
         let pos = c0 + lid;
         var s = -3.0e38;
         var slot = 0u;
@@ -170,7 +221,7 @@ fn main(
             let kb = slot * kv_dim + kv_off;
             var dot = 0.0;
 #ifdef DECODE
-            if pos + 1u == ctx {
+            if pos + 1u == ctx_all {
                 for (var i = 0u; i < d; i++) {
                     dot += q_sh[i] * k_sh[i];
                 }
@@ -212,7 +263,7 @@ fn main(
                 let dd = lid + k * WG;
                 if dd < d {
 #ifdef DECODE
-                    if c0 + j + 1u == ctx {
+                    if c0 + j + 1u == ctx_all {
                         acc[k] += e * v_sh[dd];
                     } else {
                         acc[k] += e * v_cache[vb + dd];
@@ -227,6 +278,19 @@ fn main(
         // Nobody may overwrite score_sh / slot_sh before everyone has used them.
         workgroupBarrier();
     }
+#ifdef SPLIT
+    let pb = split_job * (d + 2u);
+    for (var k = 0u; k < DPT; k++) {
+        let dd = lid + k * WG;
+        if dd < d {
+            part[pb + dd] = acc[k];
+        }
+    }
+    if lid == 0u {
+        part[pb + d] = m;
+        part[pb + d + 1u] = l;
+    }
+#else
     let inv = 1.0 / l;
     for (var k = 0u; k < DPT; k++) {
         let dd = lid + k * WG;
@@ -234,4 +298,5 @@ fn main(
             out[row * p.num_heads * d + head * d + dd] = acc[k] * inv;
         }
     }
+#endif
 }

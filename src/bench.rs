@@ -7,17 +7,20 @@
 //!   against the machine's bandwidth says how close to the limit it runs).
 //!
 //! Each figure is the median over `repetitions` runs after one warm-up run; the machine is
-//! shared and noisy, so medians, not means. Sampling is not timed (argmax only).
+//! shared and noisy, so medians, not means. Decoding is greedy and the argmax is part of the
+//! step: the backend samples where the logits are ([`SequenceRunner::extend_sample`]), so on
+//! the GPU a decoded token reads back one id, not `[V]` logits.
 //!
 //! On the GPU, the backend's counters give the work of each decoded token: compute
-//! dispatches (each one a pass the driver schedules: fewer, fused kernels cost less) and
-//! blocking read-backs (each one a full CPU ↔ GPU round trip).
+//! dispatches (each one a pass the driver schedules: fewer, fused kernels cost less),
+//! blocking read-backs (each one a full CPU ↔ GPU round trip) and the bytes they copy.
 
 use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::backend::wgpu::GpuStats;
+use crate::backend::RowSampling;
 use crate::error::Result;
 use crate::generate::SequenceRunner;
 
@@ -59,6 +62,8 @@ pub struct BenchReport {
     pub tg_submits_per_tok: Option<f64>,
     /// Blocking GPU read-backs per generated token (GPU only).
     pub tg_readbacks_per_tok: Option<f64>,
+    /// Bytes those read-backs copy to the host per generated token (GPU only).
+    pub tg_readback_bytes_per_tok: Option<f64>,
 }
 
 /// Median of `v` (0 for empty).
@@ -85,16 +90,6 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// Runs the benchmark on `runner` (its cache is reset before and after).
 pub fn run(
     runner: &mut dyn SequenceRunner,
@@ -115,7 +110,8 @@ pub fn run_counting(
     gpu_stats: Option<&dyn Fn() -> GpuStats>,
 ) -> Result<BenchReport> {
     let mut logits = Vec::new();
-    let mut per_tok: Option<[f64; 3]> = None;
+    let mut per_tok: Option<[f64; 4]> = None;
+    let greedy = RowSampling::greedy();
     let mut pp_runs = Vec::new();
     let mut tg_runs = Vec::new();
     for rep in 0..=opts.repetitions {
@@ -135,8 +131,7 @@ pub fn run_counting(
             let before = gpu_stats.map(|f| f());
             let t = Instant::now();
             for _ in 0..opts.n_gen {
-                runner.extend_last(&[next], &mut logits)?;
-                next = argmax(&logits);
+                next = runner.extend_sample(&[next], &greedy)?;
             }
             let secs = t.elapsed().as_secs_f64();
             if let (Some(b), Some(f)) = (before, gpu_stats) {
@@ -145,6 +140,7 @@ pub fn run_counting(
                     (a.dispatches - b.dispatches) as f64 / n,
                     (a.submits - b.submits) as f64 / n,
                     (a.readbacks - b.readbacks) as f64 / n,
+                    (a.readback_bytes - b.readback_bytes) as f64 / n,
                 ]);
             }
             if rep > 0 {
@@ -168,5 +164,6 @@ pub fn run_counting(
         tg_dispatches_per_tok: per_tok.map(|p| p[0]),
         tg_submits_per_tok: per_tok.map(|p| p[1]),
         tg_readbacks_per_tok: per_tok.map(|p| p[2]),
+        tg_readback_bytes_per_tok: per_tok.map(|p| p[3]),
     })
 }

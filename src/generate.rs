@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, RowSampling};
 use crate::error::{Error, Result};
 use crate::reasoning::{Delta, ReasoningParser};
 use crate::sampler::{Sampler, SamplingParams, StopMatcher, TokenLogprobs};
@@ -28,6 +28,18 @@ pub trait SequenceRunner: Send {
     fn extend_last(&mut self, ids: &[u32], logits: &mut Vec<f32>) -> Result<()>;
     /// Appends `ids`, reporting the logits after every one of them.
     fn extend_all(&mut self, ids: &[u32], on_row: &mut dyn FnMut(usize, &[f32])) -> Result<()>;
+    /// Appends `ids` (at least one) and returns the token `params` chooses after the last one,
+    /// sampled by the backend where the logits are (on the GPU: one id read back, not `[V]`
+    /// logits). The default reads the logits back and samples on the host.
+    fn extend_sample(&mut self, ids: &[u32], params: &RowSampling) -> Result<u32> {
+        let mut logits = Vec::new();
+        self.extend_last(ids, &mut logits)?;
+        Ok(crate::backend::sample::sample_row(
+            &logits,
+            params,
+            &mut Vec::new(),
+        ))
+    }
     /// Forgets the cache.
     fn reset(&mut self);
     /// The longest sequence it holds.
@@ -49,6 +61,9 @@ impl<B: Backend> SequenceRunner for Session<B> {
     }
     fn extend_all(&mut self, ids: &[u32], on_row: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
         self.extend(ids, WantLogits::All, on_row)
+    }
+    fn extend_sample(&mut self, ids: &[u32], params: &RowSampling) -> Result<u32> {
+        Session::extend_sample(self, ids, params)
     }
     fn reset(&mut self) {
         Session::reset(self)

@@ -48,6 +48,7 @@ pub mod quant;
 pub mod reasoning;
 pub mod runtime;
 pub mod sampler;
+pub mod server;
 pub mod session;
 pub mod synth;
 pub mod tokenizer;

@@ -41,6 +41,10 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// List GPU adapters, their features and limits, and what `--device auto` picks.
     Info,
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+    /// Load-test an OpenAI-compatible server: QPS, latency and TTFT percentiles, tok/s.
+    BenchServe(BenchServeArgs),
 }
 
 #[derive(Args)]
@@ -291,6 +295,8 @@ fn main() -> Result<()> {
         Command::Quantize(a) => quantize(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Info => info(),
+        Command::Serve(a) => serve(a),
+        Command::BenchServe(a) => bench_serve(a),
         Command::Synth(a) => {
             let preset = wick::synth::Preset::parse(&a.preset)?;
             wick::synth::write_checkpoint(preset, &a.out, &a.tokenizer, a.seed)?;
@@ -683,6 +689,212 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
             "Final estimate: PPL = {:.4} +/- {:.5} ({} tokens, {} chunks of {})",
             report.ppl, report.ppl_err, report.tokens, report.chunks, a.ctx
         );
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OverloadArg {
+    /// Answer 429 with Retry-After once --max-queue requests wait.
+    Refuse,
+    /// From --degrade-threshold waiting requests on, shorten replies (--degrade-max-tokens)
+    /// and decode greedily; still refuse past --max-queue.
+    Degrade,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port; the address is printed on stderr).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// The model name clients send (default: the Hub id or the directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on /v1/* (also read from WICK_API_KEY).
+    #[arg(long, env = "WICK_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Most requests waiting for a slot; more are refused with 429 and Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Fraction (0, 1] of the --kv-cache-mb budget (default 1024 MiB) given to the KV cache.
+    /// Not a share of GPU memory: wgpu cannot query how much is free.
+    #[arg(long)]
+    gpu_memory_utilization: Option<f64>,
+    /// JSON field for the model's thinking in replies (vLLM's default; some clients want
+    /// `reasoning`).
+    #[arg(long, default_value = "reasoning_content")]
+    reasoning_field: String,
+    /// What to do when the queue fills up.
+    #[arg(long, value_enum, default_value = "refuse")]
+    overload_policy: OverloadArg,
+    /// With --overload-policy degrade: waiting requests at which degrading starts
+    /// (default: half of --max-queue).
+    #[arg(long)]
+    degrade_threshold: Option<usize>,
+    /// With --overload-policy degrade: the max_tokens degraded requests are clamped to.
+    #[arg(long, default_value_t = 64)]
+    degrade_max_tokens: usize,
+    /// Longest a request may run, in seconds: then it is cancelled and answered with 504
+    /// (or, once a stream has started, an error event that ends the stream).
+    #[arg(long, default_value_t = 600)]
+    request_timeout: u64,
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    use wick::server::{AppState, Loaded, OverloadPolicy, ServerOptions};
+
+    let mut engine_opts = a.engine.options(a.model.max_model_len);
+    engine_opts.max_waiting = Some(a.max_queue);
+    if let Some(f) = a.gpu_memory_utilization {
+        anyhow::ensure!(
+            f > 0.0 && f <= 1.0,
+            "--gpu-memory-utilization must be in (0, 1], not {f}"
+        );
+        let budget = a.engine.kv_cache_mb.unwrap_or(1024) as f64;
+        engine_opts.kv_cache_mb = Some(((budget * f) as usize).max(1));
+    }
+    let overload = match a.overload_policy {
+        OverloadArg::Refuse => OverloadPolicy::Refuse,
+        OverloadArg::Degrade => OverloadPolicy::Degrade {
+            threshold: a.degrade_threshold.unwrap_or(a.max_queue / 2),
+            max_tokens: a.degrade_max_tokens.max(1),
+        },
+    };
+    let state = AppState::new(ServerOptions {
+        served_model_name: a.served_model_name.clone(),
+        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        reasoning_field: a.reasoning_field.clone(),
+        overload,
+        request_timeout: std::time::Duration::from_secs(a.request_timeout.max(1)),
+        ..ServerOptions::default()
+    });
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    tokio_rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+            .await
+            .with_context(|| format!("listening on {}:{}", a.host, a.port))?;
+        eprintln!("wick: listening on http://{}", listener.local_addr()?);
+        // Load while already answering /health (503 until the engine runs).
+        let st = state.clone();
+        let model = a.model;
+        let loading = tokio::task::spawn_blocking(move || -> Result<Runtime> {
+            let rt = model.load()?;
+            let engine = rt.start_engine(&engine_opts)?;
+            let name = st
+                .opts
+                .served_model_name
+                .clone()
+                .unwrap_or_else(|| rt.name().to_string());
+            eprintln!(
+                "wick: serving {name} ({} KV blocks of {} tokens, max_model_len {})",
+                engine.info().num_blocks,
+                engine.info().block_size,
+                engine.info().max_model_len
+            );
+            st.set_loaded(Loaded {
+                engine: Arc::new(engine),
+                defaults: rt.default_params(),
+                model_name: name,
+            });
+            Ok(rt)
+        });
+        let runtime = Arc::new(std::sync::Mutex::new(None));
+        let keep = runtime.clone();
+        tokio::spawn(async move {
+            match loading.await {
+                Ok(Ok(rt)) => {
+                    if let Ok(mut k) = keep.lock() {
+                        *k = Some(rt);
+                    }
+                }
+                Ok(Err(e)) => {
+                    eprintln!("wick: {e:#}");
+                    std::process::exit(1);
+                }
+                Err(e) => {
+                    eprintln!("wick: loading failed: {e}");
+                    std::process::exit(1);
+                }
+            }
+        });
+        wick::server::serve(state.clone(), listener, wick::server::shutdown_signal()).await?;
+        if let Some(l) = state.loaded() {
+            l.engine.shutdown();
+            l.engine.join();
+        }
+        drop(runtime);
+        eprintln!("wick: stopped");
+        Ok(())
+    })
+}
+
+#[derive(Args)]
+struct BenchServeArgs {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Model name (default: the first one /v1/models lists).
+    #[arg(long)]
+    model: Option<String>,
+    /// Bearer token (also read from OPENAI_API_KEY).
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Requests in total.
+    #[arg(long, default_value_t = 64)]
+    requests: usize,
+    /// Stream the replies (server-sent events) and measure time to first token.
+    #[arg(long)]
+    stream: bool,
+    /// max_tokens of each request.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Approximate prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Send `ignore_eos: true` (wick, vLLM) so every reply is --max-tokens long.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Per-request time limit in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn bench_serve(a: BenchServeArgs) -> Result<()> {
+    let opts = wick::server::bench::BenchOptions {
+        url: a.url,
+        model: a.model,
+        api_key: a.api_key.filter(|k| !k.is_empty()),
+        concurrency: a.concurrency,
+        requests: a.requests,
+        stream: a.stream,
+        max_tokens: a.max_tokens,
+        prompt_len: a.prompt_len,
+        ignore_eos: a.ignore_eos,
+        timeout: std::time::Duration::from_secs(a.timeout.max(1)),
+    };
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = tokio_rt.block_on(wick::server::bench::run(&opts))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
     }
     Ok(())
 }

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::{Backend, Batch};
+use crate::backend::{Backend, Batch, RowSampling};
 use crate::error::{Error, Result};
 use crate::kv_cache::{BlockPool, BlockTable, DEFAULT_BLOCK_SIZE};
 use crate::model::{Model, RunState};
@@ -57,6 +57,8 @@ pub struct Session<B: Backend> {
     opts: SessionOptions,
     batch: Batch,
     logits: Vec<f32>,
+    /// Ids from the backend's sample op.
+    sampled: Vec<u32>,
 }
 
 impl<B: Backend> Session<B> {
@@ -82,6 +84,7 @@ impl<B: Backend> Session<B> {
             opts,
             batch: Batch::default(),
             logits: Vec::new(),
+            sampled: Vec::new(),
             model,
         })
     }
@@ -128,8 +131,30 @@ impl<B: Backend> Session<B> {
         &mut self,
         ids: &[u32],
         want: WantLogits,
-        mut on_logits: impl FnMut(usize, &[f32]),
+        on_logits: impl FnMut(usize, &[f32]),
     ) -> Result<()> {
+        self.run(ids, want, None, on_logits).map(|_| ())
+    }
+
+    /// Runs the model over `ids` after the cached tokens and returns the token `params`
+    /// chooses from the logits after the last one, sampled by the backend where the logits
+    /// are ([`Model::forward_sample`]: on the GPU the last step reads back one id, not `[V]`
+    /// logits). `ids` must not be empty.
+    pub fn extend_sample(&mut self, ids: &[u32], params: &RowSampling) -> Result<u32> {
+        assert!(!ids.is_empty(), "extend_sample needs a token");
+        let id = self.run(ids, WantLogits::Last, Some(params), |_, _| {})?;
+        Ok(id.expect("the last chunk samples"))
+    }
+
+    /// [`Session::extend`], and with `sample` the last chunk ends in the backend's sample op
+    /// instead of reading logits back; returns its token.
+    fn run(
+        &mut self,
+        ids: &[u32],
+        want: WantLogits,
+        sample: Option<&RowSampling>,
+        mut on_logits: impl FnMut(usize, &[f32]),
+    ) -> Result<Option<u32>> {
         let total = self.tokens.len() + ids.len();
         if total > self.opts.max_model_len {
             return Err(Error::PromptTooLong {
@@ -149,6 +174,7 @@ impl<B: Backend> Session<B> {
         };
         let bs = self.pool.block_size();
         let mut done = 0;
+        let mut sampled = None;
         while done < ids.len() {
             let n = chunk.min(ids.len() - done);
             let part = &ids[done..done + n];
@@ -175,11 +201,28 @@ impl<B: Backend> Session<B> {
                 WantLogits::Last => {}
             }
             debug_assert_eq!(b.check(bs), Ok(()));
-            self.model
-                .forward(&mut self.state, &mut self.cache, b, &mut self.logits);
+            match sample {
+                Some(p) if last_chunk => {
+                    self.model.forward_sample(
+                        &mut self.state,
+                        &mut self.cache,
+                        b,
+                        std::slice::from_ref(p),
+                        &mut self.sampled,
+                    );
+                    sampled = self.sampled.first().copied();
+                    self.logits.clear();
+                }
+                _ => self
+                    .model
+                    .forward(&mut self.state, &mut self.cache, b, &mut self.logits),
+            }
             self.table.num_tokens += n;
             self.tokens.extend_from_slice(part);
             for (r, &row) in self.batch.logits_rows.iter().enumerate() {
+                if self.logits.is_empty() {
+                    break;
+                }
                 on_logits(
                     done + row as usize,
                     &self.logits[r * vocab..(r + 1) * vocab],
@@ -187,6 +230,6 @@ impl<B: Backend> Session<B> {
             }
             done += n;
         }
-        Ok(())
+        Ok(sampled)
     }
 }

@@ -532,6 +532,47 @@ fn folded_decode_attention_matches_cpu_ops() {
     }
 }
 
+/// Flash-decoding: decode steps over contexts longer than the split span spread each
+/// (token, head) over several workgroups and combine them in a second pass. Contexts of 1,
+/// 33, 1000 and 4097 tokens (and one more and two more in the decode steps), paired so that
+/// one sequence of a step may have fewer splits than the other, or none.
+#[test]
+fn split_decode_attention_matches_cpu_on_long_contexts() {
+    let Some(g) = gpu_with(WgpuOptions {
+        decode_split: 64,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let c = cpu();
+    for &(h, hkv, d) in &[(4, 2, 32), (2, 1, 128)] {
+        for lens in [[1, 1], [1, 33], [1000, 33], [4097, 1000]] {
+            let what = format!("split attention H={h} Hkv={hkv} D={d} lens={lens:?}");
+            let before = g.stats().dispatches;
+            let got = folded_attention_run(&g, dims(h, hkv, d), lens, true);
+            let dispatches = g.stats().dispatches - before;
+            let want = folded_attention_run(&c, dims(h, hkv, d), lens, true);
+            assert_close(&what, &got, &want, 1e-5, 1e-4);
+            // A decode step over more than 64 positions: embed, the folded kernel split, the
+            // reduction; otherwise embed and the folded kernel. Prefill (step 0) is never
+            // split: embed + three ops, or for a step of single tokens, two.
+            let decode = |ctx: usize| if ctx > 64 { 3 } else { 2 };
+            let prefill = if lens == [1, 1] { 2 } else { 4 };
+            let longest = lens[0].max(lens[1]);
+            let want_dispatches = prefill + decode(longest + 1) + decode(longest + 2);
+            assert_eq!(dispatches, want_dispatches as u64, "{what}: dispatches");
+            // The unfolded op splits too (for adapters with fewer than 8 storage buffers).
+            assert_close(
+                &format!("{what}, unfolded"),
+                &attention_run(&g, dims(h, hkv, d), lens),
+                &attention_run(&c, dims(h, hkv, d), lens),
+                1e-5,
+                1e-4,
+            );
+        }
+    }
+}
+
 fn silu_gather_run<B: Backend>(b: &B, rows: usize, f: usize) -> Vec<f32> {
     let mut batch = one_seq(rows, 0);
     batch.logits_rows = (0..rows as u32).rev().step_by(2).collect();

@@ -17,8 +17,10 @@
 //! key-value heads, D head_dim, F ffn width, V vocab, R rows whose logits are wanted.
 
 pub mod cpu;
+pub mod sample;
 pub mod wgpu;
 
+pub use self::sample::RowSampling;
 use crate::error::Result;
 use crate::loader::HostTensor;
 
@@ -212,6 +214,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Allocates an activation matrix of `rows` × `cols`.
     fn tensor(&self, rows: usize, cols: usize) -> Self::Tensor;
 
+    /// The number of columns of `t`.
+    fn tensor_cols(&self, t: &Self::Tensor) -> usize;
+
     /// Allocates the paged KV cache.
     fn kv_cache(&self, layout: KvLayout) -> Result<Self::KvCache>;
 
@@ -335,4 +340,19 @@ pub trait Backend: Send + Sync + 'static {
     /// Copies the first `rows` rows of `t` to the host (`dst.len() == rows * cols`). This is
     /// the step's read-back: on a GPU it waits for the step to finish.
     fn read(&self, t: &Self::Tensor, rows: usize, dst: &mut [f32]);
+
+    /// Chooses one token per row of `logits[rows, V]`, row `i` as `params[i]` says, into
+    /// `out[rows]`, by the algorithm of [`sample::sample_row`] (the `Sampler`'s filters without
+    /// penalties or logprobs). Like [`Backend::read`], this is the step's read-back; on a GPU
+    /// it brings back `rows` ids instead of `rows × V` logits.
+    ///
+    /// The default reads the logits to the host (allocating `[rows, V]`) and samples there.
+    fn sample(&self, logits: &Self::Tensor, rows: usize, params: &[RowSampling], out: &mut [u32]) {
+        assert_eq!(params.len(), rows, "one RowSampling per row");
+        assert_eq!(out.len(), rows, "one id per row");
+        let vocab = self.tensor_cols(logits);
+        let mut host = vec![0.0; rows * vocab];
+        self.read(logits, rows, &mut host);
+        sample::sample_rows(&host, vocab, params, out, &mut Vec::new());
+    }
 }

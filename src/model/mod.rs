@@ -3,7 +3,9 @@
 //! [`Model`] holds the weights as backend handles; [`RunState`] holds the preallocated
 //! activations for steps of up to `max_tokens` tokens; [`Model::forward`] runs one step over
 //! a [`Batch`] (any mix of prompt chunks and decode tokens from any number of sequences)
-//! against a paged KV cache, and leaves the logits of the batch's `logits_rows`.
+//! against a paged KV cache, and leaves the logits of the batch's `logits_rows`;
+//! [`Model::forward_sample`] runs the same step and samples those rows where the logits are
+//! (on the GPU: one read-back of R token ids).
 //!
 //! ```text
 //! x = embed(tokens)                                  [T, C]
@@ -20,7 +22,7 @@
 //! logits = rms_norm(x[logits_rows], norm) · lm_headᵀ [R, V]
 //! ```
 
-use crate::backend::{AttentionDims, Backend, Batch, KvLayout};
+use crate::backend::{AttentionDims, Backend, Batch, KvLayout, RowSampling};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::loader::TensorSet;
@@ -206,6 +208,51 @@ impl<B: Backend> Model<B> {
         batch: &Batch,
         logits: &mut Vec<f32>,
     ) {
+        let r = self.forward_logits(state, cache, batch);
+        if r == 0 {
+            logits.clear();
+            return;
+        }
+        logits.resize(r * self.config.vocab_size, 0.0);
+        self.backend.read(&state.logits, r, logits);
+    }
+
+    /// Runs one step like [`Model::forward`] but ends in [`Backend::sample`]: `ids[R]` gets
+    /// the token chosen from each row of logits, row `i` as `params[i]` says. On the GPU the
+    /// step's one read-back is then R token ids instead of `[R, V]` logits.
+    ///
+    /// `params` holds one entry per `batch.logits_rows`. Penalties and logprobs need the
+    /// logits on the host: use [`Model::forward`] and the [`crate::sampler::Sampler`] for those.
+    pub fn forward_sample(
+        &self,
+        state: &mut RunState<B>,
+        cache: &mut B::KvCache,
+        batch: &Batch,
+        params: &[RowSampling],
+        ids: &mut Vec<u32>,
+    ) {
+        assert_eq!(
+            params.len(),
+            batch.logits_rows.len(),
+            "one RowSampling per logits row"
+        );
+        let r = self.forward_logits(state, cache, batch);
+        if r == 0 {
+            ids.clear();
+            return;
+        }
+        ids.resize(r, 0);
+        self.backend.sample(&state.logits, r, params, ids);
+    }
+
+    /// The step up to the logits: leaves `[R, V]` in `state.logits` and returns R. Nothing
+    /// is read back; with R = 0 the work stays recorded until the next step begins.
+    fn forward_logits(
+        &self,
+        state: &mut RunState<B>,
+        cache: &mut B::KvCache,
+        batch: &Batch,
+    ) -> usize {
         let t = batch.num_tokens();
         assert!(t > 0 && t <= state.max_tokens, "step of {t} tokens");
         let (b, dims, eps) = (&self.backend, self.dims, self.config.rms_norm_eps);
@@ -252,8 +299,7 @@ impl<B: Backend> Model<B> {
         let r = batch.logits_rows.len();
         assert!(r <= state.max_logits_rows, "{r} logits rows requested");
         if r == 0 {
-            logits.clear();
-            return;
+            return 0;
         }
         b.gather_rows(&state.x, batch, &mut state.last);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
@@ -266,7 +312,6 @@ impl<B: Backend> Model<B> {
             &mut state.last_n,
             &mut state.logits,
         );
-        logits.resize(r * self.config.vocab_size, 0.0);
-        b.read(&state.logits, r, logits);
+        r
     }
 }

@@ -11,7 +11,7 @@ pub mod simd;
 
 use rayon::prelude::*;
 
-use super::{AttentionDims, Backend, Batch, KvLayout};
+use super::{AttentionDims, Backend, Batch, KvLayout, RowSampling};
 use crate::error::{Error, Result};
 use crate::loader::HostTensor;
 use crate::quant::dequantize_row;
@@ -19,6 +19,8 @@ use crate::quant::dequantize_row;
 /// The CPU backend.
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
+    /// Survivors of the sampling filters, up to `[V]`, kept across steps.
+    sample_scratch: std::sync::Mutex<Vec<(u32, f32)>>,
 }
 
 impl CpuBackend {
@@ -29,7 +31,10 @@ impl CpuBackend {
             .thread_name(|i| format!("wick-cpu-{i}"))
             .build()
             .map_err(|e| Error::Device(format!("cannot start {threads} CPU threads: {e}")))?;
-        Ok(CpuBackend { pool })
+        Ok(CpuBackend {
+            pool,
+            sample_scratch: Default::default(),
+        })
     }
 
     /// Number of worker threads.
@@ -304,5 +309,20 @@ impl Backend for CpuBackend {
 
     fn read(&self, t: &CpuTensor, rows: usize, dst: &mut [f32]) {
         dst.copy_from_slice(&t.data[..rows * t.cols]);
+    }
+
+    fn tensor_cols(&self, t: &CpuTensor) -> usize {
+        t.cols
+    }
+
+    fn sample(&self, logits: &CpuTensor, rows: usize, params: &[RowSampling], out: &mut [u32]) {
+        assert_eq!(params.len(), rows, "one RowSampling per row");
+        assert_eq!(out.len(), rows, "one id per row");
+        // The logits are already on the host: sample them in place.
+        let mut scratch = self
+            .sample_scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        super::sample::sample_rows(logits.rows(rows), logits.cols, params, out, &mut scratch);
     }
 }

@@ -4,7 +4,8 @@
 //! storage buffers made by [`Backend::tensor`], and the KV cache is one f32 K and one f32 V
 //! buffer per layer. A step records work, it does not run it: [`Backend::begin_step`] uploads
 //! the batch into a preallocated buffer and opens one command encoder, every op appends a
-//! compute pass to it, and [`Backend::read`] submits the whole step and does its single
+//! compute pass to it, and [`Backend::read`] (or [`Backend::sample`], which picks the tokens
+//! on the GPU and reads back only their ids) submits the whole step and does its single
 //! blocking read-back. Nothing is allocated per step once buffers have grown to the largest
 //! batch seen; pipelines and bind groups are cached (bind groups by the ids of the buffers
 //! they bind).
@@ -29,6 +30,12 @@
 //! - **Parameters**: each dispatch writes its uniform struct into its own 256-byte slot of
 //!   a params page (bound with a dynamic offset); pages are uploaded just before submit.
 //!
+//! - **Decode attention over long contexts** (flash-decoding): when every sequence of a step
+//!   has one new token and the longest context exceeds [`WgpuOptions::decode_split`]
+//!   positions, each (token, head) is spread over one workgroup per that many positions,
+//!   which write partial softmax results to a scratch buffer that a second pass combines
+//!   (two dispatches per layer instead of one).
+//!
 //! Compute is f32 throughout (no f16 intermediates), so results match the CPU backend to
 //! rounding. Kernels: see `shaders/` and [`pipelines`].
 
@@ -48,7 +55,7 @@ use self::context::GpuContext;
 pub use self::context::{has_hardware_gpu, list_adapters, AdapterInfoSummary};
 use self::params::*;
 use self::pipelines::{Kernel, PipelineKey, Pipelines, WEIGHT_DTYPES};
-use super::{AttentionDims, Backend, Batch, KvLayout};
+use super::{AttentionDims, Backend, Batch, KvLayout, RowSampling};
 use crate::error::{Error, Result};
 use crate::loader::HostTensor;
 use crate::quant::DType;
@@ -63,6 +70,9 @@ const MAT_TILE: usize = 64;
 const WG: usize = 64;
 /// Largest head dimension of `attention.wgsl` (its `MAX_D`).
 const MAX_HEAD_DIM: usize = 256;
+/// Default [`WgpuOptions::decode_split`]: with 16 query heads, a 4096-token context makes
+/// 128 workgroups instead of 16.
+const DECODE_SPLIT: usize = 512;
 /// Parameter slots per params page.
 const SLOTS_PER_PAGE: usize = 64;
 
@@ -79,6 +89,10 @@ pub struct WgpuOptions {
     /// Split weights into segments of at most this many bytes even when the adapter allows
     /// bigger bindings (tests use it to exercise splitting on small weights).
     pub max_segment_bytes: Option<u64>,
+    /// Flash-decoding: in decode steps whose longest context exceeds this many positions,
+    /// each (token, head) of the attention is spread over one workgroup per this many
+    /// positions (rounded up to a multiple of 64), and a second pass combines them. 0 = never.
+    pub decode_split: usize,
 }
 
 impl Default for WgpuOptions {
@@ -88,6 +102,7 @@ impl Default for WgpuOptions {
             allow_subgroups: true,
             allow_f16: true,
             max_segment_bytes: None,
+            decode_split: DECODE_SPLIT,
         }
     }
 }
@@ -103,6 +118,8 @@ pub struct GpuStats {
     pub submits: u64,
     /// Blocking read-backs (waits for the GPU).
     pub readbacks: u64,
+    /// Bytes copied back to the host by those read-backs.
+    pub readback_bytes: u64,
 }
 
 /// A GPU buffer with an id that bind-group caching can key on (cloning shares the buffer).
@@ -227,6 +244,12 @@ struct Inner {
     batch_words: Vec<u32>,
     step: StepLayout,
     staging: Option<wgpu::Buffer>,
+    /// `[R]` [`RowSampling`] of the current sample op.
+    sampling: Option<GpuBuffer>,
+    /// `[R]` u32 token ids the sample op writes.
+    sample_ids: Option<GpuBuffer>,
+    /// `[T·H·splits, D + 2]` partial results of split decode attention.
+    attn_part: Option<GpuBuffer>,
     rope: Option<RopeTable>,
     stats: GpuStats,
 }
@@ -241,6 +264,9 @@ pub struct WgpuBackend {
     slot_bytes: usize,
     /// Bound in place of absent optional inputs (q/k norms).
     dummy: GpuBuffer,
+    /// Context positions per workgroup of split decode attention (a multiple of `WG`);
+    /// 0 = never split.
+    split_span: usize,
     inner: Mutex<Inner>,
 }
 
@@ -286,6 +312,9 @@ impl WgpuBackend {
                 batch_words: Vec::new(),
                 step: StepLayout::default(),
                 staging: None,
+                sampling: None,
+                sample_ids: None,
+                attn_part: None,
                 rope: None,
                 stats: GpuStats::default(),
             }),
@@ -294,6 +323,7 @@ impl WgpuBackend {
             segment_limit,
             slot_bytes,
             dummy,
+            split_span: opts.decode_split.next_multiple_of(WG),
         })
     }
 
@@ -477,6 +507,155 @@ impl WgpuBackend {
         inner.slots_used = 0;
         self.ctx.queue.submit([encoder.finish()]);
         inner.stats.submits += 1;
+    }
+
+    /// Splits per (token, head) when `batch` is a decode step (one new token per sequence)
+    /// whose longest context exceeds the split span; `None` for one workgroup each.
+    fn decode_splits(&self, batch: &Batch) -> Option<usize> {
+        let decode = batch.seqs.iter().all(|s| s.len == 1);
+        let longest = batch.seqs.iter().map(|s| s.context_len as usize).max()?;
+        (self.split_span > 0 && decode && longest > self.split_span)
+            .then(|| longest.div_ceil(self.split_span))
+    }
+
+    /// Flash-decoding: `attention.wgsl` with `SPLIT` writes `splits` partial results per
+    /// (token, head), `attention_reduce.wgsl` combines them into `out[T, H·D]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_split(
+        &self,
+        qkv: &WgpuTensor,
+        cache: &WgpuKvCache,
+        layer: usize,
+        dims: AttentionDims,
+        t: usize,
+        splits: usize,
+        out: &mut WgpuTensor,
+    ) {
+        let (h, d) = (dims.num_heads, dims.head_dim);
+        let inner = &mut *self.lock();
+        let part = self.attention_parts(inner, t * h * splits * (d + 2));
+        let s = inner.step;
+        let params = AttentionSplitParams {
+            num_tokens: t as u32,
+            num_heads: h as u32,
+            num_kv_heads: dims.num_kv_heads as u32,
+            head_dim: d as u32,
+            qkv_width: dims.qkv_width() as u32,
+            block_size: cache.layout.block_size as u32,
+            positions_off: s.positions_off,
+            row_seq_off: s.row_seq_off,
+            block_tables_off: s.block_tables_off,
+            block_table_stride: s.block_table_stride,
+            scale: 1.0 / (d as f32).sqrt(),
+            split_span: self.split_span as u32,
+            num_splits: splits as u32,
+            _pad: [0; 3],
+        };
+        let batch_buf = inner.batch_buf.clone();
+        let (gx, gy) = self.grid(t * h * splits);
+        self.dispatch(
+            inner,
+            PipelineKey::plain(Kernel::AttentionSplit),
+            &[
+                &qkv.buf,
+                &cache.k[layer],
+                &cache.v[layer],
+                &batch_buf,
+                &part,
+            ],
+            &params,
+            (gx, gy, 1),
+        );
+        self.attention_reduce(inner, &part, dims, t, splits, out);
+    }
+
+    /// The scratch buffer of split attention, grown to at least `floats` f32.
+    fn attention_parts(&self, inner: &mut Inner, floats: usize) -> GpuBuffer {
+        let bytes = (floats * 4) as u64;
+        if inner
+            .attn_part
+            .as_ref()
+            .is_none_or(|b| b.buf.size() < bytes)
+        {
+            let usage = wgpu::BufferUsages::STORAGE;
+            let new = self.buffer(bytes.next_power_of_two(), usage, "wick attention parts");
+            if let Some(old) = inner.attn_part.replace(new) {
+                Self::forget_bind_groups(inner, old.id);
+            }
+        }
+        inner.attn_part.clone().expect("made above")
+    }
+
+    /// `out[T, H·D]` from the `splits` partial results per (token, head) in `part`.
+    fn attention_reduce(
+        &self,
+        inner: &mut Inner,
+        part: &GpuBuffer,
+        dims: AttentionDims,
+        t: usize,
+        splits: usize,
+        out: &WgpuTensor,
+    ) {
+        let h = dims.num_heads;
+        let params = AttentionReduceParams {
+            num_tokens: t as u32,
+            num_heads: h as u32,
+            head_dim: dims.head_dim as u32,
+            num_splits: splits as u32,
+        };
+        let (gx, gy) = self.grid(t * h);
+        self.dispatch(
+            inner,
+            PipelineKey::plain(Kernel::AttentionReduce),
+            &[part, &out.buf],
+            &params,
+            (gx, gy, 1),
+        );
+    }
+
+    /// Submits the recorded work, copies the start of `src` into `dst` through the staging
+    /// buffer and waits for it: the step's one blocking read-back.
+    fn read_back<T: Pod>(&self, inner: &mut Inner, src: &wgpu::Buffer, dst: &mut [T]) {
+        let bytes = size_of_val(dst) as u64;
+        if bytes == 0 {
+            self.submit(inner);
+            return;
+        }
+        if inner.staging.as_ref().is_none_or(|s| s.size() < bytes) {
+            inner.staging = Some(self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wick staging"),
+                size: bytes.next_power_of_two().max(1 << 16),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+        }
+        let staging = inner.staging.clone().expect("made above");
+        let device = &self.ctx.device;
+        inner
+            .encoder
+            .get_or_insert_with(|| {
+                device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+            })
+            .copy_buffer_to_buffer(src, 0, &staging, 0, bytes);
+        self.submit(inner);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
+            let _ = tx.send(r);
+        });
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .expect("the GPU device was lost");
+        rx.recv()
+            .expect("map callback ran")
+            .expect("mapping the staging buffer");
+        {
+            let view = staging.get_mapped_range(0..bytes).expect("mapped above");
+            // The mapped range may not be aligned for T: copy bytes.
+            bytemuck::cast_slice_mut::<T, u8>(dst).copy_from_slice(&view);
+        }
+        staging.unmap();
+        inner.stats.readbacks += 1;
+        inner.stats.readback_bytes += bytes;
     }
 
     /// Replaces a cached buffer: bind groups that bound the old one are dropped.
@@ -1125,6 +1304,10 @@ impl Backend for WgpuBackend {
             hkv > 0 && h % hkv == 0,
             "heads must be a multiple of KV heads"
         );
+        if let Some(splits) = self.decode_splits(batch) {
+            self.attention_split(qkv, cache, layer, dims, t, splits, out);
+            return;
+        }
         let (gx, gy) = self.grid(t * h);
         let inner = &mut *self.lock();
         let s = inner.step;
@@ -1202,7 +1385,9 @@ impl Backend for WgpuBackend {
             })
         };
         let (qn, kn) = (vec_of(q_norm), vec_of(k_norm));
-        let (gx, gy) = self.grid(t * h);
+        // A long context is split over several workgroups per (token, head).
+        let splits = self.decode_splits(batch);
+        let (gx, gy) = self.grid(t * h * splits.unwrap_or(1));
         let inner = &mut *self.lock();
         self.ensure_rope(inner, dims.rope_theta, d);
         let s = inner.step;
@@ -1226,9 +1411,35 @@ impl Backend for WgpuBackend {
         };
         let rope = inner.rope.as_ref().expect("made above").buf.clone();
         let batch_buf = inner.batch_buf.clone();
+        let Some(splits) = splits else {
+            self.dispatch(
+                inner,
+                PipelineKey::plain(Kernel::AttentionDecode),
+                &[
+                    &qkv.buf,
+                    qn.as_ref().unwrap_or(&self.dummy),
+                    kn.as_ref().unwrap_or(&self.dummy),
+                    &rope,
+                    &batch_buf,
+                    &cache.k[layer],
+                    &cache.v[layer],
+                    &out.buf,
+                ],
+                &params,
+                (gx, gy, 1),
+            );
+            return;
+        };
+        let part = self.attention_parts(inner, t * h * splits * (d + 2));
+        let params = AttentionDecodeSplitParams {
+            decode: params,
+            split_span: self.split_span as u32,
+            num_splits: splits as u32,
+            _pad: [0; 2],
+        };
         self.dispatch(
             inner,
-            PipelineKey::plain(Kernel::AttentionDecode),
+            PipelineKey::plain(Kernel::AttentionDecodeSplit),
             &[
                 &qkv.buf,
                 qn.as_ref().unwrap_or(&self.dummy),
@@ -1237,11 +1448,12 @@ impl Backend for WgpuBackend {
                 &batch_buf,
                 &cache.k[layer],
                 &cache.v[layer],
-                &out.buf,
+                &part,
             ],
             &params,
             (gx, gy, 1),
         );
+        self.attention_reduce(inner, &part, dims, t, splits, out);
     }
 
     fn silu_mul(&self, gate_up: &WgpuTensor, rows: usize, out: &mut WgpuTensor) {
@@ -1297,51 +1509,70 @@ impl Backend for WgpuBackend {
     fn read(&self, t: &WgpuTensor, rows: usize, dst: &mut [f32]) {
         assert!(rows <= t.rows, "read rows");
         assert_eq!(dst.len(), rows * t.cols, "read destination length");
-        let bytes = (rows * t.cols * 4) as u64;
         let inner = &mut *self.lock();
-        if bytes == 0 {
+        self.read_back(inner, &t.buf.buf, dst);
+    }
+
+    fn tensor_cols(&self, t: &WgpuTensor) -> usize {
+        t.cols
+    }
+
+    fn sample(&self, logits: &WgpuTensor, rows: usize, params: &[RowSampling], out: &mut [u32]) {
+        assert!(rows <= logits.rows, "sample rows");
+        assert_eq!(params.len(), rows, "one RowSampling per row");
+        assert_eq!(out.len(), rows, "one id per row");
+        let inner = &mut *self.lock();
+        if rows == 0 {
             self.submit(inner);
             return;
         }
-        if inner.staging.as_ref().is_none_or(|s| s.size() < bytes) {
-            inner.staging = Some(self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("wick staging"),
-                size: bytes.next_power_of_two().max(1 << 16),
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            }));
-        }
-        let staging = inner.staging.clone().expect("made above");
-        let device = &self.ctx.device;
-        inner
-            .encoder
-            .get_or_insert_with(|| {
-                device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
-            })
-            .copy_buffer_to_buffer(&t.buf.buf, 0, &staging, 0, bytes);
-        self.submit(inner);
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
-            let _ = tx.send(r);
-        });
-        device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .expect("the GPU device was lost");
-        rx.recv()
-            .expect("map callback ran")
-            .expect("mapping the staging buffer");
+        // Per-row choices in, ids out: two small buffers that grow to the most rows seen.
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+        let choice_bytes = size_of_val(params) as u64;
+        if inner
+            .sampling
+            .as_ref()
+            .is_none_or(|b| b.buf.size() < choice_bytes)
         {
-            let view = staging.get_mapped_range(0..bytes).expect("mapped above");
-            match bytemuck::try_cast_slice::<u8, f32>(&view) {
-                Ok(v) => dst.copy_from_slice(v),
-                Err(_) => {
-                    for (d, c) in dst.iter_mut().zip(view.chunks_exact(4)) {
-                        *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    }
-                }
+            let new = self.buffer(choice_bytes.next_power_of_two(), usage, "wick sampling");
+            if let Some(old) = inner.sampling.replace(new) {
+                Self::forget_bind_groups(inner, old.id);
             }
         }
-        staging.unmap();
-        inner.stats.readbacks += 1;
+        let id_bytes = (rows * 4) as u64;
+        if inner
+            .sample_ids
+            .as_ref()
+            .is_none_or(|b| b.buf.size() < id_bytes)
+        {
+            let new = self.buffer(
+                id_bytes.next_power_of_two(),
+                usage | wgpu::BufferUsages::COPY_SRC,
+                "wick sampled ids",
+            );
+            if let Some(old) = inner.sample_ids.replace(new) {
+                Self::forget_bind_groups(inner, old.id);
+            }
+        }
+        let sampling = inner.sampling.clone().expect("made above");
+        let ids = inner.sample_ids.clone().expect("made above");
+        // Lands before the submit below, so before the dispatch runs.
+        self.ctx
+            .queue
+            .write_buffer(&sampling.buf, 0, bytemuck::cast_slice(params));
+        let sp = SampleParams {
+            num_rows: rows as u32,
+            vocab: logits.cols as u32,
+            _pad: [0; 2],
+        };
+        let (gx, gy) = self.grid(rows);
+        self.dispatch(
+            inner,
+            PipelineKey::plain(Kernel::Sample),
+            &[&logits.buf, &sampling, &ids],
+            &sp,
+            (gx, gy, 1),
+        );
+        self.read_back(inner, &ids.buf, out);
     }
 }

@@ -176,6 +176,69 @@ pub struct AttentionDecodeParams {
     pub _pad: u32,
 }
 
+/// `shaders/attention.wgsl` with `SPLIT`: [`AttentionParams`] and how the context is split.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct AttentionSplitParams {
+    /// T.
+    pub num_tokens: u32,
+    /// H.
+    pub num_heads: u32,
+    /// Hkv.
+    pub num_kv_heads: u32,
+    /// D.
+    pub head_dim: u32,
+    /// (H+2Hkv)·D.
+    pub qkv_width: u32,
+    /// Tokens per KV block.
+    pub block_size: u32,
+    /// Offset of `positions[T]` in the batch words.
+    pub positions_off: u32,
+    /// Offset of `row_seq[T]` in the batch words.
+    pub row_seq_off: u32,
+    /// Offset of `block_tables[S, stride]` in the batch words.
+    pub block_tables_off: u32,
+    /// Entries per sequence in the block tables.
+    pub block_table_stride: u32,
+    /// 1/sqrt(D).
+    pub scale: f32,
+    /// Context positions per split.
+    pub split_span: u32,
+    /// Splits per (token, head).
+    pub num_splits: u32,
+    /// Padding.
+    pub _pad: [u32; 3],
+}
+
+/// `shaders/attention.wgsl` with `DECODE` and `SPLIT`: [`AttentionDecodeParams`] and how
+/// the context is split.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct AttentionDecodeSplitParams {
+    /// The folded decode kernel's parameters (its padding word is unused).
+    pub decode: AttentionDecodeParams,
+    /// Context positions per split.
+    pub split_span: u32,
+    /// Splits per (token, head).
+    pub num_splits: u32,
+    /// Padding.
+    pub _pad: [u32; 2],
+}
+
+/// `shaders/attention_reduce.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct AttentionReduceParams {
+    /// T.
+    pub num_tokens: u32,
+    /// H.
+    pub num_heads: u32,
+    /// D.
+    pub head_dim: u32,
+    /// Splits per (token, head).
+    pub num_splits: u32,
+}
+
 /// `shaders/silu_mul.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
@@ -202,6 +265,19 @@ pub struct GatherRowsParams {
     pub _pad: u32,
 }
 
+/// `shaders/sample.wgsl` (the per-row choices are a storage array of
+/// [`RowSampling`](crate::backend::RowSampling)).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct SampleParams {
+    /// R.
+    pub num_rows: u32,
+    /// V: the row stride of the logits.
+    pub vocab: u32,
+    /// Padding.
+    pub _pad: [u32; 2],
+}
+
 const _: () = {
     assert!(size_of::<EmbedParams>() == 32);
     assert!(size_of::<RmsNormParams>() == 16);
@@ -212,4 +288,8 @@ const _: () = {
     assert!(size_of::<AttentionDecodeParams>() == 64);
     assert!(size_of::<SiluMulParams>() == 16);
     assert!(size_of::<GatherRowsParams>() == 16);
+    assert!(size_of::<SampleParams>() == 16);
+    assert!(size_of::<AttentionSplitParams>() == 64);
+    assert!(size_of::<AttentionReduceParams>() == 16);
+    assert!(size_of::<AttentionDecodeSplitParams>() == 80);
 };

@@ -49,6 +49,11 @@ const SHADERS: &[(&str, &str)] = &[
         "gather_rows.wgsl",
         include_str!("../../../shaders/gather_rows.wgsl"),
     ),
+    ("sample.wgsl", include_str!("../../../shaders/sample.wgsl")),
+    (
+        "attention_reduce.wgsl",
+        include_str!("../../../shaders/attention_reduce.wgsl"),
+    ),
     (
         "include/weight_float.wgsl",
         include_str!("../../../shaders/include/weight_float.wgsl"),
@@ -155,10 +160,21 @@ pub enum Kernel {
     /// `attention.wgsl` with `DECODE`: q/k norm, RoPE and the KV write folded in (one new
     /// token per sequence).
     AttentionDecode,
+    /// `attention.wgsl` with `SPLIT`: one part of a long context per workgroup
+    /// (flash-decoding), partial results out.
+    AttentionSplit,
+    /// `attention.wgsl` with `DECODE` and `SPLIT`: the folded decode kernel, one part of a
+    /// long context per workgroup.
+    AttentionDecodeSplit,
+    /// `attention_reduce.wgsl`: combines the partial results of [`Kernel::AttentionSplit`]
+    /// and [`Kernel::AttentionDecodeSplit`].
+    AttentionReduce,
     /// `silu_mul.wgsl`.
     SiluMul,
     /// `gather_rows.wgsl`.
     GatherRows,
+    /// `sample.wgsl`: one token id per row of logits.
+    Sample,
 }
 
 /// How a kernel accesses one storage binding of group 0.
@@ -174,7 +190,7 @@ use Access::{Read, ReadWrite};
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 16] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::MatmulVec,
@@ -185,8 +201,12 @@ impl Kernel {
         Kernel::KvWrite,
         Kernel::Attention,
         Kernel::AttentionDecode,
+        Kernel::AttentionSplit,
+        Kernel::AttentionDecodeSplit,
+        Kernel::AttentionReduce,
         Kernel::SiluMul,
         Kernel::GatherRows,
+        Kernel::Sample,
     ];
 
     /// The storage bindings of group 0, in binding order.
@@ -201,12 +221,14 @@ impl Kernel {
             Kernel::MatmulVecNorm => &[Read, Read, ReadWrite, Read],
             Kernel::QkNormRope => &[Read, Read, Read, Read, ReadWrite],
             Kernel::KvWrite => &[Read, Read, ReadWrite, ReadWrite],
-            Kernel::Attention => &[Read, Read, Read, Read, ReadWrite],
-            Kernel::AttentionDecode => &[
+            Kernel::Attention | Kernel::AttentionSplit => &[Read, Read, Read, Read, ReadWrite],
+            Kernel::AttentionReduce => &[Read, ReadWrite],
+            Kernel::AttentionDecode | Kernel::AttentionDecodeSplit => &[
                 Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite,
             ],
             Kernel::SiluMul => &[Read, ReadWrite],
             Kernel::GatherRows => &[Read, Read, ReadWrite],
+            Kernel::Sample => &[Read, Read, ReadWrite],
         }
     }
 
@@ -244,8 +266,12 @@ impl Kernel {
             Kernel::KvWrite => size_of::<KvWriteParams>(),
             Kernel::Attention => size_of::<AttentionParams>(),
             Kernel::AttentionDecode => size_of::<AttentionDecodeParams>(),
+            Kernel::AttentionSplit => size_of::<AttentionSplitParams>(),
+            Kernel::AttentionDecodeSplit => size_of::<AttentionDecodeSplitParams>(),
+            Kernel::AttentionReduce => size_of::<AttentionReduceParams>(),
             Kernel::SiluMul => size_of::<SiluMulParams>(),
             Kernel::GatherRows => size_of::<GatherRowsParams>(),
+            Kernel::Sample => size_of::<SampleParams>(),
         }
     }
 
@@ -257,9 +283,14 @@ impl Kernel {
             Kernel::MatmulMat => "matmul_mat",
             Kernel::QkNormRope => "qk_norm_rope",
             Kernel::KvWrite => "kv_write",
-            Kernel::Attention | Kernel::AttentionDecode => "attention",
+            Kernel::Attention
+            | Kernel::AttentionDecode
+            | Kernel::AttentionSplit
+            | Kernel::AttentionDecodeSplit => "attention",
+            Kernel::AttentionReduce => "attention_reduce",
             Kernel::SiluMul => "silu_mul",
             Kernel::GatherRows => "gather_rows",
+            Kernel::Sample => "sample",
         }
     }
 }
@@ -356,6 +387,8 @@ impl PipelineKey {
             Kernel::MatmulVecNorm => d.push("NORM"),
             Kernel::MatmulVecSilu => d.push("SILU"),
             Kernel::AttentionDecode => d.push("DECODE"),
+            Kernel::AttentionSplit => d.push("SPLIT"),
+            Kernel::AttentionDecodeSplit => d.extend(["DECODE", "SPLIT"]),
             _ => {}
         }
         if self.subgroup {
@@ -382,6 +415,8 @@ impl PipelineKey {
             Kernel::MatmulVecNorm => s.push_str("_norm"),
             Kernel::MatmulVecSilu => s.push_str("_silu"),
             Kernel::AttentionDecode => s.push_str("_decode"),
+            Kernel::AttentionSplit => s.push_str("_split"),
+            Kernel::AttentionDecodeSplit => s.push_str("_decode_split"),
             _ => {}
         }
         if let Some(w) = self.weight {

@@ -1,0 +1,322 @@
+//! Sampling next to the logits: the per-row parameters of [`Backend::sample`] and the host
+//! algorithm every backend reproduces.
+//!
+//! A backend that samples where the logits live (the GPU) reads back R token ids per step
+//! instead of `[R, V]` logits. It supports the subset of [`crate::sampler::Sampler`] that
+//! needs no per-request history: greedy, temperature, min-p, top-k and top-p. Penalties and
+//! logprobs need the logits on the host, so requests using them read the logits back.
+//!
+//! The filters are those of the `Sampler`, in its order (vLLM v1's): temperature → min-p →
+//! top-k → top-p → draw, with the same greedy cut-off ([`GREEDY_TEMPERATURE`]), the same
+//! ranking (logit descending by `f32::total_cmp`, ties to the lower id), the same top-p slack,
+//! and the same fallbacks (an infinite maximum logit takes the argmax).
+//!
+//! The draw is where this differs from the `Sampler` (which walks the CDF with one uniform
+//! number): it is an exponential race. Every surviving token `i` gets an Exp(1) variate
+//! `E_i` from a hash of the row's 32-bit `seed` and `i` ([`race_noise`]), and the token with
+//! the largest `(l_i - max) / T - ln E_i` wins (ties to the lower id). That picks token `i`
+//! with probability `w_i / Σ w` for weights `w_i = exp((l_i - max) / T)` — the same
+//! distribution — but as an argmax, not a running sum over up to V tokens: a backend that
+//! sums in another order or precision agrees with the host unless two scores are within
+//! rounding of each other, so a seed gives the same token on every backend.
+//!
+//! [`Backend::sample`]: super::Backend::sample
+
+use std::cmp::Ordering;
+
+pub use crate::sampler::GREEDY_TEMPERATURE;
+
+/// Slack when deciding where the top-p nucleus ends (the `Sampler`'s): a cumulative
+/// probability landing exactly on `top_p` is not decided by rounding.
+pub const TOP_P_SLACK: f32 = 1e-6;
+
+/// How to choose the token of one row of logits. Mirrored field for field by `RowSampling`
+/// in `shaders/sample.wgsl` (32 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RowSampling {
+    /// Softmax temperature; below [`GREEDY_TEMPERATURE`] (or NaN) the argmax is taken.
+    pub temperature: f32,
+    /// Keep the `top_k` highest-ranked tokens; 0 (or ≥ V) = off.
+    pub top_k: u32,
+    /// Keep the highest-ranked tokens whose probability first adds up to `top_p`; ≥ 1 = off.
+    pub top_p: f32,
+    /// Drop tokens whose probability is below `min_p` times the largest; ≤ 0 = off.
+    pub min_p: f32,
+    /// 32 random bits drawn on the host from the request's seeded generator, one draw per
+    /// step: they seed the race noise that picks the token. Unused when greedy.
+    pub seed: u32,
+    /// Padding to 32 bytes.
+    pub _pad: [u32; 3],
+}
+
+impl RowSampling {
+    /// Always the most likely token (lowest id on ties).
+    pub fn greedy() -> Self {
+        RowSampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 0,
+            _pad: [0; 3],
+        }
+    }
+
+    /// Temperature sampling with the given filters and seed.
+    pub fn new(temperature: f32, top_k: u32, top_p: f32, min_p: f32, seed: u32) -> Self {
+        RowSampling {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            seed,
+            _pad: [0; 3],
+        }
+    }
+
+    /// Whether the argmax is taken.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature.is_nan() || self.temperature < GREEDY_TEMPERATURE
+    }
+}
+
+const _: () = assert!(size_of::<RowSampling>() == 32);
+
+/// Index of the largest logit, the lowest among ties; NaN skipped; 0 when every logit is NaN.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if !l.is_nan() && best.is_none_or(|(_, b)| l > b) {
+            best = Some((i, l));
+        }
+    }
+    best.map_or(0, |(i, _)| i as u32)
+}
+
+/// Unnormalised probability `exp((l - max) / T)`, 0 below `e^-87` (as the `Sampler`).
+fn weight(l: f32, max: f32, inv_t: f32) -> f32 {
+    let x = (l - max) * inv_t;
+    if x >= -87.0 {
+        x.exp()
+    } else {
+        0.0
+    }
+}
+
+/// A strong 32-bit mixer (Wellons' `lowbias32`): every output bit depends on every input bit.
+fn mix(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+/// The Exp(1) variate `E` of token `id` in a row drawn with `seed` (`shaders/sample.wgsl` has
+/// the same function).
+///
+/// A uniform `u = (k + ½) / 2^23` in (0, 1) from 23 hashed bits, then `E = -ln u`. Small `E`
+/// (u near 1) decide races, and there `ln` loses absolute precision, so for `x = 1 - u < ¼`
+/// (exact in f32) `E = -ln(1 - x)` is summed as its series `x + x²/2 + x³/3 + …`.
+pub fn race_noise(seed: u32, id: u32) -> f32 {
+    let h = mix(id.wrapping_add(mix(seed)));
+    let u = ((h >> 9) as f32 + 0.5) * (1.0 / 8_388_608.0);
+    let x = 1.0 - u;
+    if x < 0.25 {
+        // 14 terms: x^15 / 15 < 1e-10 for x < ¼.
+        let mut e = 1.0 / 14.0;
+        for n in (1..14).rev() {
+            e = e * x + 1.0 / n as f32;
+        }
+        e * x
+    } else {
+        -u.ln()
+    }
+}
+
+/// The race score of a logit: `(l - max) / T - ln E`; `None` for a token of no weight
+/// (`(l - max) / T < -87`, as in [`weight`]).
+fn race_score(l: f32, max: f32, inv_t: f32, seed: u32, id: u32) -> Option<f32> {
+    let x = (l - max) * inv_t;
+    (x >= -87.0).then(|| x - race_noise(seed, id).ln())
+}
+
+/// Rank order: logit descending (`total_cmp`), ties to the lower id.
+fn by_rank(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Chooses the token of one row of logits `[V]` (see the module docs for the algorithm).
+/// `scratch` holds the survivors (up to `[V]`); it is reused across calls.
+pub fn sample_row(logits: &[f32], p: &RowSampling, scratch: &mut Vec<(u32, f32)>) -> u32 {
+    assert!(!logits.is_empty(), "sampling an empty row");
+    let best = argmax(logits);
+    let max = logits[best as usize];
+    if p.is_greedy() || !max.is_finite() {
+        return best;
+    }
+    let t = p.temperature;
+    let inv_t = 1.0 / t;
+    // min-p in logit space: p_i >= min_p · p_max  ⇔  l_i >= max + T ln(min_p).
+    let floor = if p.min_p > 0.0 {
+        max + t * p.min_p.ln()
+    } else {
+        f32::MIN
+    };
+    let cands = scratch;
+    cands.clear();
+    cands.extend(
+        logits
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| l >= floor)
+            .map(|(i, &l)| (i as u32, l)),
+    );
+    let k = p.top_k as usize;
+    if k > 0 && k < cands.len() {
+        cands.select_nth_unstable_by(k - 1, by_rank);
+        cands.truncate(k);
+    }
+    if p.top_p < 1.0 {
+        // The nucleus: the highest-ranked survivors whose weights first reach
+        // (top_p - slack) of the survivors' mass.
+        let total: f64 = cands.iter().map(|c| weight(c.1, max, inv_t) as f64).sum();
+        let target = (p.top_p - TOP_P_SLACK) as f64 * total;
+        cands.sort_unstable_by(by_rank);
+        let mut cum = 0.0f64;
+        for i in 0..cands.len() {
+            let w = weight(cands[i].1, max, inv_t);
+            cum += w as f64;
+            if w > 0.0 && cum >= target {
+                cands.truncate(i + 1);
+                break;
+            }
+        }
+    }
+    // The race, among the survivors with any weight.
+    let mut winner: Option<(u32, f32)> = None;
+    for &(id, l) in cands.iter() {
+        if let Some(score) = race_score(l, max, inv_t, p.seed, id) {
+            let better = match winner {
+                None => true,
+                Some((wid, ws)) => score > ws || (score == ws && id < wid),
+            };
+            if better {
+                winner = Some((id, score));
+            }
+        }
+    }
+    winner.map_or(best, |(id, _)| id)
+}
+
+/// [`sample_row`] over `rows` rows of `logits` (`[rows, V]`), writing `out[rows]`.
+pub fn sample_rows(
+    logits: &[f32],
+    vocab: usize,
+    params: &[RowSampling],
+    out: &mut [u32],
+    scratch: &mut Vec<(u32, f32)>,
+) {
+    for ((row, p), o) in logits.chunks_exact(vocab).zip(params).zip(out.iter_mut()) {
+        *o = sample_row(row, p, scratch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_lowest_id_among_ties_and_skips_nan() {
+        let g = RowSampling::greedy();
+        let mut s = Vec::new();
+        assert_eq!(sample_row(&[1.0, 3.0, 3.0, 2.0], &g, &mut s), 1);
+        assert_eq!(sample_row(&[f32::NAN, 0.5, 0.5], &g, &mut s), 1);
+        assert_eq!(sample_row(&[f32::NAN, f32::NAN], &g, &mut s), 0);
+        assert_eq!(
+            sample_row(&[f32::NEG_INFINITY, f32::NEG_INFINITY], &g, &mut s),
+            0
+        );
+    }
+
+    /// How often each id is drawn over `n` seeds.
+    fn frequencies(l: &[f32], p: impl Fn(u32) -> RowSampling, n: u32) -> Vec<f64> {
+        let mut s = Vec::new();
+        let mut count = vec![0.0; l.len()];
+        for seed in 0..n {
+            count[sample_row(l, &p(seed), &mut s) as usize] += 1.0 / n as f64;
+        }
+        count
+    }
+
+    #[track_caller]
+    fn assert_near(got: &[f64], want: &[f64]) {
+        for (g, w) in got.iter().zip(want) {
+            // 20000 draws: a standard deviation of at most 0.0036.
+            assert!((g - w).abs() < 0.015, "{got:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn filters_follow_the_sampler_and_the_race_draws_by_weight() {
+        // Weights at T = 1: e^-3, e^-1, e^0, e^-2, i.e. 0.032, 0.237, 0.644, 0.087 of the mass.
+        let l = [-3.0f32, -1.0, 0.0, -2.0];
+        let n = 20_000;
+        // Top-k 1 is the argmax whatever the seed.
+        assert_near(
+            &frequencies(&l, |s| RowSampling::new(1.0, 1, 1.0, 0.0, s), n),
+            &[0.0, 0.0, 1.0, 0.0],
+        );
+        // Top-p 0.7 keeps ids 2 and 1 (0.644 < 0.7 ≤ 0.881), renormalised.
+        let two = [0.0, 0.269, 0.731, 0.0];
+        assert_near(
+            &frequencies(&l, |s| RowSampling::new(1.0, 0, 0.7, 0.0, s), n),
+            &two,
+        );
+        // min-p 0.3 drops e^-2 / e^0 = 0.135 and below: the same two remain.
+        assert_near(
+            &frequencies(&l, |s| RowSampling::new(1.0, 0, 1.0, 0.3, s), n),
+            &two,
+        );
+        // Top-k 3 drops id 0.
+        let three = [0.0, 0.245, 0.665, 0.090];
+        assert_near(
+            &frequencies(&l, |s| RowSampling::new(1.0, 3, 1.0, 0.0, s), n),
+            &three,
+        );
+        // Unfiltered at T = 2: weights e^(l/2).
+        let z: f64 = l.iter().map(|&x| (x as f64 / 2.0).exp()).sum();
+        let soft: Vec<f64> = l.iter().map(|&x| (x as f64 / 2.0).exp() / z).collect();
+        assert_near(
+            &frequencies(&l, |s| RowSampling::new(2.0, 0, 1.0, 0.0, s), n),
+            &soft,
+        );
+    }
+
+    #[test]
+    fn race_noise_is_exponential_and_continuous_across_its_two_branches() {
+        let n = 200_000u32;
+        let (mut mean, mut below_ln2) = (0.0f64, 0u32);
+        for id in 0..n {
+            let e = race_noise(12345, id) as f64;
+            assert!(e > 0.0 && e.is_finite());
+            mean += e / n as f64;
+            below_ln2 += (e < std::f64::consts::LN_2) as u32;
+        }
+        assert!((mean - 1.0).abs() < 0.01, "mean {mean}");
+        // P(E < ln 2) = 1/2.
+        assert!((below_ln2 as f64 / n as f64 - 0.5).abs() < 0.005);
+        // The series at x just under ¼ agrees with -ln(u) at u = ¾.
+        let series_at = |x: f32| {
+            let mut e = 1.0 / 14.0;
+            for k in (1..14).rev() {
+                e = e * x + 1.0 / k as f32;
+            }
+            e * x
+        };
+        let x = 0.25 - 1.0 / 8_388_608.0;
+        assert!((series_at(x) - -(1.0f32 - x).ln()).abs() < 2e-7);
+    }
+}

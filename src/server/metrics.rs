@@ -1,0 +1,199 @@
+//! `/metrics` in Prometheus' text format: the engine's counters, gauges and latency
+//! histograms, responses by status code, and the process's resident memory.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::engine::{Engine, Histogram};
+
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn scalar(out: &mut String, name: &str, kind: &str, help: &str, v: f64) {
+    head(out, name, kind, help);
+    let _ = writeln!(out, "{name} {v}");
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    head(out, name, "histogram", help);
+    for (le, count) in h.cumulative() {
+        let le = if le.is_infinite() {
+            "+Inf".to_string()
+        } else {
+            le.to_string()
+        };
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_sum {}", h.sum_seconds());
+    let _ = writeln!(out, "{name}_count {}", h.count());
+}
+
+/// Resident memory of this process in bytes (0 where `/proc` is missing).
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Renders every metric.
+pub fn render(engine: Option<&Engine>, statuses: &BTreeMap<u16, u64>) -> String {
+    let mut out = String::new();
+    head(
+        &mut out,
+        "wick_http_responses_total",
+        "counter",
+        "HTTP responses by status code.",
+    );
+    for (code, n) in statuses {
+        let _ = writeln!(out, "wick_http_responses_total{{code=\"{code}\"}} {n}");
+    }
+    scalar(
+        &mut out,
+        "wick_process_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the server process.",
+        resident_bytes() as f64,
+    );
+    let Some(engine) = engine else {
+        return out;
+    };
+    let m = engine.metrics();
+    let s = m.snapshot();
+    let g = |out: &mut String, name: &str, help: &str, v: u64| {
+        scalar(out, name, "gauge", help, v as f64)
+    };
+    let c = |out: &mut String, name: &str, help: &str, v: u64| {
+        scalar(out, name, "counter", help, v as f64)
+    };
+    g(
+        &mut out,
+        "wick_num_requests_waiting",
+        "Requests waiting to run.",
+        s.waiting,
+    );
+    g(
+        &mut out,
+        "wick_num_requests_running",
+        "Sequences running.",
+        s.running,
+    );
+    g(
+        &mut out,
+        "wick_kv_blocks_used",
+        "KV cache blocks held by sequences.",
+        s.kv_blocks_used,
+    );
+    g(
+        &mut out,
+        "wick_kv_blocks_total",
+        "KV cache blocks in the pool.",
+        s.kv_blocks_total,
+    );
+    g(
+        &mut out,
+        "wick_kv_blocks_cached",
+        "Free KV blocks that still hold a cached prefix.",
+        s.kv_blocks_cached,
+    );
+    scalar(
+        &mut out,
+        "wick_kv_cache_usage_ratio",
+        "gauge",
+        "Share of KV blocks in use.",
+        s.kv_blocks_used as f64 / s.kv_blocks_total.max(1) as f64,
+    );
+    c(
+        &mut out,
+        "wick_prompt_tokens_total",
+        "Prompt tokens of admitted requests.",
+        s.prompt_tokens,
+    );
+    c(
+        &mut out,
+        "wick_generation_tokens_total",
+        "Tokens generated.",
+        s.generation_tokens,
+    );
+    c(
+        &mut out,
+        "wick_computed_tokens_total",
+        "Tokens run through the model.",
+        s.computed_tokens,
+    );
+    c(
+        &mut out,
+        "wick_prefix_cache_hit_tokens_total",
+        "Prompt tokens served from the prefix cache.",
+        s.prefix_cache_hit_tokens,
+    );
+    c(
+        &mut out,
+        "wick_prefix_cache_query_tokens_total",
+        "Prompt tokens looked up in the prefix cache.",
+        s.prefix_cache_query_tokens,
+    );
+    scalar(
+        &mut out,
+        "wick_prefix_cache_hit_rate",
+        "gauge",
+        "Prompt tokens served from the prefix cache over those looked up, since start.",
+        s.prefix_cache_hit_tokens as f64 / s.prefix_cache_query_tokens.max(1) as f64,
+    );
+    c(
+        &mut out,
+        "wick_preemptions_total",
+        "Sequences preempted for lack of KV blocks.",
+        s.preemptions,
+    );
+    c(
+        &mut out,
+        "wick_requests_submitted_total",
+        "Requests accepted by the engine.",
+        s.requests_submitted,
+    );
+    head(
+        &mut out,
+        "wick_requests_finished_total",
+        "counter",
+        "Requests ended, by reason.",
+    );
+    for (reason, n) in [
+        ("stop", s.finished_stop),
+        ("length", s.finished_length),
+        ("cancelled", s.finished_cancelled),
+        ("error", s.finished_error),
+    ] {
+        let _ = writeln!(
+            out,
+            "wick_requests_finished_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    histogram(
+        &mut out,
+        "wick_time_to_first_token_seconds",
+        "Time from submission to the first token.",
+        &m.time_to_first_token,
+    );
+    histogram(
+        &mut out,
+        "wick_inter_token_latency_seconds",
+        "Time between consecutive tokens of a request.",
+        &m.inter_token_latency,
+    );
+    histogram(
+        &mut out,
+        "wick_e2e_request_latency_seconds",
+        "Time from submission to the end of a request.",
+        &m.e2e_latency,
+    );
+    histogram(
+        &mut out,
+        "wick_request_queue_time_seconds",
+        "Time waiting before first being scheduled.",
+        &m.queue_time,
+    );
+    out
+}

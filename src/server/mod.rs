@@ -1,0 +1,444 @@
+//! `wick serve`: an OpenAI-compatible HTTP server on the [`Engine`], built on axum/tokio.
+//!
+//! ```text
+//! client ─HTTP─▶ axum ─▶ auth, status counting ─▶ handler: parse + check (request.rs)
+//!                                                   │ n × engine.submit()
+//!                 SSE or JSON ◀── response.rs ◀─────┘ merged event streams of the n choices
+//! ```
+//!
+//! - Endpoints: `/v1/chat/completions`, `/v1/completions` (both streaming and not),
+//!   `/v1/models`, `/health`, `/metrics` (Prometheus text), `/tokenize`, `/detokenize`.
+//! - The server listens before the model is loaded: `/health` says 503 until the engine runs,
+//!   and again once draining starts.
+//! - Load: the engine's waiting queue is bounded (`--max-queue`); past it a request gets 429
+//!   with `Retry-After`, or, with `--overload-policy degrade`, past a lower threshold requests
+//!   are shortened and made greedy (and told so in the `x-wick-degraded` header).
+//! - A client that goes away (streaming or not) drops the engine stream, which cancels the
+//!   request and frees its KV blocks at the next step. Every request has a time limit
+//!   (`--request-timeout`): past it the request is cancelled and answered with 504, or, when
+//!   a stream has already started with status 200, the stream ends with an error event and
+//!   no `[DONE]` (clients then raise an error instead of taking a cut-off reply for a whole
+//!   one).
+//! - Shutdown (SIGTERM or Ctrl-C): `/health` turns 503, new requests get 503, requests in
+//!   flight finish, then the listener closes and the process exits.
+//!
+//! The files: [`request`] checks bodies and maps them to engine requests, [`response`] runs
+//! them and writes JSON or SSE, [`tool_calls`] pulls Qwen3's `<tool_call>` blocks out of the
+//! answer, [`error`] is the one error type, [`metrics`] renders `/metrics`, and
+//! [`bench`](mod@bench) is the `wick bench-serve` load generator.
+
+pub mod bench;
+pub mod error;
+pub mod metrics;
+pub mod request;
+pub mod response;
+pub mod tool_calls;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::engine::Engine;
+use crate::sampler::SamplingParams;
+use error::ApiError;
+
+/// What to do when the queue fills up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverloadPolicy {
+    /// Refuse with 429 once `--max-queue` requests wait.
+    Refuse,
+    /// From `threshold` waiting requests on, clamp `max_tokens` to `max_tokens` and decode
+    /// greedily; still refuse past `--max-queue`.
+    Degrade {
+        /// Waiting requests at which degradation starts.
+        threshold: usize,
+        /// The clamp.
+        max_tokens: usize,
+    },
+}
+
+/// How the server behaves.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// The model name clients use; `None`: the name the model was loaded under.
+    pub served_model_name: Option<String>,
+    /// Required bearer token, if any.
+    pub api_key: Option<String>,
+    /// JSON field for the reasoning text (`reasoning_content`, or e.g. `reasoning`).
+    pub reasoning_field: String,
+    /// Overload behaviour.
+    pub overload: OverloadPolicy,
+    /// Longest a request may run.
+    pub request_timeout: Duration,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// How long draining may take before the process exits anyway.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            served_model_name: None,
+            api_key: None,
+            reasoning_field: "reasoning_content".into(),
+            overload: OverloadPolicy::Refuse,
+            request_timeout: Duration::from_secs(600),
+            max_body_bytes: 8 << 20,
+            drain_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The model once loaded.
+pub struct Loaded {
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// Sampling defaults (the model's generation config).
+    pub defaults: SamplingParams,
+    /// The model name clients use.
+    pub model_name: String,
+}
+
+/// Shared state of the handlers.
+pub struct AppState {
+    /// Options.
+    pub opts: ServerOptions,
+    loaded: OnceLock<Loaded>,
+    draining: AtomicBool,
+    /// Completion requests being answered (draining waits for them).
+    in_flight: AtomicUsize,
+    /// Responses by status code.
+    statuses: Mutex<BTreeMap<u16, u64>>,
+    created: u64,
+}
+
+impl AppState {
+    /// State for a server whose model is still loading.
+    pub fn new(opts: ServerOptions) -> Arc<Self> {
+        Arc::new(AppState {
+            opts,
+            loaded: OnceLock::new(),
+            draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            statuses: Mutex::new(BTreeMap::new()),
+            created: unix_now(),
+        })
+    }
+
+    /// Marks the model loaded.
+    pub fn set_loaded(&self, loaded: Loaded) {
+        let _ = self.loaded.set(loaded);
+    }
+
+    /// The engine, if loaded.
+    pub fn loaded(&self) -> Option<&Loaded> {
+        self.loaded.get()
+    }
+
+    /// Starts draining: health turns 503, the engine stops accepting.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        if let Some(l) = self.loaded.get() {
+            l.engine.shutdown();
+        }
+    }
+
+    /// Counts a completion request until the guard is dropped.
+    fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    /// Completion requests being answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    fn ready(&self) -> Result<&Loaded, ApiError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(ApiError::unavailable("the server is shutting down"));
+        }
+        let l = self
+            .loaded
+            .get()
+            .ok_or_else(|| ApiError::unavailable("the model is still loading"))?;
+        if !l.engine.is_running() {
+            return Err(ApiError::unavailable("the engine has stopped"));
+        }
+        Ok(l)
+    }
+
+    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        let served = self.loaded().map_or("", |l| l.model_name.as_str());
+        match model {
+            Some(m) if m != served => Err(ApiError::unknown_model(m, served)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Marks one completion request in flight; see [`AppState::enter`].
+struct InFlight(Arc<AppState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The JSON body, or 413 / 400 in OpenAI's shape.
+fn json_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {e}"))
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+}
+
+/// The router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.opts.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .fallback(|req: HttpRequest| async move { ApiError::no_route(req.uri().path()) })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Checks the API key on `/v1/*` and counts responses by status.
+async fn guard(State(st): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
+    let resp = match &st.opts.api_key {
+        Some(key) if req.uri().path().starts_with("/v1/") => {
+            let ok = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|k| k.trim() == key);
+            if ok {
+                next.run(req).await
+            } else {
+                ApiError::unauthorized().into_response()
+            }
+        }
+        _ => next.run(req).await,
+    };
+    if let Ok(mut s) = st.statuses.lock() {
+        *s.entry(resp.status().as_u16()).or_default() += 1;
+    }
+    resp
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    match st.ready() {
+        Ok(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Response {
+    // Nothing is listed while the model loads.
+    let data: Vec<Value> = st
+        .loaded()
+        .map(|l| {
+            json!({
+                "id": l.model_name,
+                "object": "model",
+                "created": st.created,
+                "owned_by": "wick",
+                "root": l.model_name,
+                "max_model_len": l.engine.info().max_model_len,
+            })
+        })
+        .into_iter()
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
+    let statuses = st.statuses.lock().map(|s| s.clone()).unwrap_or_default();
+    let body = metrics::render(st.loaded().map(|l| &*l.engine), &statuses);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn tokenize(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = json_body(body, st.opts.max_body_bytes)?;
+    let l = st.ready()?;
+    let obj = request::object(&body)?;
+    st.check_model(obj.get("model").and_then(Value::as_str))?;
+    let prompt = if obj.contains_key("messages") {
+        let mut parsed = request::chat(&body, &l.defaults)?;
+        let mut p = parsed.prompts.remove(0);
+        if let crate::engine::Prompt::Chat { render, .. } = &mut p {
+            render.add_generation_prompt = obj
+                .get("add_generation_prompt")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
+        }
+        p
+    } else {
+        let text = obj.get("prompt").and_then(Value::as_str).ok_or_else(|| {
+            ApiError::invalid("prompt", "`prompt` (a string) or `messages` is required")
+        })?;
+        let special = obj
+            .get("add_special_tokens")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let ids = l.engine.text().tokenizer.encode(text, special)?;
+        crate::engine::Prompt::Ids(ids)
+    };
+    let (ids, _) = l.engine.tokenize_prompt(&prompt)?;
+    Ok(Json(json!({
+        "tokens": ids,
+        "count": ids.len(),
+        "max_model_len": l.engine.info().max_model_len,
+    }))
+    .into_response())
+}
+
+async fn detokenize(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = json_body(body, st.opts.max_body_bytes)?;
+    let l = st.ready()?;
+    let obj = request::object(&body)?;
+    st.check_model(obj.get("model").and_then(Value::as_str))?;
+    let ids = obj
+        .get("tokens")
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
+                .collect::<Option<Vec<u32>>>()
+        })
+        .ok_or_else(|| ApiError::invalid("tokens", "`tokens` must be a list of token ids"))?;
+    let vocab = l.engine.text().tokenizer.vocab_size();
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!("token id {bad} is outside the vocabulary ({vocab})"),
+        ));
+    }
+    let text = l.engine.text().tokenizer.decode(&ids, false)?;
+    Ok(Json(json!({"prompt": text})).into_response())
+}
+
+async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = json_body(body, st.opts.max_body_bytes)?;
+    let l = st.ready()?;
+    let parsed = request::chat(&body, &l.defaults)?;
+    st.check_model(parsed.model.as_deref())?;
+    response::run(st.clone(), parsed, response::Kind::Chat).await
+}
+
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = json_body(body, st.opts.max_body_bytes)?;
+    let l = st.ready()?;
+    let parsed = request::completion(&body, &l.defaults)?;
+    st.check_model(parsed.model.as_deref())?;
+    response::run(st.clone(), parsed, response::Kind::Completion).await
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains: `/health` and new requests
+/// answer 503 while the requests in flight finish (up to the drain timeout); then the listener
+/// closes and the function returns once every connection is done.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(state.clone());
+    let st = state.clone();
+    let drain_timeout = state.opts.drain_timeout;
+    let signal = async move {
+        shutdown.await;
+        tracing::info!(
+            "shutting down: finishing {} requests in flight",
+            st.in_flight()
+        );
+        st.drain();
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        while st.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if st.in_flight() > 0 {
+            tracing::warn!(
+                "{} requests still running after {drain_timeout:?}; exiting",
+                st.in_flight()
+            );
+            std::process::exit(1);
+        }
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(signal)
+        .await
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,646 @@
+//! OpenAI request bodies → engine requests, with every field checked and errors that name the
+//! field.
+//!
+//! Parsing is by hand over `serde_json::Value` rather than derived structs so that a wrong
+//! type or value answers 400 with `param` set to the field, unknown fields are ignored as
+//! OpenAI-compatible servers do, and the thinking switch is found in every spelling clients
+//! use: `chat_template_kwargs.enable_thinking`, a top-level `enable_thinking`, the same two
+//! inside a literal `extra_body` object, and `reasoning_effort: "none"`.
+
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use crate::chat_template::RenderOptions;
+use crate::engine::Prompt;
+use crate::sampler::{SamplingParams, MAX_TOP_LOGPROBS};
+
+/// Most choices per request.
+pub const MAX_N: usize = 16;
+
+/// A checked request.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    /// The model the client named (`None` when omitted).
+    pub model: Option<String>,
+    /// One prompt per choice group (completions may send several prompts).
+    pub prompts: Vec<Prompt>,
+    /// Sampling; `max_tokens` is 0 when the client gave none (the server fills it in).
+    pub params: SamplingParams,
+    /// Choices per prompt.
+    pub n: usize,
+    /// Server-sent events.
+    pub stream: bool,
+    /// A usage chunk at the end of the stream.
+    pub include_usage: bool,
+    /// Chat: `logprobs: true`; completions: `logprobs: N`.
+    pub logprobs: bool,
+    /// Tools were given and may be called: parse `<tool_call>` blocks.
+    pub tools: bool,
+}
+
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn get(&self, k: &str) -> Option<&Value> {
+        self.0.get(k).filter(|v| !v.is_null())
+    }
+    fn f32(&self, k: &str) -> Result<Option<f32>, ApiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(|x| Some(x as f32))
+                .ok_or_else(|| ApiError::invalid(k, format!("`{k}` must be a number"))),
+        }
+    }
+    fn int(&self, k: &str) -> Result<Option<i64>, ApiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .or_else(|| v.as_f64().filter(|x| x.fract() == 0.0).map(|x| x as i64))
+                .map(Some)
+                .ok_or_else(|| ApiError::invalid(k, format!("`{k}` must be an integer"))),
+        }
+    }
+    fn count(&self, k: &str) -> Result<Option<usize>, ApiError> {
+        match self.int(k)? {
+            None => Ok(None),
+            Some(x) if x >= 0 => Ok(Some(x as usize)),
+            Some(_) => Err(ApiError::invalid(k, format!("`{k}` must not be negative"))),
+        }
+    }
+    fn bool(&self, k: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(ApiError::invalid(k, format!("`{k}` must be true or false"))),
+        }
+    }
+    fn str(&self, k: &str) -> Result<Option<&str>, ApiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(ApiError::invalid(k, format!("`{k}` must be a string"))),
+        }
+    }
+    fn object(&self, k: &str) -> Result<Option<&Map<String, Value>>, ApiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::Object(m)) => Ok(Some(m)),
+            Some(_) => Err(ApiError::invalid(k, format!("`{k}` must be an object"))),
+        }
+    }
+}
+
+fn range(k: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<Option<f32>, ApiError> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) => Err(ApiError::invalid(
+            k,
+            format!("`{k}` must be between {lo} and {hi}, not {x}"),
+        )),
+        v => Ok(v),
+    }
+}
+
+/// A token id, if `v` is one (ids past the vocabulary are caught by the engine).
+fn token_id(v: &Value) -> Option<u32> {
+    v.as_u64().and_then(|x| u32::try_from(x).ok())
+}
+
+/// The request body as an object.
+pub fn object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
+    body.as_object()
+        .ok_or_else(|| ApiError::bad_request("the request body must be a JSON object"))
+}
+
+/// Sampling fields shared by both endpoints, over `defaults`.
+fn sampling(f: &Fields, defaults: &SamplingParams) -> Result<SamplingParams, ApiError> {
+    let mut p = defaults.clone();
+    p.max_tokens = 0;
+    if let Some(t) = range("temperature", f.f32("temperature")?, 0.0, 2.0)? {
+        p.temperature = t;
+    }
+    if let Some(t) = f.f32("top_p")? {
+        if !(t > 0.0 && t <= 1.0) {
+            return Err(ApiError::invalid(
+                "top_p",
+                format!("`top_p` must be in (0, 1], not {t}"),
+            ));
+        }
+        p.top_p = t;
+    }
+    if let Some(k) = f.int("top_k")? {
+        if k < -1 {
+            return Err(ApiError::invalid(
+                "top_k",
+                "`top_k` must be -1 (off), 0 (off) or positive",
+            ));
+        }
+        p.top_k = k.max(0) as usize;
+    }
+    if let Some(m) = range("min_p", f.f32("min_p")?, 0.0, 1.0)? {
+        p.min_p = m;
+    }
+    if let Some(x) = range("presence_penalty", f.f32("presence_penalty")?, -2.0, 2.0)? {
+        p.presence_penalty = x;
+    }
+    if let Some(x) = range("frequency_penalty", f.f32("frequency_penalty")?, -2.0, 2.0)? {
+        p.frequency_penalty = x;
+    }
+    if let Some(x) = f.f32("repetition_penalty")? {
+        if x <= 0.0 {
+            return Err(ApiError::invalid(
+                "repetition_penalty",
+                "`repetition_penalty` must be positive",
+            ));
+        }
+        p.repetition_penalty = x;
+    }
+    if let Some(s) = f.int("seed")? {
+        p.seed = Some(s as u64);
+    }
+    for k in ["max_completion_tokens", "max_tokens"] {
+        if let Some(m) = f.count(k)? {
+            if m == 0 {
+                return Err(ApiError::invalid(k, format!("`{k}` must be at least 1")));
+            }
+            p.max_tokens = m;
+            break;
+        }
+    }
+    p.stop = match f.get("stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|s| s.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                ApiError::invalid("stop", "`stop` must be a string or a list of strings")
+            })?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "stop",
+                "`stop` must be a string or a list of strings",
+            ))
+        }
+    };
+    if p.stop.len() > 16 || p.stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "stop",
+            "`stop` takes up to 16 non-empty strings",
+        ));
+    }
+    if let Some(Value::Array(a)) = f.get("stop_token_ids") {
+        p.stop_token_ids = a
+            .iter()
+            .map(token_id)
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                ApiError::invalid("stop_token_ids", "`stop_token_ids` must be token ids")
+            })?;
+    }
+    if let Some(b) = f.bool("ignore_eos")? {
+        p.ignore_eos = b;
+    }
+    // The library's own checks as well (they stay the reference if the ranges above drift);
+    // its messages start with the field's name. `max_tokens` 0 means "not given" here.
+    let mut check = p.clone();
+    check.max_tokens = check.max_tokens.max(1);
+    check.validate().map_err(|e| {
+        let msg = match e {
+            crate::Error::InvalidRequest(m) => m,
+            other => other.to_string(),
+        };
+        let field = msg.split_whitespace().next().unwrap_or("").to_string();
+        ApiError::invalid(&field, msg)
+    })?;
+    Ok(p)
+}
+
+fn n_stream(f: &Fields, parsed: &mut Parsed) -> Result<(), ApiError> {
+    parsed.n = f.count("n")?.unwrap_or(1);
+    if parsed.n == 0 || parsed.n > MAX_N {
+        return Err(ApiError::invalid(
+            "n",
+            format!("`n` must be between 1 and {MAX_N}"),
+        ));
+    }
+    parsed.stream = f.bool("stream")?.unwrap_or(false);
+    if let Some(o) = f.object("stream_options")? {
+        parsed.include_usage = Fields(o).bool("include_usage")?.unwrap_or(false);
+    }
+    parsed.model = f.str("model")?.map(str::to_string);
+    Ok(())
+}
+
+/// A message's content: a string, or a list of text parts joined.
+fn content_text(v: &Value, i: usize) -> Result<Value, ApiError> {
+    let param = format!("messages[{i}].content");
+    match v {
+        Value::Null | Value::String(_) => Ok(v.clone()),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for p in parts {
+                match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) | (None, Some(t)) => text.push_str(t),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            &param,
+                            "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
+                        ))
+                    }
+                }
+            }
+            Ok(Value::String(text))
+        }
+        _ => Err(ApiError::invalid(
+            &param,
+            "content must be a string or a list of text parts",
+        )),
+    }
+}
+
+/// Checks and normalises `messages` for the template.
+fn messages(f: &Fields) -> Result<Vec<Value>, ApiError> {
+    let Some(Value::Array(list)) = f.get("messages") else {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must be a non-empty list",
+        ));
+    };
+    if list.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must be a non-empty list",
+        ));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let Some(obj) = m.as_object() else {
+            return Err(ApiError::invalid(
+                &format!("messages[{i}]"),
+                "a message must be an object",
+            ));
+        };
+        let role = obj.get("role").and_then(Value::as_str).unwrap_or("");
+        let role = match role {
+            "system" | "user" | "assistant" | "tool" => role,
+            "developer" => "system",
+            _ => {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].role"),
+                    "role must be system, developer, user, assistant or tool",
+                ))
+            }
+        };
+        let mut msg = obj.clone();
+        msg.insert("role".into(), Value::String(role.into()));
+        let content = content_text(obj.get("content").unwrap_or(&Value::Null), i)?;
+        if content.is_null() && role != "assistant" {
+            return Err(ApiError::invalid(
+                &format!("messages[{i}].content"),
+                "content is required",
+            ));
+        }
+        msg.insert(
+            "content".into(),
+            if content.is_null() {
+                Value::String(String::new())
+            } else {
+                content
+            },
+        );
+        // The template expects tool-call arguments as objects; OpenAI sends JSON strings.
+        if let Some(Value::Array(calls)) = msg.get_mut("tool_calls") {
+            for c in calls.iter_mut() {
+                if let Some(Value::String(a)) = c.pointer("/function/arguments") {
+                    if let Ok(parsed) = serde_json::from_str::<Value>(a) {
+                        c["function"]["arguments"] = parsed;
+                    }
+                }
+            }
+        }
+        out.push(Value::Object(msg));
+    }
+    Ok(out)
+}
+
+/// The thinking switch in any spelling, and other template variables.
+fn render_options(f: &Fields) -> Result<RenderOptions, ApiError> {
+    let mut r = RenderOptions::default();
+    let mut sources = vec![Fields(f.0)];
+    let extra_body = f.object("extra_body")?;
+    if let Some(e) = extra_body {
+        sources.push(Fields(e));
+    }
+    for src in &sources {
+        if let Some(kw) = src.object("chat_template_kwargs")? {
+            for (k, v) in kw {
+                r.extra.insert(k.clone(), v.clone());
+            }
+            if let Some(b) = kw.get("enable_thinking") {
+                r.enable_thinking = Some(b.as_bool().ok_or_else(|| {
+                    ApiError::invalid(
+                        "chat_template_kwargs.enable_thinking",
+                        "must be true or false",
+                    )
+                })?);
+            }
+        }
+        if r.enable_thinking.is_none() {
+            r.enable_thinking = src.bool("enable_thinking")?;
+        }
+        if r.enable_thinking.is_none() {
+            match src.str("reasoning_effort")? {
+                Some("none") => r.enable_thinking = Some(false),
+                Some("minimal" | "low" | "medium" | "high") => r.enable_thinking = Some(true),
+                Some(other) => {
+                    return Err(ApiError::invalid(
+                        "reasoning_effort",
+                        format!("`reasoning_effort` must be none, minimal, low, medium or high, not {other}"),
+                    ))
+                }
+                None => {}
+            }
+        }
+    }
+    if r.enable_thinking.is_some() {
+        r.extra.remove("enable_thinking");
+    }
+    Ok(r)
+}
+
+/// `POST /v1/chat/completions`.
+pub fn chat(body: &Value, defaults: &SamplingParams) -> Result<Parsed, ApiError> {
+    let f = Fields(object(body)?);
+    let msgs = messages(&f)?;
+    let mut render = render_options(&f)?;
+    let mut params = sampling(&f, defaults)?;
+    let logprobs = f.bool("logprobs")?.unwrap_or(false);
+    let top = f.count("top_logprobs")?;
+    if let Some(t) = top {
+        if t > MAX_TOP_LOGPROBS {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}"),
+            ));
+        }
+        if !logprobs {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`",
+            ));
+        }
+    }
+    params.logprobs = logprobs.then_some(top.unwrap_or(0));
+    let mut tools = false;
+    if let Some(t) = f.get("tools") {
+        let Value::Array(list) = t else {
+            return Err(ApiError::invalid("tools", "`tools` must be a list"));
+        };
+        let choice_none = matches!(f.get("tool_choice"), Some(Value::String(s)) if s == "none");
+        if !list.is_empty() && !choice_none {
+            for (i, tool) in list.iter().enumerate() {
+                if tool
+                    .pointer("/function/name")
+                    .and_then(Value::as_str)
+                    .is_none()
+                {
+                    return Err(ApiError::invalid(
+                        &format!("tools[{i}]"),
+                        "a tool needs function.name",
+                    ));
+                }
+            }
+            render.tools = Some(list.clone());
+            tools = true;
+        }
+    }
+    if let Some(c) = f.get("tool_choice") {
+        let ok = matches!(c, Value::String(s) if ["none", "auto", "required"].contains(&s.as_str()))
+            || c.pointer("/function/name").is_some();
+        if !ok {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "`tool_choice` must be none, auto, required or a function",
+            ));
+        }
+    }
+    let mut parsed = Parsed {
+        model: None,
+        prompts: vec![Prompt::Chat {
+            messages: msgs,
+            render,
+        }],
+        params,
+        n: 1,
+        stream: false,
+        include_usage: false,
+        logprobs,
+        tools,
+    };
+    n_stream(&f, &mut parsed)?;
+    Ok(parsed)
+}
+
+/// `POST /v1/completions`.
+pub fn completion(body: &Value, defaults: &SamplingParams) -> Result<Parsed, ApiError> {
+    let f = Fields(object(body)?);
+    let bad = || {
+        ApiError::invalid(
+            "prompt",
+            "`prompt` must be a string, a list of strings, a list of token ids or a list of those",
+        )
+    };
+    let prompts: Vec<Prompt> = match f.get("prompt") {
+        Some(Value::String(s)) => vec![Prompt::Text(s.clone())],
+        Some(Value::Array(a)) if !a.is_empty() => {
+            if a.iter().all(Value::is_string) {
+                a.iter()
+                    .map(|s| Prompt::Text(s.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            } else if a.iter().all(Value::is_u64) {
+                vec![Prompt::Ids(
+                    a.iter()
+                        .map(token_id)
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(bad)?,
+                )]
+            } else {
+                a.iter()
+                    .map(|p| {
+                        p.as_array()
+                            .and_then(|ids| ids.iter().map(token_id).collect::<Option<Vec<_>>>())
+                            .map(Prompt::Ids)
+                            .ok_or_else(bad)
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+        }
+        _ => return Err(bad()),
+    };
+    if prompts.len() > MAX_N {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("at most {MAX_N} prompts per request"),
+        ));
+    }
+    let mut params = sampling(&f, defaults)?;
+    let top = f.count("logprobs")?;
+    if let Some(t) = top {
+        if t > MAX_TOP_LOGPROBS {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("`logprobs` must be at most {MAX_TOP_LOGPROBS}"),
+            ));
+        }
+    }
+    params.logprobs = top;
+    if f.bool("echo")?.unwrap_or(false) {
+        return Err(ApiError::invalid("echo", "`echo` is not supported"));
+    }
+    let mut parsed = Parsed {
+        model: None,
+        prompts,
+        params,
+        n: 1,
+        stream: false,
+        include_usage: false,
+        logprobs: top.is_some(),
+        tools: false,
+    };
+    n_stream(&f, &mut parsed)?;
+    if parsed.prompts.len() * parsed.n > MAX_N {
+        return Err(ApiError::invalid(
+            "n",
+            format!("prompts × n must be at most {MAX_N}"),
+        ));
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn d() -> SamplingParams {
+        SamplingParams::default()
+    }
+
+    #[test]
+    fn thinking_switch_in_every_spelling() {
+        let base = json!({"messages": [{"role": "user", "content": "hi"}]});
+        let with = |k: &str, v: Value| {
+            let mut b = base.clone();
+            b[k] = v;
+            match &chat(&b, &d()).unwrap().prompts[0] {
+                Prompt::Chat { render, .. } => render.enable_thinking,
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(
+            with("chat_template_kwargs", json!({"enable_thinking": false})),
+            Some(false)
+        );
+        assert_eq!(with("enable_thinking", json!(false)), Some(false));
+        assert_eq!(
+            with("extra_body", json!({"enable_thinking": false})),
+            Some(false)
+        );
+        assert_eq!(
+            with(
+                "extra_body",
+                json!({"chat_template_kwargs": {"enable_thinking": false}})
+            ),
+            Some(false)
+        );
+        assert_eq!(with("reasoning_effort", json!("none")), Some(false));
+        assert_eq!(with("reasoning_effort", json!("high")), Some(true));
+        assert_eq!(with("n", json!(1)), None);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (json!({"messages": []}), "messages"),
+            (
+                json!({"messages": [{"role": "wizard", "content": "x"}]}),
+                "messages[0].role",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+                "messages[0].content",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "x"}], "temperature": 3}),
+                "temperature",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "x"}], "top_p": 0}),
+                "top_p",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}),
+                "max_tokens",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "x"}], "n": 0}),
+                "n",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "x"}], "stop": 5}),
+                "stop",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}),
+                "top_logprobs",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}),
+                "stream",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}),
+                "tools[0]",
+            ),
+        ];
+        for (body, param) in cases {
+            let e = chat(&body, &d()).unwrap_err();
+            assert_eq!(e.status, 400);
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
+        }
+        let e = completion(&json!({"prompt": {"a": 1}}), &d()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn content_parts_and_fields_are_mapped() {
+        let p = chat(
+            &json!({
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+                "temperature": 0.5, "top_k": -1, "max_completion_tokens": 7, "stop": "x",
+                "seed": 3, "n": 2, "logprobs": true, "top_logprobs": 2, "stream": true,
+                "stream_options": {"include_usage": true}
+            }),
+            &d(),
+        )
+        .unwrap();
+        let Prompt::Chat { messages, .. } = &p.prompts[0] else {
+            unreachable!()
+        };
+        assert_eq!(messages[0]["content"], "ab");
+        assert_eq!(
+            (p.params.temperature, p.params.top_k, p.params.max_tokens),
+            (0.5, 0, 7)
+        );
+        assert_eq!(
+            (p.params.stop.clone(), p.params.seed, p.params.logprobs),
+            (vec!["x".to_string()], Some(3), Some(2))
+        );
+        assert!(p.stream && p.include_usage && p.n == 2 && p.logprobs);
+    }
+}

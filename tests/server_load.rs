@@ -1,0 +1,145 @@
+//! `wick serve` under more streaming clients than it admits: the accepted ones all finish,
+//! the rest are refused with 429 and Retry-After, health stays up, and every KV block comes
+//! back. `wick bench-serve` then runs against the same server.
+
+mod server_common;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use server_common::{sse_json, wait_metrics, Server};
+
+const CLIENTS: usize = 64;
+
+enum Outcome {
+    Completed { tokens: u64 },
+    Refused { retry_after: String, body: Value },
+}
+
+#[tokio::test]
+async fn overload_refuses_with_429_and_recovers() {
+    let s = Server::start(&["--max-num-seqs", "16", "--max-queue", "32"]).await;
+    let client = reqwest::Client::new();
+    let url = s.url("/v1/chat/completions");
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(CLIENTS));
+    let mut tasks = Vec::new();
+    for i in 0..CLIENTS {
+        let (client, url, barrier) = (client.clone(), url.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = json!({
+                "messages": [{"role": "user", "content": format!("Request {i}: tell me a story")}],
+                "max_tokens": 48, "ignore_eos": true, "stream": true,
+                "stream_options": {"include_usage": true},
+                "chat_template_kwargs": {"enable_thinking": false},
+            });
+            barrier.wait().await;
+            let r = client.post(&url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            let retry_after = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let text = r.text().await.unwrap();
+            match status {
+                200 => {
+                    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+                    let events = sse_json(&text);
+                    let usage = &events.last().unwrap()["usage"];
+                    Outcome::Completed {
+                        tokens: usage["completion_tokens"].as_u64().unwrap(),
+                    }
+                }
+                429 => Outcome::Refused {
+                    retry_after: retry_after.expect("429 without Retry-After"),
+                    body: serde_json::from_str(&text).unwrap(),
+                },
+                other => panic!("status {other}: {text}"),
+            }
+        }));
+    }
+    // Health stays up while the clients run.
+    let health = {
+        let (client, url) = (client.clone(), s.url("/health"));
+        tokio::spawn(async move {
+            let mut checks = 0;
+            for _ in 0..20 {
+                let r = client.get(&url).send().await.unwrap();
+                assert_eq!(r.status(), 200, "/health under load");
+                checks += 1;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            checks
+        })
+    };
+    let (mut completed, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Outcome::Completed { tokens } => {
+                assert_eq!(tokens, 48);
+                completed += 1;
+            }
+            Outcome::Refused { retry_after, body } => {
+                assert!(retry_after.parse::<u64>().unwrap() >= 1);
+                assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("{completed} completed, {refused} refused");
+    assert_eq!(health.await.unwrap(), 20);
+    assert_eq!(completed + refused, CLIENTS);
+    // 16 running + 32 queued can be admitted at once; at least the queue's worth must be.
+    assert!(completed >= 32, "only {completed} admitted");
+    assert!(refused >= 1, "nobody was refused ({completed} completed)");
+    wait_metrics(&s, Duration::from_secs(10), "blocks released", |m| {
+        m["wick_kv_blocks_used"] == 0.0
+            && m["wick_num_requests_running"] == 0.0
+            && m["wick_num_requests_waiting"] == 0.0
+    })
+    .await;
+    let m = s.metrics().await;
+    assert_eq!(m["wick_http_responses_total{code=\"429\"}"], refused as f64);
+    assert_eq!(
+        m["wick_requests_finished_total{reason=\"length\"}"],
+        completed as f64
+    );
+    assert_eq!(reqwest::get(s.url("/health")).await.unwrap().status(), 200);
+
+    // The load tool against the same server.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+        .args([
+            "bench-serve",
+            "--url",
+            &s.base,
+            "--concurrency",
+            "4",
+            "--requests",
+            "12",
+            "--stream",
+            "--max-tokens",
+            "8",
+            "--prompt-len",
+            "16",
+            "--ignore-eos",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["ok"].as_u64(), r["failed"].as_u64()),
+        (Some(12), Some(0)),
+        "{r}"
+    );
+    assert_eq!(r["output_tokens"], 12 * 8);
+    assert!(r["qps"].as_f64().unwrap() > 0.0);
+    let (lat, ttft) = (&r["latency_s"], &r["ttft_s"]);
+    assert!(lat["p50"].as_f64().unwrap() <= lat["p99"].as_f64().unwrap());
+    assert!(ttft["p50"].as_f64().unwrap() <= lat["p50"].as_f64().unwrap());
+    assert!(r["output_tok_s"].as_f64().unwrap() > 0.0);
+}
