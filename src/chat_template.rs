@@ -74,6 +74,10 @@ pub struct RenderOptions {
     /// Other `chat_template_kwargs`, exposed as template variables. The fields above win
     /// over entries of the same name.
     pub extra: Map<String, Value>,
+    /// Text that starts the assistant's reply, appended after the generation prompt (only
+    /// when `add_generation_prompt` is set): the model continues from it. The server uses it
+    /// to force a tool call (`tool_choice`).
+    pub assistant_prefix: Option<String>,
 }
 
 impl Default for RenderOptions {
@@ -83,6 +87,7 @@ impl Default for RenderOptions {
             enable_thinking: None,
             tools: None,
             extra: Map::new(),
+            assistant_prefix: None,
         }
     }
 }
@@ -186,9 +191,13 @@ impl ChatTemplate {
             ctx.insert("enable_thinking".into(), enable_thinking.into());
         }
 
-        template
+        let mut text = template
             .render(minijinja::Value::from(ctx))
-            .map_err(|e| Error::Template(render_error_message(&e)))
+            .map_err(|e| Error::Template(render_error_message(&e)))?;
+        if let (true, Some(prefix)) = (opts.add_generation_prompt, &opts.assistant_prefix) {
+            text.push_str(prefix);
+        }
+        Ok(text)
     }
 }
 

@@ -869,6 +869,10 @@ struct BenchServeArgs {
     /// Per-request time limit in seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Send the same prompt every time (the best case for the server's prefix cache); by
+    /// default each prompt starts with its request's number.
+    #[arg(long)]
+    shared_prompt: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -886,6 +890,7 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
         prompt_len: a.prompt_len,
         ignore_eos: a.ignore_eos,
         timeout: std::time::Duration::from_secs(a.timeout.max(1)),
+        shared_prompt: a.shared_prompt,
     };
     let tokio_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

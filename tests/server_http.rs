@@ -397,6 +397,44 @@ async fn models_tokenize_detokenize_and_metrics() {
     );
     assert!(text.contains("<tool_response>\nsunny"), "{text}");
 
+    // tool_choice: `required` opens the call in the prompt (after an empty think block), a
+    // named function writes its name too; bad choices are refused naming the field.
+    let rendered = |choice: Value| {
+        let (s, tools) = (&s, tools.clone());
+        async move {
+            let body = json!({"messages": hi(), "tools": tools, "tool_choice": choice});
+            let (st, _, t) = post(s, "/tokenize", &body).await;
+            assert_eq!(st, 200, "{t}");
+            let (_, _, d) = post(s, "/detokenize", &json!({"tokens": t["tokens"]})).await;
+            d["prompt"].as_str().unwrap().to_string()
+        }
+    };
+    let auto = rendered(json!("auto")).await;
+    assert!(auto.ends_with("<|im_start|>assistant\n"), "{auto}");
+    let required = rendered(json!("required")).await;
+    assert!(
+        required.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n<tool_call>\n"),
+        "{required}"
+    );
+    let named = rendered(json!({"type": "function", "function": {"name": "get_weather"}})).await;
+    assert!(
+        named.ends_with("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": "),
+        "{named}"
+    );
+    for bad in [
+        json!({"type": "function", "function": {"name": "nope"}}),
+        json!("sometimes"),
+    ] {
+        let body = json!({"messages": hi(), "tools": tools, "tool_choice": bad});
+        let (st, _, e) = post(&s, "/v1/chat/completions", &body).await;
+        assert_eq!(
+            (st, e["error"]["param"].as_str()),
+            (400, Some("tool_choice")),
+            "{e}"
+        );
+        assert_eq!(e["error"]["type"], "invalid_request_error");
+    }
+
     // One request, then the metrics move.
     let (st, _, _) = post(
         &s,

@@ -10,6 +10,9 @@ use serde_json::{json, Value};
 use server_common::{sse_json, wait_metrics, Server};
 
 const CLIENTS: usize = 64;
+/// Long enough that the first 48 admitted requests are still running when the last client
+/// arrives, whatever the machine's speed: otherwise nobody need be refused.
+const MAX_TOKENS: u64 = 96;
 
 enum Outcome {
     Completed { tokens: u64 },
@@ -28,7 +31,7 @@ async fn overload_refuses_with_429_and_recovers() {
         tasks.push(tokio::spawn(async move {
             let body = json!({
                 "messages": [{"role": "user", "content": format!("Request {i}: tell me a story")}],
-                "max_tokens": 48, "ignore_eos": true, "stream": true,
+                "max_tokens": MAX_TOKENS, "ignore_eos": true, "stream": true,
                 "stream_options": {"include_usage": true},
                 "chat_template_kwargs": {"enable_thinking": false},
             });
@@ -75,7 +78,7 @@ async fn overload_refuses_with_429_and_recovers() {
     for t in tasks {
         match t.await.unwrap() {
             Outcome::Completed { tokens } => {
-                assert_eq!(tokens, 48);
+                assert_eq!(tokens, MAX_TOKENS);
                 completed += 1;
             }
             Outcome::Refused { retry_after, body } => {

@@ -505,6 +505,11 @@ impl<B: Backend> Worker<B> {
             ..render.clone()
         };
         let mut conv = messages.to_vec();
+        // A reply that the prompt started (a forced tool call) includes that start.
+        let answer = format!(
+            "{}{answer}",
+            render.assistant_prefix.as_deref().unwrap_or("")
+        );
         conv.push(json!({"role": "assistant", "content": answer}));
         let mut render_with = |user: &str| -> Option<Vec<u32>> {
             conv.push(json!({"role": "user", "content": user}));

@@ -2,9 +2,12 @@
 //!
 //! `concurrency` workers share a counter of `requests` chat completions; each worker sends
 //! its next request as soon as the previous one ends (a closed loop, like vLLM's
-//! `benchmark_serving` without a request rate). Every request has the same prompt of about
-//! `prompt_len` tokens (a repeated word, which Qwen3's tokenizer keeps at one token per word)
-//! and asks for `max_tokens`. The report gives requests per second, latency and time to
+//! `benchmark_serving` without a request rate). Every prompt is about `prompt_len` tokens (a
+//! repeated word, which Qwen3's tokenizer keeps at one token per word) and asks for
+//! `max_tokens`. Each prompt starts with its request's number, so a server's prefix cache
+//! can reuse only the chat template's few shared tokens, as with real traffic from many
+//! users; `shared_prompt` sends the very same prompt every time instead, which measures the
+//! best case of prefix reuse. The report gives requests per second, latency and time to
 //! first token percentiles (exact, from every sample), and output tokens per second over the
 //! whole run, with output tokens taken from the server's `usage`.
 //!
@@ -42,6 +45,18 @@ pub struct BenchOptions {
     pub ignore_eos: bool,
     /// Per-request time limit.
     pub timeout: Duration,
+    /// Send the same prompt every time (instead of one that differs from its first word).
+    pub shared_prompt: bool,
+}
+
+/// The prompt of request `i`: about `len` tokens, identical for every `i` if `shared`.
+fn prompt(i: usize, len: usize, shared: bool) -> String {
+    let words = "hello ".repeat(len.saturating_sub(1).max(1));
+    if shared {
+        format!("Request: {}", words.trim_end())
+    } else {
+        format!("Request {i}: {}", words.trim_end())
+    }
 }
 
 /// Why a benchmark could not run.
@@ -164,10 +179,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         Some(m) => m.clone(),
         None => first_model(&client, &base, &opts.api_key).await?,
     };
-    let prompt = "hello ".repeat(opts.prompt_len.max(1));
     let mut body = json!({
         "model": model,
-        "messages": [{"role": "user", "content": prompt.trim_end()}],
+        "messages": [{"role": "user", "content": ""}],
         "max_tokens": opts.max_tokens,
         "stream": opts.stream,
         "chat_template_kwargs": {"enable_thinking": false},
@@ -186,9 +200,16 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         let (client, body, next) = (client.clone(), body.clone(), next.clone());
         let url = format!("{base}/v1/chat/completions");
         let (key, total, stream) = (opts.api_key.clone(), opts.requests, opts.stream);
+        let (len, shared) = (opts.prompt_len, opts.shared_prompt);
         workers.push(tokio::spawn(async move {
             let mut outcomes = Vec::new();
-            while next.fetch_add(1, Ordering::Relaxed) < total {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let mut body = (*body).clone();
+                body["messages"][0]["content"] = json!(prompt(i, len, shared));
                 outcomes.push(one(&client, &url, &key, &body, stream).await);
             }
             outcomes
@@ -403,6 +424,15 @@ mod tests {
         let one = Percentiles::of(&[3.0]);
         assert_eq!((one.p50, one.p99), (3.0, 3.0));
         assert_eq!(Percentiles::of(&[]).p50, 0.0);
+    }
+
+    #[test]
+    fn prompts_differ_from_the_first_word_unless_shared() {
+        let (a, b) = (prompt(0, 8, false), prompt(1, 8, false));
+        assert_ne!(a, b);
+        assert_eq!(a.split_whitespace().count(), 9);
+        assert!(a.starts_with("Request 0:") && b.starts_with("Request 1:"));
+        assert_eq!(prompt(0, 8, true), prompt(5, 8, true));
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub struct Parsed {
     pub logprobs: bool,
     /// Tools were given and may be called: parse `<tool_call>` blocks.
     pub tools: bool,
+    /// `tool_choice` forces a call: the reply starts with this text (already in the prompt),
+    /// which the tool-call parser must see first.
+    pub forced_tool_prefix: Option<String>,
 }
 
 struct Fields<'a>(&'a Map<String, Value>);
@@ -419,15 +422,12 @@ pub fn chat(body: &Value, defaults: &SamplingParams) -> Result<Parsed, ApiError>
             tools = true;
         }
     }
-    if let Some(c) = f.get("tool_choice") {
-        let ok = matches!(c, Value::String(s) if ["none", "auto", "required"].contains(&s.as_str()))
-            || c.pointer("/function/name").is_some();
-        if !ok {
-            return Err(ApiError::invalid(
-                "tool_choice",
-                "`tool_choice` must be none, auto, required or a function",
-            ));
-        }
+    let forced_tool_prefix = tool_choice(&f, render.tools.as_deref().unwrap_or(&[]))?;
+    if let Some(prefix) = &forced_tool_prefix {
+        // The call follows an empty thinking block, as the template writes it for
+        // `enable_thinking: false`; a forced reply has no room for reasoning.
+        render.enable_thinking = Some(false);
+        render.assistant_prefix = Some(prefix.clone());
     }
     let mut parsed = Parsed {
         model: None,
@@ -441,9 +441,46 @@ pub fn chat(body: &Value, defaults: &SamplingParams) -> Result<Parsed, ApiError>
         include_usage: false,
         logprobs,
         tools,
+        forced_tool_prefix,
     };
     n_stream(&f, &mut parsed)?;
     Ok(parsed)
+}
+
+/// Checks `tool_choice` against the usable `tools` and returns the text a forced call starts
+/// with: `required` opens a `<tool_call>` block, a named function also writes the name, so the
+/// model can only fill in the arguments. `auto`, `none` and no `tool_choice` force nothing.
+fn tool_choice(f: &Fields, tools: &[Value]) -> Result<Option<String>, ApiError> {
+    const OPEN: &str = "<tool_call>\n";
+    let invalid = |m: String| Err(ApiError::invalid("tool_choice", m));
+    let Some(c) = f.get("tool_choice") else {
+        return Ok(None);
+    };
+    match c {
+        Value::String(s) if s == "none" || s == "auto" => Ok(None),
+        Value::String(s) if s == "required" => {
+            if tools.is_empty() {
+                return invalid("`tool_choice: required` needs a non-empty `tools` list".into());
+            }
+            Ok(Some(OPEN.into()))
+        }
+        Value::Object(_) => {
+            let Some(name) = c.pointer("/function/name").and_then(Value::as_str) else {
+                return invalid("`tool_choice` must name a function: {\"type\": \"function\", \"function\": {\"name\": ...}}".into());
+            };
+            let known = tools
+                .iter()
+                .any(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(name));
+            if !known {
+                return invalid(format!(
+                    "`tool_choice` names `{name}`, which is not in `tools`"
+                ));
+            }
+            let name = Value::from(name).to_string();
+            Ok(Some(format!("{OPEN}{{\"name\": {name}, \"arguments\": ")))
+        }
+        _ => invalid("`tool_choice` must be none, auto, required or a function".into()),
+    }
 }
 
 /// `POST /v1/completions`.
@@ -511,6 +548,7 @@ pub fn completion(body: &Value, defaults: &SamplingParams) -> Result<Parsed, Api
         include_usage: false,
         logprobs: top.is_some(),
         tools: false,
+        forced_tool_prefix: None,
     };
     n_stream(&f, &mut parsed)?;
     if parsed.prompts.len() * parsed.n > MAX_N {
@@ -642,5 +680,62 @@ mod tests {
             (vec!["x".to_string()], Some(3), Some(2))
         );
         assert!(p.stream && p.include_usage && p.n == 2 && p.logprobs);
+    }
+
+    #[test]
+    fn tool_choice_forces_the_reply_to_open_a_call() {
+        let tools =
+            json!([{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]);
+        let with = |choice: Value, tools: &Value| {
+            chat(
+                &json!({"messages": [{"role": "user", "content": "x"}], "tools": tools, "tool_choice": choice}),
+                &d(),
+            )
+        };
+        let render = |p: &Parsed| match &p.prompts[0] {
+            Prompt::Chat { render, .. } => render.clone(),
+            _ => unreachable!(),
+        };
+        let auto = with(json!("auto"), &tools).unwrap();
+        assert!(auto.tools && auto.forced_tool_prefix.is_none());
+        assert_eq!(render(&auto).assistant_prefix, None);
+        let none = with(json!("none"), &tools).unwrap();
+        assert!(!none.tools && none.forced_tool_prefix.is_none());
+
+        let required = with(json!("required"), &tools).unwrap();
+        assert_eq!(
+            required.forced_tool_prefix.as_deref(),
+            Some("<tool_call>\n")
+        );
+        let r = render(&required);
+        assert_eq!(r.assistant_prefix.as_deref(), Some("<tool_call>\n"));
+        assert_eq!(r.enable_thinking, Some(false));
+
+        let named = json!({"type": "function", "function": {"name": "get_weather"}});
+        let p = with(named.clone(), &tools).unwrap();
+        assert_eq!(
+            p.forced_tool_prefix.as_deref(),
+            Some("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": ")
+        );
+
+        let bad = [
+            (
+                json!({"type": "function", "function": {"name": "nope"}}),
+                tools.clone(),
+            ),
+            (json!("required"), json!([])),
+            (named, json!([])),
+            (json!("sometimes"), tools.clone()),
+            (json!(3), tools.clone()),
+            (json!({"type": "function"}), tools.clone()),
+        ];
+        for (choice, tools) in bad {
+            let e = with(choice.clone(), &tools).unwrap_err();
+            assert_eq!(
+                (e.status.as_u16(), e.param.as_deref()),
+                (400, Some("tool_choice")),
+                "{choice}"
+            );
+        }
     }
 }

@@ -176,6 +176,7 @@ pub async fn run(st: Arc<AppState>, mut p: Parsed, kind: Kind) -> Result<Respons
         include_usage: p.include_usage,
         logprobs: p.logprobs,
         tools: p.tools,
+        forced_tool_prefix: p.forced_tool_prefix.clone(),
         timeout: st.opts.request_timeout,
     };
     let mut resp = if p.stream {
@@ -205,6 +206,8 @@ struct Ctx {
     include_usage: bool,
     logprobs: bool,
     tools: bool,
+    /// The start of a forced call, written by the prompt rather than by the model.
+    forced_tool_prefix: Option<String>,
     timeout: Duration,
 }
 
@@ -356,7 +359,14 @@ impl Ctx {
     fn new_choices(&self) -> Vec<Choice> {
         (0..self.choices)
             .map(|_| Choice {
-                tools: self.tools.then(ToolCallParser::new),
+                tools: self.tools.then(|| {
+                    let mut parser = ToolCallParser::new();
+                    if let Some(prefix) = &self.forced_tool_prefix {
+                        // Opens the block: nothing comes out until the model closes it.
+                        let _ = parser.push(prefix);
+                    }
+                    parser
+                }),
                 ..Choice::default()
             })
             .collect()
@@ -540,6 +550,7 @@ mod tests {
             include_usage: false,
             logprobs: false,
             tools,
+            forced_tool_prefix: None,
             timeout: Duration::from_secs(1),
         }
     }
@@ -569,7 +580,10 @@ mod tests {
     /// Streams `answer` cut into `pieces` through a chat choice with tools; returns the
     /// chunks' choices and the finished choice.
     fn stream(answer: &str, cuts: &[usize], tools: bool) -> (Vec<Value>, Choice) {
-        let ctx = ctx(tools);
+        stream_in(&ctx(tools), answer, cuts)
+    }
+
+    fn stream_in(ctx: &Ctx, answer: &str, cuts: &[usize]) -> (Vec<Value>, Choice) {
         let mut c = ctx.new_choices().remove(0);
         let mut out = Vec::new();
         let mut events = vec![delta("thinking about it", "")];
@@ -608,6 +622,35 @@ mod tests {
             assert_eq!(calls.len(), 1, "cut at {cut}");
             assert_eq!(calls[0]["index"], 0);
             assert_eq!(calls[0]["type"], "function");
+            assert_eq!(calls[0]["function"]["name"], "get_weather");
+            let args = calls[0]["function"]["arguments"].as_str().unwrap();
+            assert_eq!(
+                serde_json::from_str::<Value>(args).unwrap(),
+                json!({"city": "Paris"})
+            );
+            assert_eq!(c.finish, Some("tool_calls"));
+        }
+    }
+
+    #[test]
+    fn a_forced_call_is_parsed_with_the_prefix_the_prompt_wrote() {
+        let mut ctx = ctx(true);
+        ctx.forced_tool_prefix =
+            Some("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": ".into());
+        let rest = "{\"city\": \"Paris\"}}\n</tool_call>";
+        for cut in 0..=rest.len() {
+            let (chunks, c) = stream_in(&ctx, rest, &[cut]);
+            let content: String = chunks
+                .iter()
+                .filter_map(|v| v["delta"]["content"].as_str())
+                .collect();
+            assert_eq!(content, "", "cut at {cut}");
+            let calls: Vec<&Value> = chunks
+                .iter()
+                .filter_map(|v| v["delta"]["tool_calls"].as_array())
+                .flatten()
+                .collect();
+            assert_eq!(calls.len(), 1, "cut at {cut}");
             assert_eq!(calls[0]["function"]["name"], "get_weather");
             let args = calls[0]["function"]["arguments"].as_str().unwrap();
             assert_eq!(
