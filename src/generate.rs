@@ -1,5 +1,7 @@
 //! The generation loop of one request on one sequence: prefill (reusing the cached prefix),
 //! then sample → stop checks → detokenize → split reasoning from content, token by token.
+//! Requests without penalties or logprobs are sampled by the backend where the logits are
+//! ([`Sampler::device_sampling`]; on the GPU one id is read back per token, not `[V]` logits).
 //!
 //! [`generate`] works on any [`SequenceRunner`] (a [`Session`] on any backend behind a trait
 //! object, so the backend is chosen once at the edge). Text reaches the caller through a
@@ -196,10 +198,25 @@ pub fn generate(
             || req.params.stop_token_ids.contains(&id)
     };
 
+    // Appends `ids` and chooses the next token: where the logits are when the backend can
+    // sample this request, otherwise on the host from the logits read back.
+    let mut logits = Vec::new();
+    let mut step = |runner: &mut dyn SequenceRunner,
+                    ids: &[u32],
+                    sampler: &mut Sampler|
+     -> Result<(u32, Option<TokenLogprobs>)> {
+        match sampler.device_sampling() {
+            Some(row) => Ok((runner.extend_sample(ids, &row)?, None)),
+            None => {
+                runner.extend_last(ids, &mut logits)?;
+                Ok(sampler.sample_with_logprobs(&mut logits))
+            }
+        }
+    };
+
     let t0 = Instant::now();
     out.cached_tokens = runner.reuse_prefix(prompt);
-    let mut logits = Vec::new();
-    runner.extend_last(&prompt[out.cached_tokens..], &mut logits)?;
+    let mut next = step(runner, &prompt[out.cached_tokens..], &mut sampler)?;
     out.prefill_time = t0.elapsed();
     let t1 = Instant::now();
 
@@ -211,11 +228,7 @@ pub fn generate(
         if cancel.load(Ordering::Relaxed) {
             break FinishReason::Cancelled;
         }
-        let (id, lp) = if req.params.logprobs.is_some() {
-            sampler.sample_with_logprobs(&mut logits)
-        } else {
-            (sampler.sample(&mut logits), None)
-        };
+        let (id, lp) = next;
         sampler.accept(id);
         out.token_ids.push(id);
         if let Some(lp) = &lp {
@@ -239,7 +252,7 @@ pub fn generate(
         if out.token_ids.len() >= max_new {
             break FinishReason::Length;
         }
-        runner.extend_last(&[id], &mut logits)?;
+        next = step(runner, &[id], &mut sampler)?;
         out.decode_steps += 1;
     };
     // Flush what the decoder, the stop matcher and the parser still hold. After a stop

@@ -577,6 +577,37 @@ impl Sampler {
         &self.params
     }
 
+    /// The next token's sampling as the backend does it ([`crate::backend::Backend::sample`],
+    /// where the logits are), or `None` when this request needs the logits on the host
+    /// (penalties, logprobs).
+    ///
+    /// Each call draws the row's 32-bit seed from the request's random stream, so a seeded
+    /// request draws the same tokens whether the backend samples its rows or the host does
+    /// with [`crate::backend::sample::sample_row`] (the same exponential race): alone, batched
+    /// with others, or through [`crate::generate::generate`]. Call it once per token.
+    pub fn device_sampling(&mut self) -> Option<crate::backend::RowSampling> {
+        let p = &self.params;
+        let host_only = p.repetition_penalty != 1.0
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
+            || p.logprobs.is_some();
+        if host_only {
+            return None;
+        }
+        if p.is_greedy() {
+            return Some(crate::backend::RowSampling::greedy());
+        }
+        let top_k = u32::try_from(p.top_k).unwrap_or(0);
+        let (temperature, top_p, min_p) = (p.temperature, p.top_p, p.min_p);
+        Some(crate::backend::RowSampling::new(
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            self.rng.random::<u32>(),
+        ))
+    }
+
     /// Records a token the request generated, for the penalties on later steps.
     pub fn accept(&mut self, id: u32) {
         if self.params.repetition_penalty != 1.0 {

@@ -3,10 +3,16 @@
 //!
 //! Each step: take new requests from the command channel (blocking only when idle), drop
 //! cancelled ones (a set cancel flag or a dropped stream), plan the step, lay it out as one
-//! [`Batch`] (every sequence's chunk, with its positions, KV slots and block table), run
-//! [`Model::forward`] once, then, for each sequence whose chunk reached its last token,
-//! sample the next token and push it through the stop matcher, the streaming detokenizer and
-//! the reasoning parser, exactly as [`crate::generate::generate`] does for one sequence.
+//! [`Batch`] (every sequence's chunk, with its positions, KV slots and block table), run the
+//! model once, then, for each sequence whose chunk reached its last token, take the next
+//! token and push it through the stop matcher, the streaming detokenizer and the reasoning
+//! parser, exactly as [`crate::generate::generate`] does for one sequence.
+//!
+//! When every row to sample can be sampled by the backend ([`Sampler::device_sampling`]:
+//! no penalties, no logprobs), the step is [`Model::forward_sample`] and reads back only the
+//! token ids (on the GPU, 4 bytes per sequence instead of `[V]` logits); otherwise it is
+//! [`Model::forward`], and the host samples those rows with the same race
+//! ([`sample_row`]), so a seeded request draws the same tokens in any batch.
 //!
 //! Chat replies that end normally leave behind a prefix-cache fill: the conversation as the
 //! chat template will render it on the next turn (the answer without its reasoning), which
@@ -27,7 +33,8 @@ use super::scheduler::{Scheduler, SchedulerConfig, Sequence, StepPlan};
 use super::{
     Admitted, Command, Completion, EngineEvent, EngineInfo, EngineOptions, TextModel, Usage,
 };
-use crate::backend::{Backend, Batch, SeqSpan};
+use crate::backend::sample::sample_row;
+use crate::backend::{Backend, Batch, RowSampling, SeqSpan};
 use crate::chat_template::RenderOptions;
 use crate::error::{Error, Result};
 use crate::generate::FinishReason;
@@ -103,6 +110,8 @@ pub(crate) fn spawn<B: Backend>(
         next_fill: FILL_ID_BASE,
         batch: Batch::default(),
         logits: Vec::new(),
+        ids: Vec::new(),
+        scratch: Vec::new(),
         max_model_len,
         cache_replies: opts.cache_replies && opts.enable_prefix_caching,
         shutting_down: false,
@@ -142,6 +151,10 @@ struct Worker<B: Backend> {
     next_fill: u64,
     batch: Batch,
     logits: Vec<f32>,
+    /// Token ids a step sampled on the backend.
+    ids: Vec<u32>,
+    /// Scratch of host sampling.
+    scratch: Vec<(u32, f32)>,
     max_model_len: usize,
     cache_replies: bool,
     shutting_down: bool,
@@ -295,21 +308,52 @@ impl<B: Backend> Worker<B> {
         if plan.seqs.is_empty() {
             return;
         }
-        let samplers = self.build_batch(&plan);
-        self.model.forward(
-            &mut self.state,
-            &mut self.cache,
-            &self.batch,
-            &mut self.logits,
-        );
+        let sampled = self.build_batch(&plan);
+        // Each sampled row's draw, taken now so that its seed comes from the request's
+        // random stream in token order; `None` rows need their logits on the host.
+        let rows: Vec<Option<RowSampling>> = sampled
+            .iter()
+            .map(|id| match self.reqs.get_mut(id) {
+                Some(r) => r.sampler.device_sampling(),
+                None => Some(RowSampling::greedy()),
+            })
+            .collect();
+        let mut chosen: Vec<(u32, Option<TokenLogprobs>)> = Vec::with_capacity(rows.len());
+        if rows.iter().all(Option::is_some) {
+            // The backend samples every row: on the GPU the step reads back R ids.
+            let params: Vec<RowSampling> = rows.into_iter().flatten().collect();
+            let mut ids = std::mem::take(&mut self.ids);
+            self.model.forward_sample(
+                &mut self.state,
+                &mut self.cache,
+                &self.batch,
+                &params,
+                &mut ids,
+            );
+            chosen.extend(ids.iter().map(|&t| (t, None)));
+            self.ids = ids;
+        } else {
+            self.model.forward(
+                &mut self.state,
+                &mut self.cache,
+                &self.batch,
+                &mut self.logits,
+            );
+            let vocab = self.model.config.vocab_size;
+            for (row, (id, params)) in sampled.iter().zip(&rows).enumerate() {
+                let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
+                chosen.push(match (params, self.reqs.get_mut(id)) {
+                    (Some(p), _) => (sample_row(logits, p, &mut self.scratch), None),
+                    (None, Some(r)) => r.sampler.sample_with_logprobs(logits),
+                    (None, None) => (0, None),
+                });
+            }
+        }
         Metrics::add(&self.metrics.computed_tokens, self.batch.num_tokens());
         Metrics::add(&self.metrics.steps, 1);
         self.sched.commit(&plan);
-        let vocab = self.model.config.vocab_size;
-        for (row, id) in samplers.into_iter().enumerate() {
-            let mut logits = std::mem::take(&mut self.logits);
-            self.on_logits(id, &mut logits[row * vocab..(row + 1) * vocab]);
-            self.logits = logits;
+        for (id, (tok, lp)) in sampled.into_iter().zip(chosen) {
+            self.on_token(id, tok, lp);
         }
         // Fills whose tokens are all computed are done: their blocks go to the prefix cache.
         for s in &plan.seqs {
@@ -361,15 +405,10 @@ impl<B: Backend> Worker<B> {
         sample
     }
 
-    /// Samples `id`'s next token from its logits row and reports it.
-    fn on_logits(&mut self, id: u64, logits: &mut [f32]) {
+    /// Records `id`'s next token and reports it.
+    fn on_token(&mut self, id: u64, tok: u32, lp: Option<TokenLogprobs>) {
         let Some(r) = self.reqs.get_mut(&id) else {
             return;
-        };
-        let (tok, lp) = if r.req.params.logprobs.is_some() {
-            r.sampler.sample_with_logprobs(logits)
-        } else {
-            (r.sampler.sample(logits), None)
         };
         r.sampler.accept(tok);
         r.generated.push(tok);
