@@ -25,6 +25,11 @@
 // `DECODE` too, every split normalises and rotates its query and key itself, only split 0
 // writes the new key and value, and only the last split reads them (from registers).
 //
+// With `KV_F16` the pools hold half-precision values, two per u32 word (`pack_half2`); keys
+// and values are widened as they are read, and the new key and value the `DECODE` variant
+// keeps in registers are rounded to half first, so the token sees its own key and value
+// exactly as later tokens will read them back.
+//
 // Not yet: sharing the K/V loads between the query heads of one KV group.
 
 const WG: u32 = 64u;
@@ -35,6 +40,9 @@ const DPT: u32 = MAX_D / WG;
 
 #ifdef DECODE
 #include "include/reduce.wgsl"
+#endif
+#ifdef KV_F16
+#include "include/half.wgsl"
 #endif
 
 struct Params {
@@ -80,8 +88,13 @@ struct Params {
 @group(0) @binding(2) var<storage, read> k_norm: array<f32>;        // [D] (a dummy when absent)
 @group(0) @binding(3) var<storage, read> rope: array<f32>;          // [P, D]: cos[D/2] | sin[D/2]
 @group(0) @binding(4) var<storage, read> batch: array<u32>;         // the step's batch words
+#ifdef KV_F16
+@group(0) @binding(5) var<storage, read_write> k_cache: array<u32>; // [slots, Hkv·D/2] half2
+@group(0) @binding(6) var<storage, read_write> v_cache: array<u32>; // [slots, Hkv·D/2] half2
+#else
 @group(0) @binding(5) var<storage, read_write> k_cache: array<f32>; // [slots, Hkv·D]
 @group(0) @binding(6) var<storage, read_write> v_cache: array<f32>; // [slots, Hkv·D]
+#endif
 #ifdef SPLIT
 @group(0) @binding(7) var<storage, read_write> part: array<f32>;    // [T·H·splits, D + 2]
 #else
@@ -92,8 +105,13 @@ var<workgroup> k_sh: array<f32, MAX_D>;    // [D] the new key of this head's KV 
 var<workgroup> v_sh: array<f32, MAX_D>;    // [D] the new value of this head's KV group
 #else
 @group(0) @binding(0) var<storage, read> qkv: array<f32>;       // [T, (H+2Hkv)·D]
+#ifdef KV_F16
+@group(0) @binding(1) var<storage, read> k_cache: array<u32>;   // [slots, Hkv·D/2] half2
+@group(0) @binding(2) var<storage, read> v_cache: array<u32>;   // [slots, Hkv·D/2] half2
+#else
 @group(0) @binding(1) var<storage, read> k_cache: array<f32>;   // [slots, Hkv·D]
 @group(0) @binding(2) var<storage, read> v_cache: array<f32>;   // [slots, Hkv·D]
+#endif
 @group(0) @binding(3) var<storage, read> batch: array<u32>;     // the step's batch words
 #ifdef SPLIT
 @group(0) @binding(4) var<storage, read_write> part: array<f32>; // [T·H·splits, D + 2]
@@ -107,6 +125,46 @@ var<workgroup> q_sh: array<f32, MAX_D>;    // [D] the query
 var<workgroup> score_sh: array<f32, WG>;   // [WG] scores of the chunk, then exp(score - max)
 var<workgroup> slot_sh: array<u32, WG>;    // [WG] KV slot of each chunk position
 var<workgroup> ctx_sh: u32;
+
+#ifdef KV_F16
+// q_sh · the key whose D values start at element `base` (even) of the K pool.
+fn key_dot(base: u32, d: u32) -> f32 {
+    var dot = 0.0;
+    let w0 = base / 2u;
+    for (var i = 0u; i < d; i += 2u) {
+        let w = k_cache[w0 + i / 2u];
+        dot += q_sh[i] * half_lo(w) + q_sh[i + 1u] * half_hi(w);
+    }
+    return dot;
+}
+
+// Element `e` of the V pool.
+fn value_at(e: u32) -> f32 {
+    let w = v_cache[e / 2u];
+    return select(half_lo(w), half_hi(w), (e & 1u) == 1u);
+}
+
+// What the cache keeps of `x`.
+fn kv_round(x: f32) -> f32 {
+    return round_half(x);
+}
+#else
+fn key_dot(base: u32, d: u32) -> f32 {
+    var dot = 0.0;
+    for (var i = 0u; i < d; i++) {
+        dot += q_sh[i] * k_cache[base + i];
+    }
+    return dot;
+}
+
+fn value_at(e: u32) -> f32 {
+    return v_cache[e];
+}
+
+fn kv_round(x: f32) -> f32 {
+    return x;
+}
+#endif
 
 @compute @workgroup_size(WG)
 fn main(
@@ -148,7 +206,7 @@ fn main(
         let k = qkv[k_src + i];
         sq += q * q;
         sk += k * k;
-        v_sh[i] = qkv[k_src + kv_dim + i];
+        v_sh[i] = kv_round(qkv[k_src + kv_dim + i]);
     }
     let inv_q = 1.0 / sqrt(wg_sum(sq, lid) / f32(d) + p.eps);
     let inv_k = 1.0 / sqrt(wg_sum(sk, lid) / f32(d) + p.eps);
@@ -177,18 +235,8 @@ fn main(
             k0 = k0 * inv_k * k_norm[i];
             k1 = k1 * inv_k * k_norm[i + half];
         }
-        k_sh[i] = k0 * c - k1 * s;
-        k_sh[i + half] = k1 * c + k0 * s;
-        if writes_kv {
-            k_cache[new_base + i] = k_sh[i];
-            k_cache[new_base + i + half] = k_sh[i + half];
-        }
-    }
-    if writes_kv {
-        // v_sh[i] was stored by this same thread above.
-        for (var i = lid; i < d; i += WG) {
-            v_cache[new_base + i] = v_sh[i];
-        }
+        k_sh[i] = kv_round(k0 * c - k1 * s);
+        k_sh[i + half] = kv_round(k1 * c + k0 * s);
     }
 #else
     for (var i = lid; i < d; i += WG) {
@@ -200,6 +248,23 @@ fn main(
     }
     // Also the barrier that publishes q_sh (and k_sh, v_sh).
     let ctx_all = workgroupUniformLoad(&ctx_sh);
+#ifdef DECODE
+    // The new key and value go to the cache once they are all in k_sh / v_sh (a half pair
+    // spans values that different threads computed).
+    if writes_kv {
+#ifdef KV_F16
+        for (var i = lid; i < half; i += WG) {
+            k_cache[new_base / 2u + i] = pack_half2(k_sh[2u * i], k_sh[2u * i + 1u]);
+            v_cache[new_base / 2u + i] = pack_half2(v_sh[2u * i], v_sh[2u * i + 1u]);
+        }
+#else
+        for (var i = lid; i < d; i += WG) {
+            k_cache[new_base + i] = k_sh[i];
+            v_cache[new_base + i] = v_sh[i];
+        }
+#endif
+    }
+#endif
 #ifdef SPLIT
     // This split's positions: [first, ctx).
     let first = min(split * p.split_span, ctx_all);
@@ -226,14 +291,10 @@ fn main(
                     dot += q_sh[i] * k_sh[i];
                 }
             } else {
-                for (var i = 0u; i < d; i++) {
-                    dot += q_sh[i] * k_cache[kb + i];
-                }
+                dot = key_dot(kb, d);
             }
 #else
-            for (var i = 0u; i < d; i++) {
-                dot += q_sh[i] * k_cache[kb + i];
-            }
+            dot = key_dot(kb, d);
 #endif
             s = dot * p.scale;
         }
@@ -266,10 +327,10 @@ fn main(
                     if c0 + j + 1u == ctx_all {
                         acc[k] += e * v_sh[dd];
                     } else {
-                        acc[k] += e * v_cache[vb + dd];
+                        acc[k] += e * value_at(vb + dd);
                     }
 #else
-                    acc[k] += e * v_cache[vb + dd];
+                    acc[k] += e * value_at(vb + dd);
 #endif
                 }
             }

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+use wick::backend::KvDtype;
 use wick::chat_template::RenderOptions;
 use wick::generate::prompt_opens_reasoning;
 use wick::loader::hub::HubOptions;
@@ -197,6 +198,10 @@ struct ModelArgs {
     /// GPU adapter: an index or part of a name, as listed by `wick info` (default: the first).
     #[arg(long)]
     adapter: Option<String>,
+    /// How the KV cache stores keys and values: f16 (half the memory, twice the tokens) or
+    /// f32 (exact).
+    #[arg(long, default_value_t = KvDtype::F16)]
+    kv_cache_dtype: KvDtype,
 }
 
 impl ModelArgs {
@@ -211,6 +216,7 @@ impl ModelArgs {
             max_model_len: self.max_model_len,
             quantize: self.quantize.map(QuantArg::scheme),
             adapter: self.adapter.clone(),
+            kv_dtype: self.kv_cache_dtype,
             hub: HubOptions {
                 offline: self.offline,
                 ..HubOptions::default()
@@ -794,11 +800,15 @@ fn serve(a: ServeArgs) -> Result<()> {
                 .served_model_name
                 .clone()
                 .unwrap_or_else(|| rt.name().to_string());
+            let info = engine.info();
             eprintln!(
-                "wick: serving {name} ({} KV blocks of {} tokens, max_model_len {})",
-                engine.info().num_blocks,
-                engine.info().block_size,
-                engine.info().max_model_len
+                "wick: serving {name} ({} KV blocks of {} tokens, {} KV cache of {:.0} MiB, \
+                 max_model_len {})",
+                info.num_blocks,
+                info.block_size,
+                info.kv_dtype,
+                info.kv_bytes as f64 / (1 << 20) as f64,
+                info.max_model_len
             );
             st.set_loaded(Loaded {
                 engine: Arc::new(engine),

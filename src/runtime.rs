@@ -28,6 +28,7 @@ use serde_json::Value;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::wgpu::{has_hardware_gpu, GpuStats, WgpuBackend, WgpuOptions};
+use crate::backend::KvDtype;
 use crate::chat_template::{ChatTemplate, RenderOptions};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::engine::{Engine, EngineOptions, TextModel};
@@ -73,6 +74,8 @@ pub struct RuntimeOptions {
     pub adapter: Option<String>,
     /// Quantize float weights at load ([`crate::quant::scheme`]); `None` keeps them as stored.
     pub quantize: Option<QuantScheme>,
+    /// How the KV cache stores keys and values (f16 by default, as llama.cpp's).
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for RuntimeOptions {
@@ -85,6 +88,7 @@ impl Default for RuntimeOptions {
             hub: HubOptions::default(),
             adapter: None,
             quantize: None,
+            kv_dtype: KvDtype::default(),
         }
     }
 }
@@ -157,7 +161,8 @@ impl Runtime {
                 adapter: opts.adapter.clone(),
                 ..WgpuOptions::default()
             })?;
-            let model = Arc::new(Model::load(backend, ckpt.config.clone(), &ckpt.tensors)?);
+            let model = Model::load(backend, ckpt.config.clone(), &ckpt.tensors)?;
+            let model = Arc::new(model.with_kv_dtype(opts.kv_dtype));
             let device = crate::backend::Backend::describe(model.backend());
             let m = model.clone();
             gpu_stats = Some(Arc::new(move || m.backend().stats()));
@@ -165,7 +170,8 @@ impl Runtime {
         };
         let on_cpu = || -> Result<(Box<dyn LoadedModel>, String)> {
             let backend = CpuBackend::new(opts.threads)?;
-            let model = Arc::new(Model::load(backend, ckpt.config.clone(), &ckpt.tensors)?);
+            let model = Model::load(backend, ckpt.config.clone(), &ckpt.tensors)?;
+            let model = Arc::new(model.with_kv_dtype(opts.kv_dtype));
             let device = crate::backend::Backend::describe(model.backend());
             Ok((Box::new(model), device))
         };

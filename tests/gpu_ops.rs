@@ -10,7 +10,7 @@
 
 use wick::backend::cpu::CpuBackend;
 use wick::backend::wgpu::{WgpuBackend, WgpuOptions};
-use wick::backend::{AttentionDims, Backend, Batch, KvLayout, SeqSpan};
+use wick::backend::{AttentionDims, Backend, Batch, KvDtype, KvLayout, SeqSpan};
 use wick::loader::{Bytes, HostTensor};
 use wick::quant::DType;
 
@@ -116,6 +116,16 @@ fn read<B: Backend>(b: &B, t: &B::Tensor, rows: usize, cols: usize) -> Vec<f32> 
 }
 
 #[track_caller]
+/// Relative tolerance of attention outputs against the CPU's: with an f16 cache both round
+/// keys and values to half precision, but the GPU's `pack2x16float` may round a value the
+/// other way than the CPU's round-to-nearest-even when it lies near a tie.
+fn kv_tol(dtype: KvDtype) -> f32 {
+    match dtype {
+        KvDtype::F32 => 1e-4,
+        KvDtype::F16 => 2e-3,
+    }
+}
+
 fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], atol: f32, rtol: f32) {
     assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
     let mut worst = (0.0f32, 0usize);
@@ -357,7 +367,12 @@ fn qk_norm_rope_matches_cpu_at_long_positions() {
 
 /// Two sequences: a prompt chunk each (written to the cache and attended), then one decode
 /// token each on top. Returns both steps' attention outputs.
-fn attention_run<B: Backend>(b: &B, dims: AttentionDims, lens: [usize; 2]) -> Vec<f32> {
+fn attention_run<B: Backend>(
+    b: &B,
+    dims: AttentionDims,
+    lens: [usize; 2],
+    dtype: KvDtype,
+) -> Vec<f32> {
     let (w, hd) = (dims.qkv_width(), dims.num_heads * dims.head_dim);
     let bs = 16;
     let layout = KvLayout {
@@ -366,6 +381,7 @@ fn attention_run<B: Backend>(b: &B, dims: AttentionDims, lens: [usize; 2]) -> Ve
         block_size: bs,
         num_kv_heads: dims.num_kv_heads,
         head_dim: dims.head_dim,
+        dtype,
     };
     let mut cache = b.kv_cache(layout).unwrap();
     // Interleaved block tables so that sequences share no block and tables matter.
@@ -418,15 +434,17 @@ fn attention_run<B: Backend>(b: &B, dims: AttentionDims, lens: [usize; 2]) -> Ve
 fn kv_write_and_attention_match_cpu() {
     let Some(g) = gpu() else { return };
     let c = cpu();
-    for &(h, hkv, d) in &[(4, 2, 32), (2, 1, 128), (3, 3, 8), (2, 2, 256)] {
-        for lens in [[1, 7], [33, 70], [130, 1]] {
-            assert_close(
-                &format!("attention H={h} Hkv={hkv} D={d} lens={lens:?}"),
-                &attention_run(&g, dims(h, hkv, d), lens),
-                &attention_run(&c, dims(h, hkv, d), lens),
-                1e-5,
-                1e-4,
-            );
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        for &(h, hkv, d) in &[(4, 2, 32), (2, 1, 128), (3, 3, 8), (2, 2, 256)] {
+            for lens in [[1, 7], [33, 70], [130, 1]] {
+                assert_close(
+                    &format!("attention H={h} Hkv={hkv} D={d} lens={lens:?} {dtype}"),
+                    &attention_run(&g, dims(h, hkv, d), lens, dtype),
+                    &attention_run(&c, dims(h, hkv, d), lens, dtype),
+                    1e-5,
+                    kv_tol(dtype),
+                );
+            }
         }
     }
 }
@@ -440,6 +458,7 @@ fn folded_attention_run<B: Backend>(
     dims: AttentionDims,
     lens: [usize; 2],
     norms: bool,
+    dtype: KvDtype,
 ) -> Vec<f32> {
     let (w, hd, d) = (
         dims.qkv_width(),
@@ -453,6 +472,7 @@ fn folded_attention_run<B: Backend>(
         block_size: bs,
         num_kv_heads: dims.num_kv_heads,
         head_dim: d,
+        dtype,
     };
     let mut cache = b.kv_cache(layout).unwrap();
     let qn = b
@@ -512,21 +532,24 @@ fn folded_attention_run<B: Backend>(
 fn folded_decode_attention_matches_cpu_ops() {
     let Some(g) = gpu() else { return };
     let c = cpu();
-    for &(h, hkv, d) in &[(4, 2, 32), (6, 2, 8), (3, 3, 128), (2, 1, 256)] {
-        for lens in [[1, 7], [33, 70], [130, 1]] {
-            for norms in [true, false] {
-                let what =
-                    format!("folded attention H={h} Hkv={hkv} D={d} lens={lens:?} norms={norms}");
-                let before = g.stats().dispatches;
-                let got = folded_attention_run(&g, dims(h, hkv, d), lens, norms);
-                // Prefill: embed + the three separate ops; each decode step: embed + one.
-                assert_eq!(
-                    g.stats().dispatches - before,
-                    4 + 2 + 2,
-                    "{what}: dispatches"
-                );
-                let want = folded_attention_run(&c, dims(h, hkv, d), lens, norms);
-                assert_close(&what, &got, &want, 1e-5, 1e-4);
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        for &(h, hkv, d) in &[(4, 2, 32), (6, 2, 8), (3, 3, 128), (2, 1, 256)] {
+            for lens in [[1, 7], [33, 70], [130, 1]] {
+                for norms in [true, false] {
+                    let what = format!(
+                        "folded attention H={h} Hkv={hkv} D={d} lens={lens:?} norms={norms} {dtype}"
+                    );
+                    let before = g.stats().dispatches;
+                    let got = folded_attention_run(&g, dims(h, hkv, d), lens, norms, dtype);
+                    // Prefill: embed + the three separate ops; each decode step: embed + one.
+                    assert_eq!(
+                        g.stats().dispatches - before,
+                        4 + 2 + 2,
+                        "{what}: dispatches"
+                    );
+                    let want = folded_attention_run(&c, dims(h, hkv, d), lens, norms, dtype);
+                    assert_close(&what, &got, &want, 1e-5, kv_tol(dtype));
+                }
             }
         }
     }
@@ -545,30 +568,32 @@ fn split_decode_attention_matches_cpu_on_long_contexts() {
         return;
     };
     let c = cpu();
-    for &(h, hkv, d) in &[(4, 2, 32), (2, 1, 128)] {
-        for lens in [[1, 1], [1, 33], [1000, 33], [4097, 1000]] {
-            let what = format!("split attention H={h} Hkv={hkv} D={d} lens={lens:?}");
-            let before = g.stats().dispatches;
-            let got = folded_attention_run(&g, dims(h, hkv, d), lens, true);
-            let dispatches = g.stats().dispatches - before;
-            let want = folded_attention_run(&c, dims(h, hkv, d), lens, true);
-            assert_close(&what, &got, &want, 1e-5, 1e-4);
-            // A decode step over more than 64 positions: embed, the folded kernel split, the
-            // reduction; otherwise embed and the folded kernel. Prefill (step 0) is never
-            // split: embed + three ops, or for a step of single tokens, two.
-            let decode = |ctx: usize| if ctx > 64 { 3 } else { 2 };
-            let prefill = if lens == [1, 1] { 2 } else { 4 };
-            let longest = lens[0].max(lens[1]);
-            let want_dispatches = prefill + decode(longest + 1) + decode(longest + 2);
-            assert_eq!(dispatches, want_dispatches as u64, "{what}: dispatches");
-            // The unfolded op splits too (for adapters with fewer than 8 storage buffers).
-            assert_close(
-                &format!("{what}, unfolded"),
-                &attention_run(&g, dims(h, hkv, d), lens),
-                &attention_run(&c, dims(h, hkv, d), lens),
-                1e-5,
-                1e-4,
-            );
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        for &(h, hkv, d) in &[(4, 2, 32), (2, 1, 128)] {
+            for lens in [[1, 1], [1, 33], [1000, 33], [4097, 1000]] {
+                let what = format!("split attention H={h} Hkv={hkv} D={d} lens={lens:?} {dtype}");
+                let before = g.stats().dispatches;
+                let got = folded_attention_run(&g, dims(h, hkv, d), lens, true, dtype);
+                let dispatches = g.stats().dispatches - before;
+                let want = folded_attention_run(&c, dims(h, hkv, d), lens, true, dtype);
+                assert_close(&what, &got, &want, 1e-5, kv_tol(dtype));
+                // A decode step over more than 64 positions: embed, the folded kernel split,
+                // the reduction; otherwise embed and the folded kernel. Prefill (step 0) is
+                // never split: embed + three ops, or for a step of single tokens, two.
+                let decode = |ctx: usize| if ctx > 64 { 3 } else { 2 };
+                let prefill = if lens == [1, 1] { 2 } else { 4 };
+                let longest = lens[0].max(lens[1]);
+                let want_dispatches = prefill + decode(longest + 1) + decode(longest + 2);
+                assert_eq!(dispatches, want_dispatches as u64, "{what}: dispatches");
+                // The unfolded op splits too (for adapters with fewer than 8 storage buffers).
+                assert_close(
+                    &format!("{what}, unfolded"),
+                    &attention_run(&g, dims(h, hkv, d), lens, dtype),
+                    &attention_run(&c, dims(h, hkv, d), lens, dtype),
+                    1e-5,
+                    kv_tol(dtype),
+                );
+            }
         }
     }
 }
@@ -822,4 +847,68 @@ fn folded_norm_and_swiglu_products_match_cpu() {
             1e-4,
         );
     }
+}
+
+/// The attention output of a one-token context is that token's value as the cache holds it:
+/// with an f16 cache, the value rounded to half precision (to nearest, ties to even). Exact
+/// on the CPU and with the GPU's integer packing; within one half ulp with `pack2x16float`.
+fn single_token_attention<B: Backend>(b: &B, v: &[f32]) -> Vec<f32> {
+    let d = v.len();
+    let dims = dims(2, 1, d);
+    let w = dims.qkv_width();
+    let layout = KvLayout {
+        num_layers: 1,
+        num_blocks: 1,
+        block_size: 16,
+        num_kv_heads: 1,
+        head_dim: d,
+        dtype: KvDtype::F16,
+    };
+    let mut cache = b.kv_cache(layout).unwrap();
+    let batch = one_seq(1, 0);
+    let mut row = values(w, 77);
+    row[w - d..].copy_from_slice(v);
+    b.begin_step(&batch);
+    let qkv = fill(b, &batch, &row, w, 1);
+    b.kv_write(&qkv, &mut cache, 0, dims, &batch);
+    let mut out = b.tensor(1, 2 * d);
+    b.attention(&qkv, &cache, 0, dims, &batch, &mut out);
+    read(b, &out, 1, 2 * d)
+}
+
+#[test]
+fn f16_kv_cache_rounds_to_half_precision() {
+    // Ties in both directions, a half subnormal, values that round up into the next binade.
+    let mut v = vec![
+        1.0 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+        -3.0e-6,
+        2047.75,
+        0.1,
+        -65000.0,
+        std::f32::consts::PI,
+        -1.0e-8,
+    ];
+    v.extend(values(24, 5));
+    let want: Vec<f32> = v
+        .iter()
+        .chain(&v)
+        .map(|x| half::f16::from_f32(*x).to_f32())
+        .collect();
+    assert_eq!(single_token_attention(&cpu(), &v), want, "cpu");
+    let Some(g) = gpu_with(WgpuOptions {
+        allow_f16: false,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    assert_eq!(single_token_attention(&g, &v), want, "gpu, integer packing");
+    let g = gpu().expect("as above");
+    assert_close(
+        "gpu",
+        &single_token_attention(&g, &v),
+        &want,
+        0.0,
+        2f32.powi(-11),
+    );
 }

@@ -15,12 +15,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::{fixture, max_abs_diff, Oracle};
+use wick::backend::KvDtype;
 use wick::loader::gguf::GgufFile;
 use wick::quant::scheme::QuantScheme;
 use wick::quant::{dequantize_row, DType};
 use wick::runtime::{Device, Runtime, RuntimeOptions};
 
-/// f32 compute on exactly dequantized weights (README rule).
+/// f32 compute on exactly dequantized weights (README rule); the KV cache is f32 for these
+/// comparisons.
 const F32_TOL: f32 = 2e-3;
 
 struct Scratch(PathBuf);
@@ -51,6 +53,7 @@ fn cpu() -> RuntimeOptions {
         device: Device::Cpu,
         threads: 2,
         max_model_len: 2048,
+        kv_dtype: KvDtype::F32,
         ..RuntimeOptions::default()
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use common::*;
 use wick::backend::cpu::CpuBackend;
+use wick::backend::KvDtype;
 use wick::config::ModelConfig;
 use wick::loader::safetensors::load_dir;
 use wick::model::Model;
@@ -129,4 +130,17 @@ fn reused_prefix_gives_the_same_logits() {
     .unwrap();
     let d = max_abs_diff(&last, &oracle.last_logits(&case.name));
     assert!(d <= TOL, "max |Δ| {d}");
+}
+
+#[test]
+fn f16_kv_cache_follows_the_oracle() {
+    let m = Arc::new(
+        Arc::try_unwrap(model())
+            .ok()
+            .unwrap()
+            .with_kv_dtype(KvDtype::F16),
+    );
+    let oracle = Oracle::load("qwen3-tiny/oracle.json", "qwen3-tiny/oracle.safetensors");
+    let worst = check_oracle_cases(&oracle, || session(&m, 64), 37, usize::MAX, TOL_F16_KV);
+    eprintln!("f16 KV cache: worst last-logits max |Δ| = {worst:.2e}");
 }

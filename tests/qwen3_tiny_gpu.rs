@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use common::*;
 use wick::backend::wgpu::{WgpuBackend, WgpuOptions};
-use wick::backend::Backend;
+use wick::backend::{Backend, KvDtype};
 use wick::config::ModelConfig;
 use wick::loader::safetensors::load_dir;
 use wick::model::Model;
@@ -174,4 +174,13 @@ fn cached_decode_equals_full_recompute() {
         let d = max_abs_diff(&full, &cached);
         assert!(d < 1e-4, "chunk {chunk}: cached vs full max |Δ| {d}");
     }
+}
+
+#[test]
+fn f16_kv_cache_follows_the_oracle() {
+    let Some(m) = model() else { return };
+    let m = Arc::new(Arc::try_unwrap(m).ok().unwrap().with_kv_dtype(KvDtype::F16));
+    let oracle = Oracle::load("qwen3-tiny/oracle.json", "qwen3-tiny/oracle.safetensors");
+    let worst = check_oracle_cases(&oracle, || session(&m, 64), 37, LONG, TOL_F16_KV);
+    eprintln!("f16 KV cache: worst last-logits max |Δ| = {worst:.2e}");
 }

@@ -156,17 +156,61 @@ pub struct KvLayout {
     pub num_kv_heads: usize,
     /// D.
     pub head_dim: usize,
+    /// How each value is stored.
+    pub dtype: KvDtype,
 }
 
 impl KvLayout {
-    /// Bytes of K + V storage for all layers at `bytes_per_elem`.
-    pub fn bytes(&self, bytes_per_elem: usize) -> usize {
-        2 * self.num_layers
-            * self.num_blocks
-            * self.block_size
-            * self.num_kv_heads
-            * self.head_dim
-            * bytes_per_elem
+    /// Values in one pool (the K or the V of one layer).
+    pub fn pool_len(&self) -> usize {
+        self.num_blocks * self.block_size * self.num_kv_heads * self.head_dim
+    }
+
+    /// Bytes of K + V storage for all layers.
+    pub fn bytes(&self) -> usize {
+        2 * self.num_layers * self.pool_len() * self.dtype.size()
+    }
+}
+
+/// How the KV cache stores keys and values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KvDtype {
+    /// 4 bytes per value: keys and values exactly as computed.
+    F32,
+    /// 2 bytes per value (IEEE half, round to nearest): half the memory, so twice the
+    /// tokens in the same budget, and half the bytes attention reads per token. Keys and
+    /// values are rounded once, when written; scores and sums stay f32.
+    #[default]
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        })
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(KvDtype::F32),
+            "f16" | "float16" | "half" => Ok(KvDtype::F16),
+            _ => Err(format!("unknown KV cache type `{s}` (expected f16 or f32)")),
+        }
     }
 }
 

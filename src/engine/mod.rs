@@ -187,6 +187,10 @@ pub struct EngineInfo {
     pub max_num_seqs: usize,
     /// What the model runs on.
     pub device: String,
+    /// How the KV cache stores keys and values.
+    pub kv_dtype: crate::backend::KvDtype,
+    /// Bytes of the KV pool (every layer's K and V).
+    pub kv_bytes: usize,
 }
 
 /// A prompt after rendering and tokenization, ready for the engine thread.

@@ -63,7 +63,7 @@ pub(crate) fn spawn<B: Backend>(
         .min(model.config.max_position_embeddings)
         .max(2);
     let bs = opts.block_size;
-    let block_bytes = model.kv_layout(1, bs).bytes(4);
+    let block_bytes = model.kv_layout(1, bs).bytes();
     let budget = opts.kv_cache_mb.unwrap_or(DEFAULT_KV_MB) << 20;
     let min_blocks = max_model_len.div_ceil(bs);
     let mut num_blocks = opts.num_blocks.unwrap_or(budget / block_bytes);
@@ -88,6 +88,8 @@ pub(crate) fn spawn<B: Backend>(
         block_size: bs,
         max_num_seqs,
         device: model.backend().describe(),
+        kv_dtype: model.kv_dtype(),
+        kv_bytes: num_blocks * block_bytes,
     };
     Metrics::set(&metrics.kv_blocks_total, num_blocks);
     let sched = Scheduler::new(

@@ -22,7 +22,7 @@
 //! logits = rms_norm(x[logits_rows], norm) · lm_headᵀ [R, V]
 //! ```
 
-use crate::backend::{AttentionDims, Backend, Batch, KvLayout, RowSampling};
+use crate::backend::{AttentionDims, Backend, Batch, KvDtype, KvLayout, RowSampling};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::loader::TensorSet;
@@ -52,6 +52,7 @@ pub struct Model<B: Backend> {
     /// `None` when tied to `embed_tokens`.
     lm_head: Option<B::Weight>,
     dims: AttentionDims,
+    kv_dtype: KvDtype,
 }
 
 /// Preallocated activations for steps of up to `max_tokens` tokens.
@@ -150,7 +151,20 @@ impl<B: Backend> Model<B> {
             norm,
             lm_head,
             dims,
+            kv_dtype: KvDtype::F32,
         })
+    }
+
+    /// Stores keys and values as `dtype` in the caches made from now on ([`Model::load`]
+    /// keeps them f32, exact).
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
+        self.kv_dtype = dtype;
+        self
+    }
+
+    /// How the KV caches store keys and values.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
     }
 
     /// The backend the model runs on.
@@ -188,6 +202,7 @@ impl<B: Backend> Model<B> {
             block_size,
             num_kv_heads: self.config.num_key_value_heads,
             head_dim: self.config.head_dim,
+            dtype: self.kv_dtype,
         }
     }
 

@@ -192,3 +192,55 @@ pub fn check_greedy(case: &Case, argmaxes: &[usize], tol: f32) -> usize {
     }
     checked
 }
+
+/// Tolerance of logits against the f32 oracle with an f16 KV cache: keys and values are
+/// rounded to half precision (relative error 2^-11) once, when written.
+pub const TOL_F16_KV: f32 = 1e-2;
+
+/// Runs every oracle case through `session` the way serving does (the prompt in chunks of
+/// `chunk` tokens, so later chunks read earlier ones back from the cache, then teacher-forced
+/// decode one token at a time) and checks the prompt's top-k at every position, its last
+/// logits, and the greedy continuation under the margin rule, all within `tol`. Cases with
+/// prompts longer than `max_prompt` are skipped. Returns the worst last-logits |Δ|.
+pub fn check_oracle_cases<B: wick::backend::Backend>(
+    oracle: &Oracle,
+    mut session: impl FnMut() -> wick::session::Session<B>,
+    chunk: usize,
+    max_prompt: usize,
+    tol: f32,
+) -> f32 {
+    use wick::session::WantLogits;
+    let mut worst = 0.0f32;
+    for case in oracle
+        .cases
+        .iter()
+        .filter(|c| c.input_ids.len() <= max_prompt)
+    {
+        let ids_k = oracle.topk_ids(&case.name);
+        let logits_k = oracle.topk_logits(&case.name);
+        let mut s = session();
+        let n = case.input_ids.len();
+        let mut last = Vec::new();
+        for (c, part) in case.input_ids.chunks(chunk).enumerate() {
+            s.extend(part, WantLogits::All, |i, row| {
+                let pos = c * chunk + i;
+                check_topk(pos, row, &ids_k[pos], &logits_k[pos], tol);
+                if pos + 1 == n {
+                    last = row.to_vec();
+                }
+            })
+            .unwrap();
+        }
+        let d = max_abs_diff(&last, &oracle.last_logits(&case.name));
+        assert!(d <= tol, "{}: last logits max |Δ| {d}", case.name);
+        worst = worst.max(d);
+        let mut argmaxes = vec![argmax(&last)];
+        for &id in &case.greedy_ids[..case.greedy_ids.len() - 1] {
+            s.extend(&[id], WantLogits::Last, |_, row| argmaxes.push(argmax(row)))
+                .unwrap();
+        }
+        let checked = check_greedy(case, &argmaxes, tol);
+        assert!(checked > 0, "{}: no greedy step checked", case.name);
+    }
+    worst
+}

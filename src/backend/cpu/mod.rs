@@ -100,11 +100,11 @@ impl CpuWeight {
     }
 }
 
-/// K and V pools of every layer, f32, `[num_blocks · block_size, Hkv · D]` each.
+/// K and V pools of every layer ([`attention::KvPool`]).
 pub struct CpuKvCache {
     layout: KvLayout,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<attention::KvPool>,
+    v: Vec<attention::KvPool>,
 }
 
 /// `out = x / rms(x) * w` on one row.
@@ -148,12 +148,14 @@ impl Backend for CpuBackend {
     }
 
     fn kv_cache(&self, layout: KvLayout) -> Result<CpuKvCache> {
-        let n = layout.num_blocks * layout.block_size * layout.num_kv_heads * layout.head_dim;
-        // Zeroed allocations are mapped lazily by the OS: unused blocks cost no memory.
         Ok(CpuKvCache {
             layout,
-            k: (0..layout.num_layers).map(|_| vec![0.0; n]).collect(),
-            v: (0..layout.num_layers).map(|_| vec![0.0; n]).collect(),
+            k: (0..layout.num_layers)
+                .map(|_| attention::KvPool::zeroed(&layout))
+                .collect(),
+            v: (0..layout.num_layers)
+                .map(|_| attention::KvPool::zeroed(&layout))
+                .collect(),
         })
     }
 
@@ -247,16 +249,9 @@ impl Backend for CpuBackend {
         dims: AttentionDims,
         batch: &Batch,
     ) {
-        let kv_dim = dims.num_kv_heads * dims.head_dim;
-        let q_dim = dims.num_heads * dims.head_dim;
-        let width = qkv.cols;
+        assert_eq!(qkv.cols, dims.qkv_width());
         let (k, v) = (&mut cache.k[layer], &mut cache.v[layer]);
-        for (row, &slot) in batch.slot_mapping.iter().enumerate() {
-            let src = &qkv.data[row * width..(row + 1) * width];
-            let dst = slot as usize * kv_dim..(slot as usize + 1) * kv_dim;
-            k[dst.clone()].copy_from_slice(&src[q_dim..q_dim + kv_dim]);
-            v[dst].copy_from_slice(&src[q_dim + kv_dim..q_dim + 2 * kv_dim]);
-        }
+        attention::kv_write(&qkv.data, k, v, &cache.layout, dims, batch);
     }
 
     fn attention(
@@ -274,7 +269,7 @@ impl Backend for CpuBackend {
                 &qkv.data,
                 &cache.k[layer],
                 &cache.v[layer],
-                cache.layout.block_size,
+                &cache.layout,
                 dims,
                 batch,
                 &mut out.data,

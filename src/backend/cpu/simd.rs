@@ -52,6 +52,24 @@ pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// `y[i] += a · x[i]`.
+pub fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
+    debug_assert_eq!(y.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::axpy_f32(y, a, x) };
+    }
+    axpy_f32_scalar(y, a, x)
+}
+
+/// Scalar reference of [`axpy_f32`].
+pub fn axpy_f32_scalar(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
 /// Four dot products of one row `w` with four activation rows, sharing the loads of `w`.
 pub fn dot4_f32(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
@@ -186,6 +204,23 @@ mod x86 {
             i += 1;
         }
         s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+        let av = _mm256_set1_ps(a);
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+            _mm256_storeu_ps(py.add(i), v);
+            i += 8;
+        }
+        while i < n {
+            y[i] += a * x[i];
+            i += 1;
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -423,6 +458,12 @@ mod tests {
                 for (got, x) in row.iter().zip([&b, &c, &d, &e]) {
                     assert!(close(*got, dot_f32_scalar(wr, x), n), "dot2x4 n={n}");
                 }
+            }
+            let (mut y, mut y_ref) = (values(n, 7), values(n, 7));
+            axpy_f32(&mut y, 0.37, &a);
+            axpy_f32_scalar(&mut y_ref, 0.37, &a);
+            for (got, want) in y.iter().zip(&y_ref) {
+                assert!(close(*got, *want, 1), "axpy n={n}");
             }
             let mut out = vec![0.0; n];
             let mut reference = vec![0.0; n];

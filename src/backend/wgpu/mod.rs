@@ -55,7 +55,7 @@ use self::context::GpuContext;
 pub use self::context::{has_hardware_gpu, list_adapters, AdapterInfoSummary};
 use self::params::*;
 use self::pipelines::{Kernel, PipelineKey, Pipelines, WEIGHT_DTYPES};
-use super::{AttentionDims, Backend, Batch, KvLayout, RowSampling};
+use super::{AttentionDims, Backend, Batch, KvDtype, KvLayout, RowSampling};
 use crate::error::{Error, Result};
 use crate::loader::HostTensor;
 use crate::quant::DType;
@@ -347,6 +347,11 @@ impl WgpuBackend {
         self.segment_limit
     }
 
+    /// The variant of a KV-cache kernel for caches of `layout`.
+    fn kv_key(&self, kernel: Kernel, layout: &KvLayout) -> PipelineKey {
+        PipelineKey::kv(kernel, layout.dtype == KvDtype::F16, self.ctx.f16_in_f32)
+    }
+
     /// Whether kernels reading `dtype` widen f16 bits (F16 elements or block scales).
     fn widens_f16(dtype: DType) -> bool {
         dtype == DType::F16 || dtype.is_quantized()
@@ -555,7 +560,7 @@ impl WgpuBackend {
         let (gx, gy) = self.grid(t * h * splits);
         self.dispatch(
             inner,
-            PipelineKey::plain(Kernel::AttentionSplit),
+            self.kv_key(Kernel::AttentionSplit, &cache.layout),
             &[
                 &qkv.buf,
                 &cache.k[layer],
@@ -769,6 +774,7 @@ impl WgpuBackend {
                 weight: Some(seg.dtype),
                 subgroup: vec && self.ctx.subgroup,
                 f16_in_f32: Self::widens_f16(seg.dtype) && self.ctx.f16_in_f32,
+                kv_f16: false,
             };
             match norm {
                 Some(nw) => self.dispatch(
@@ -990,13 +996,17 @@ impl Backend for WgpuBackend {
                 "head_dim {d}: the GPU attention kernel handles even head dims up to {MAX_HEAD_DIM}"
             )));
         }
-        let bytes = (layout.num_blocks * layout.block_size * layout.num_kv_heads * d * 4) as u64;
+        let bytes = (layout.pool_len() * layout.dtype.size()) as u64;
         if bytes > self.segment_limit {
             return Err(Error::Device(format!(
-                "a KV pool of {} blocks × {} tokens × {} KV heads × {d} f32 needs {bytes} bytes \
+                "a KV pool of {} blocks × {} tokens × {} KV heads × {d} {} needs {bytes} bytes \
                  per layer, above the adapter's max_storage_buffer_binding_size ({} bytes); \
                  lower --max-model-len",
-                layout.num_blocks, layout.block_size, layout.num_kv_heads, self.segment_limit
+                layout.num_blocks,
+                layout.block_size,
+                layout.num_kv_heads,
+                layout.dtype,
+                self.segment_limit
             )));
         }
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
@@ -1102,6 +1112,7 @@ impl Backend for WgpuBackend {
                 weight: Some(seg.dtype),
                 subgroup: false,
                 f16_in_f32: Self::widens_f16(seg.dtype) && self.ctx.f16_in_f32,
+                kv_f16: false,
             };
             let batch_buf = inner.batch_buf.clone();
             self.dispatch(
@@ -1267,7 +1278,13 @@ impl Backend for WgpuBackend {
             slots_off: 0,
             _pad: [0; 3],
         };
-        let (gx, gy) = self.grid((t * kv_dim).div_ceil(WG));
+        // One thread per value, or per pair of values packed into one word of an f16 cache.
+        let per_token = if cache.layout.dtype == KvDtype::F16 {
+            kv_dim / 2
+        } else {
+            kv_dim
+        };
+        let (gx, gy) = self.grid((t * per_token).div_ceil(WG));
         let inner = &mut *self.lock();
         let params = KvWriteParams {
             slots_off: inner.step.slots_off,
@@ -1276,7 +1293,7 @@ impl Backend for WgpuBackend {
         let batch_buf = inner.batch_buf.clone();
         self.dispatch(
             inner,
-            PipelineKey::plain(Kernel::KvWrite),
+            self.kv_key(Kernel::KvWrite, &cache.layout),
             &[&qkv.buf, &batch_buf, &cache.k[layer], &cache.v[layer]],
             &params,
             (gx, gy, 1),
@@ -1328,7 +1345,7 @@ impl Backend for WgpuBackend {
         let batch_buf = inner.batch_buf.clone();
         self.dispatch(
             inner,
-            PipelineKey::plain(Kernel::Attention),
+            self.kv_key(Kernel::Attention, &cache.layout),
             &[
                 &qkv.buf,
                 &cache.k[layer],
@@ -1414,7 +1431,7 @@ impl Backend for WgpuBackend {
         let Some(splits) = splits else {
             self.dispatch(
                 inner,
-                PipelineKey::plain(Kernel::AttentionDecode),
+                self.kv_key(Kernel::AttentionDecode, &cache.layout),
                 &[
                     &qkv.buf,
                     qn.as_ref().unwrap_or(&self.dummy),
@@ -1439,7 +1456,7 @@ impl Backend for WgpuBackend {
         };
         self.dispatch(
             inner,
-            PipelineKey::plain(Kernel::AttentionDecodeSplit),
+            self.kv_key(Kernel::AttentionDecodeSplit, &cache.layout),
             &[
                 &qkv.buf,
                 qn.as_ref().unwrap_or(&self.dummy),

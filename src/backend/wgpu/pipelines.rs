@@ -244,6 +244,18 @@ impl Kernel {
         )
     }
 
+    /// Whether the kernel reads or writes the KV cache (and so has an f16-cache variant).
+    pub fn uses_kv(self) -> bool {
+        matches!(
+            self,
+            Kernel::KvWrite
+                | Kernel::Attention
+                | Kernel::AttentionDecode
+                | Kernel::AttentionSplit
+                | Kernel::AttentionDecodeSplit
+        )
+    }
+
     /// Whether the kernel has a subgroup variant.
     pub fn has_subgroup_variant(self) -> bool {
         matches!(
@@ -306,8 +318,10 @@ pub struct PipelineKey {
     pub subgroup: bool,
     /// Widen f16 with `unpack2x16float` (the device has f16-in-f32 support); else with
     /// integer operations. Only meaningful for F16 weights and block formats (whose scales
-    /// are f16).
+    /// are f16), and for the f16 KV cache (also packed with `pack2x16float`).
     pub f16_in_f32: bool,
+    /// The KV cache holds half-precision values, two per word (`KV_F16`).
+    pub kv_f16: bool,
 }
 
 impl PipelineKey {
@@ -318,6 +332,17 @@ impl PipelineKey {
             weight: None,
             subgroup: false,
             f16_in_f32: false,
+            kv_f16: false,
+        }
+    }
+
+    /// A kernel over the KV cache, for a cache of half-precision values or not.
+    pub fn kv(kernel: Kernel, kv_f16: bool, f16_in_f32: bool) -> Self {
+        debug_assert!(kernel.uses_kv());
+        PipelineKey {
+            kv_f16,
+            f16_in_f32: kv_f16 && f16_in_f32,
+            ..PipelineKey::plain(kernel)
         }
     }
 
@@ -350,8 +375,14 @@ impl PipelineKey {
                             weight,
                             subgroup,
                             f16_in_f32,
+                            kv_f16: false,
                         });
                     }
+                }
+            }
+            if kernel.uses_kv() {
+                for f16_in_f32 in [false, true] {
+                    keys.push(PipelineKey::kv(kernel, true, f16_in_f32));
                 }
             }
         }
@@ -397,6 +428,9 @@ impl PipelineKey {
         if self.f16_in_f32 {
             d.push("F16_IN_F32");
         }
+        if self.kv_f16 {
+            d.push("KV_F16");
+        }
         d
     }
 
@@ -425,6 +459,9 @@ impl PipelineKey {
         }
         if self.subgroup {
             s.push_str("_subgroup");
+        }
+        if self.kv_f16 {
+            s.push_str("_kvf16");
         }
         if self.f16_in_f32 {
             s.push_str("_unpack");
