@@ -5,6 +5,9 @@
 //! - tg: `n_gen` tokens decoded one at a time from an empty cache, reported as tokens per
 //!   second and as GB/s of weights read (decode reads every weight once per token, so GB/s
 //!   against the machine's bandwidth says how close to the limit it runs).
+//! - With `depth` (llama-bench's `-d`), both run after a context of `depth` tokens instead of
+//!   an empty cache: attention then reads `depth` cached keys and values per token, which
+//!   is what long chats cost. The context is computed once and kept (untimed) across runs.
 //!
 //! Each figure is the median over `repetitions` runs after one warm-up run; the machine is
 //! shared and noisy, so medians, not means. Decoding is greedy and the argmax is part of the
@@ -33,6 +36,8 @@ pub struct BenchOptions {
     pub n_gen: usize,
     /// Timed runs of each test.
     pub repetitions: usize,
+    /// Tokens already in the cache when each test starts.
+    pub depth: usize,
 }
 
 /// Results, all medians.
@@ -42,6 +47,8 @@ pub struct BenchReport {
     pub n_prompt: usize,
     /// Generated tokens.
     pub n_gen: usize,
+    /// Cached context before each test.
+    pub depth: usize,
     /// Median prompt tokens per second.
     pub pp_tok_s: Option<f64>,
     /// Median generated tokens per second.
@@ -114,10 +121,25 @@ pub fn run_counting(
     let greedy = RowSampling::greedy();
     let mut pp_runs = Vec::new();
     let mut tg_runs = Vec::new();
+    // The context of `depth` tokens, plus one that never runs: keeping the longest cached
+    // prefix of it keeps the whole context and drops what the last test appended.
+    let mut context = tokens(opts.depth, vocab, 3);
+    context.push(0);
+    let start = |runner: &mut dyn SequenceRunner| -> Result<()> {
+        if opts.depth == 0 {
+            runner.reset();
+            return Ok(());
+        }
+        let kept = runner.reuse_prefix(&context);
+        if kept < opts.depth {
+            runner.extend_last(&context[kept..opts.depth], &mut Vec::new())?;
+        }
+        Ok(())
+    };
     for rep in 0..=opts.repetitions {
         if opts.n_prompt > 0 {
             let prompt = tokens(opts.n_prompt, vocab, 7 + rep as u64);
-            runner.reset();
+            start(runner)?;
             let t = Instant::now();
             runner.extend_last(&prompt, &mut logits)?;
             let secs = t.elapsed().as_secs_f64();
@@ -126,7 +148,7 @@ pub fn run_counting(
             }
         }
         if opts.n_gen > 0 {
-            runner.reset();
+            start(runner)?;
             let mut next = tokens(1, vocab, 11 + rep as u64)[0];
             let before = gpu_stats.map(|f| f());
             let t = Instant::now();
@@ -154,6 +176,7 @@ pub fn run_counting(
     Ok(BenchReport {
         n_prompt: opts.n_prompt,
         n_gen: opts.n_gen,
+        depth: opts.depth,
         pp_tok_s: pp,
         tg_tok_s: tg,
         tg_ms_per_tok: tg.map(|t| 1000.0 / t),

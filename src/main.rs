@@ -107,6 +107,9 @@ struct BenchArgs {
     /// Timed repetitions of each test (after one warm-up); medians are reported.
     #[arg(short = 'r', long, default_value_t = 3)]
     repetitions: usize,
+    /// Run both tests after this many tokens of context (llama-bench's -d).
+    #[arg(short = 'd', long, default_value_t = 0)]
+    depth: usize,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -513,7 +516,10 @@ fn info() -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    let max_len = a.model.max_model_len.max(a.n_prompt.max(a.n_gen) + 1);
+    let max_len = a
+        .model
+        .max_model_len
+        .max(a.depth + a.n_prompt.max(a.n_gen) + 1);
     if let Some(n) = a.concurrency {
         return bench_concurrency(a, n);
     }
@@ -526,6 +532,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         n_prompt: a.n_prompt,
         n_gen: a.n_gen,
         repetitions: a.repetitions.max(1),
+        depth: a.depth,
     };
     let vocab = rt.config().vocab_size;
     let bytes = rt.weight_bytes_per_token();
@@ -543,15 +550,25 @@ fn bench(a: BenchArgs) -> Result<()> {
         v["device"] = json!(rt.device());
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("model {} on {}", rt.name(), rt.device());
+        println!(
+            "model {} on {}, {} KV cache",
+            rt.name(),
+            rt.device(),
+            a.model.kv_cache_dtype
+        );
+        let at = if a.depth > 0 {
+            format!(" @ d{}", a.depth)
+        } else {
+            String::new()
+        };
         if let Some(pp) = report.pp_tok_s {
-            println!("pp{:<5} {:8.1} tok/s", a.n_prompt, pp);
+            println!("pp{}{at} {:8.1} tok/s", a.n_prompt, pp);
         }
         if let (Some(tg), Some(ms), Some(gb)) =
             (report.tg_tok_s, report.tg_ms_per_tok, report.tg_gb_s)
         {
             println!(
-                "tg{:<5} {:8.1} tok/s  {:7.2} ms/tok  {:6.2} GB/s ({:.1} MB of weights per token)",
+                "tg{}{at} {:8.1} tok/s  {:7.2} ms/tok  {:6.2} GB/s ({:.1} MB of weights per token)",
                 a.n_gen,
                 tg,
                 ms,

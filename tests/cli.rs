@@ -131,3 +131,55 @@ fn prompt_longer_than_the_context_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tokens") && err.contains("64"), "{err}");
 }
+
+#[test]
+fn bench_runs_at_depth_with_either_kv_cache() {
+    let dir = fixture("qwen3-tiny");
+    for dtype in ["f16", "f32"] {
+        let out = wick(&[
+            "bench",
+            "--model",
+            dir.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--kv-cache-dtype",
+            dtype,
+            "-p",
+            "16",
+            "-n",
+            "4",
+            "-r",
+            "2",
+            "-d",
+            "40",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        assert_eq!(
+            (v["depth"].as_u64(), v["n_gen"].as_u64()),
+            (Some(40), Some(4))
+        );
+        assert_eq!(v["pp_runs"].as_array().unwrap().len(), 2);
+        assert_eq!(v["tg_runs"].as_array().unwrap().len(), 2);
+        assert!(v["tg_tok_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["pp_tok_s"].as_f64().unwrap() > 0.0, "{v}");
+    }
+    let out = wick(&[
+        "bench",
+        "--model",
+        dir.to_str().unwrap(),
+        "--kv-cache-dtype",
+        "f8",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expected f16 or f32"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
