@@ -358,9 +358,10 @@ fn seeded_sampling_is_the_same_everywhere(device: Device) {
         .token_ids;
     assert_ne!(want, other);
 
+    // The default KV budget: on lavapipe it asks for more than one storage binding holds,
+    // and the engine takes what fits.
     let engine = rt
         .start_engine(&EngineOptions {
-            num_blocks: Some(64),
             max_model_len: 256,
             ..EngineOptions::default()
         })

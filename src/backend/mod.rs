@@ -264,6 +264,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Allocates the paged KV cache.
     fn kv_cache(&self, layout: KvLayout) -> Result<Self::KvCache>;
 
+    /// The largest pool (one layer's K or V) [`Backend::kv_cache`] can make, in bytes, when
+    /// the device limits it (a GPU binds each pool as one storage buffer); `None` when only
+    /// memory does.
+    fn max_kv_pool_bytes(&self) -> Option<usize> {
+        None
+    }
+
     /// Starts a forward step over `batch`.
     fn begin_step(&self, batch: &Batch);
 

@@ -79,6 +79,18 @@ pub(crate) fn spawn<B: Backend>(
         }
         num_blocks = min_blocks;
     }
+    // A budget may ask for more than the device can bind as one pool: take what fits.
+    let pool_block_bytes = block_bytes / (2 * model.config.num_hidden_layers);
+    if let Some(max) = model.backend().max_kv_pool_bytes() {
+        let fit = max / pool_block_bytes;
+        if opts.num_blocks.is_none() && num_blocks > fit && fit >= min_blocks {
+            tracing::warn!(
+                "the KV budget asks for {num_blocks} blocks; the device binds at most {fit} \
+                 per pool ({max} bytes), so the cache has {fit}"
+            );
+            num_blocks = fit;
+        }
+    }
     let cache = model.kv_cache(model.kv_layout(num_blocks, bs))?;
     let max_num_seqs = opts.max_num_seqs;
     let state = model.run_state(opts.max_num_batched_tokens, max_num_seqs);

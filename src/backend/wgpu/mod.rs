@@ -1021,6 +1021,10 @@ impl Backend for WgpuBackend {
         })
     }
 
+    fn max_kv_pool_bytes(&self) -> Option<usize> {
+        Some(usize::try_from(self.segment_limit).unwrap_or(usize::MAX))
+    }
+
     fn begin_step(&self, batch: &Batch) {
         let inner = &mut *self.lock();
         // Work of a step that read nothing back (a prompt chunk without logits) must run
