@@ -11,8 +11,14 @@
 //! Why 16 bits and not llama.cpp's 8: measured on the oracle fixtures, 8-bit activations moved
 //! the logits of a decode step by up to 0.27 (Q4_K_M, hidden 256), beyond the 0.1 the
 //! references allow for 8-bit activations; 16 bits cost about one more instruction per 32
-//! weights and move them by about 1e-4. Prefill (four or more rows) does not use this path: it
-//! widens each weight row to f32 once and reuses it for every token.
+//! weights and move them by about 1e-4.
+//!
+//! A decode step of several sequences has several activation rows: [`dot4`] widens each
+//! weight block once and meets four rows with it, so batched decode pays the unpacking once
+//! per four tokens (on the Qwen3-0.6B shape, Q4_0 with a Q6_K output matrix, 2 threads: four
+//! sequences decode at 2.06× one sequence's speed instead of 1.07×). Prefill (more than 16
+//! rows, or formats without a four-row kernel) widens each weight row to f32 once and reuses
+//! it for every token.
 //!
 //! Every format has a scalar version (`*_scalar`), the reference the AVX2 one is tested against.
 
@@ -82,6 +88,33 @@ pub fn dot(dtype: DType, row: &[u8], x: &Q16Act) -> f32 {
         }
     }
     dot_scalar(dtype, row, x)
+}
+
+/// Whether [`dot4`] widens each block once for four rows (rather than running [`dot`] four
+/// times).
+pub fn has_dot4(dtype: DType) -> bool {
+    matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q6_K)
+        && super::simd::has_avx2()
+}
+
+/// [`dot`] of one weight row with four activation rows: Q8_0, Q4_0, Q4_1 and Q6_K (the
+/// output matrix of llama.cpp's Q4_0 and Q4_K_M mixes) widen each block once for all four, so a decode step of four
+/// sequences costs far less than four steps of one.
+pub fn dot4(dtype: DType, row: &[u8], x: [&Q16Act; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx2() {
+        // SAFETY: as in `dot`.
+        unsafe {
+            match dtype {
+                DType::Q8_0 => return x86::dot4_q8_0(row, x),
+                DType::Q4_0 => return x86::dot4_q4_0(row, x),
+                DType::Q4_1 => return x86::dot4_q4_1(row, x),
+                DType::Q6_K => return x86::dot4_q6_k(row, x),
+                _ => {}
+            }
+        }
+    }
+    x.map(|x| dot(dtype, row, x))
 }
 
 /// Scalar reference of [`dot`].
@@ -303,6 +336,80 @@ mod x86 {
         hsum(acc) + mins
     }
 
+    /// Four rows of activations against one block's widened weights `wl`, `wh` (elements
+    /// 0..16 and 16..32, i16), scaled by `dw` and each row's block scale.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block4(
+        wl: __m256i,
+        wh: __m256i,
+        dw: f32,
+        x: &[&Q16Act; 4],
+        b: usize,
+        acc: &mut [__m256; 4],
+    ) {
+        for j in 0..4 {
+            let s = _mm256_add_epi32(
+                _mm256_madd_epi16(wl, xload(x[j], 32 * b)),
+                _mm256_madd_epi16(wh, xload(x[j], 32 * b + 16)),
+            );
+            let scale = _mm256_set1_ps(dw * *x[j].d.get_unchecked(b));
+            acc[j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s), acc[j]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_q8_0(row: &[u8], x: [&Q16Act; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let pr = row.as_ptr();
+        for b in 0..x[0].d.len() {
+            let blk = pr.add(34 * b);
+            let wl = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(2) as *const __m128i));
+            let wh = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18) as *const __m128i));
+            block4(wl, wh, f16(blk), &x, b, &mut acc);
+        }
+        acc.map(|a| hsum(a))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_q4_0(row: &[u8], x: [&Q16Act; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let pr = row.as_ptr();
+        let eight = _mm_set1_epi8(8);
+        for b in 0..x[0].d.len() {
+            let blk = pr.add(18 * b);
+            let (lo, hi) = nibbles(_mm_loadu_si128(blk.add(2) as *const __m128i));
+            let wl = _mm256_cvtepi8_epi16(_mm_sub_epi8(lo, eight));
+            let wh = _mm256_cvtepi8_epi16(_mm_sub_epi8(hi, eight));
+            block4(wl, wh, f16(blk), &x, b, &mut acc);
+        }
+        acc.map(|a| hsum(a))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_q4_1(row: &[u8], x: [&Q16Act; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut mins = [0.0f32; 4];
+        let pr = row.as_ptr();
+        for b in 0..x[0].d.len() {
+            let blk = pr.add(20 * b);
+            let (lo, hi) = nibbles(_mm_loadu_si128(blk.add(4) as *const __m128i));
+            let wl = _mm256_cvtepu8_epi16(lo);
+            let wh = _mm256_cvtepu8_epi16(hi);
+            block4(wl, wh, f16(blk), &x, b, &mut acc);
+            let m = f16(blk.add(2));
+            for j in 0..4 {
+                let xj = x[j];
+                let sx = *xj.sum16.get_unchecked(2 * b) + *xj.sum16.get_unchecked(2 * b + 1);
+                mins[j] += m * *xj.d.get_unchecked(b) * sx as f32;
+            }
+        }
+        let mut out = acc.map(|a| hsum(a));
+        for j in 0..4 {
+            out[j] += mins[j];
+        }
+        out
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_k(row: &[u8], x: &Q16Act) -> f32 {
         let mut acc = _mm256_setzero_ps();
@@ -333,6 +440,61 @@ mod x86 {
             }
         }
         hsum(acc) - mins
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_q6_k(row: &[u8], x: [&Q16Act; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let pr = row.as_ptr();
+        let m4 = _mm256_set1_epi8(0xF);
+        let m2 = _mm256_set1_epi8(3);
+        let m32 = _mm256_set1_epi8(32);
+        for sb in 0..x[0].d.len() / 8 {
+            let blk = pr.add(210 * sb);
+            let d = f16(blk.add(208));
+            for n in 0..2 {
+                let ql0 = _mm256_loadu_si256(blk.add(64 * n) as *const __m256i);
+                let ql1 = _mm256_loadu_si256(blk.add(64 * n + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
+                let low = [
+                    _mm256_and_si256(ql0, m4),
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                ];
+                let sc = blk.add(192 + 8 * n) as *const i8;
+                for (part, lo) in low.into_iter().enumerate() {
+                    let hi = _mm256_and_si256(
+                        match part {
+                            0 => qh,
+                            1 => _mm256_srli_epi16(qh, 2),
+                            2 => _mm256_srli_epi16(qh, 4),
+                            _ => _mm256_srli_epi16(qh, 6),
+                        },
+                        m2,
+                    );
+                    let q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), m32);
+                    let wl = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+                    let wh = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
+                    let xb = 8 * sb + 4 * n + part;
+                    let s0 = _mm256_set1_epi32(*sc.add(2 * part) as i32);
+                    let s1 = _mm256_set1_epi32(*sc.add(2 * part + 1) as i32);
+                    for j in 0..4 {
+                        let a = _mm256_madd_epi16(wl, xload(x[j], 32 * xb));
+                        let b = _mm256_madd_epi16(wh, xload(x[j], 32 * xb + 16));
+                        let scaled =
+                            _mm256_add_epi32(_mm256_mullo_epi32(a, s0), _mm256_mullo_epi32(b, s1));
+                        let dx = *x[j].d.get_unchecked(xb);
+                        acc[j] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(d * dx),
+                            _mm256_cvtepi32_ps(scaled),
+                            acc[j],
+                        );
+                    }
+                }
+            }
+        }
+        acc.map(|a| hsum(a))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -481,6 +643,38 @@ mod tests {
                     (exact - full).abs() <= wmax * k as f32 / 127.0,
                     "{dtype}: {exact} vs {full}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn four_row_dots_equal_single_row_dots() {
+        for dtype in [
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q4_1,
+            DType::Q4_K,
+            DType::Q6_K,
+        ] {
+            for blocks in [1usize, 3] {
+                let k = blocks * dtype.block_elems();
+                let row = random_row(dtype, blocks, 11 + blocks as u64);
+                let qs: Vec<Q16Act> = (0..4)
+                    .map(|j| {
+                        let mut q = Q16Act::default();
+                        q.quantize(&values(k, 20 + j));
+                        q
+                    })
+                    .collect();
+                let got = dot4(dtype, &row, [&qs[0], &qs[1], &qs[2], &qs[3]]);
+                for (j, q) in qs.iter().enumerate() {
+                    let want = dot_scalar(dtype, &row, q);
+                    assert!(
+                        (got[j] - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{dtype} k={k} row {j}: {} vs {want}",
+                        got[j]
+                    );
+                }
             }
         }
     }
