@@ -93,13 +93,12 @@ pub fn dot(dtype: DType, row: &[u8], x: &Q16Act) -> f32 {
 /// Whether [`dot4`] widens each block once for four rows (rather than running [`dot`] four
 /// times).
 pub fn has_dot4(dtype: DType) -> bool {
-    matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q6_K)
-        && super::simd::has_avx2()
+    supported(dtype) && super::simd::has_avx2()
 }
 
-/// [`dot`] of one weight row with four activation rows: Q8_0, Q4_0, Q4_1 and Q6_K (the
-/// output matrix of llama.cpp's Q4_0 and Q4_K_M mixes) widen each block once for all four, so a decode step of four
-/// sequences costs far less than four steps of one.
+/// [`dot`] of one weight row with four activation rows: with AVX2 every format widens each
+/// block once for all four, so a decode step of four sequences costs far less than four
+/// steps of one.
 pub fn dot4(dtype: DType, row: &[u8], x: [&Q16Act; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if super::simd::has_avx2() {
@@ -109,6 +108,7 @@ pub fn dot4(dtype: DType, row: &[u8], x: [&Q16Act; 4]) -> [f32; 4] {
                 DType::Q8_0 => return x86::dot4_q8_0(row, x),
                 DType::Q4_0 => return x86::dot4_q4_0(row, x),
                 DType::Q4_1 => return x86::dot4_q4_1(row, x),
+                DType::Q4_K => return x86::dot4_q4_k(row, x),
                 DType::Q6_K => return x86::dot4_q6_k(row, x),
                 _ => {}
             }
@@ -440,6 +440,48 @@ mod x86 {
             }
         }
         hsum(acc) - mins
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_q4_k(row: &[u8], x: [&Q16Act; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut mins = [0.0f32; 4];
+        let pr = row.as_ptr();
+        for sb in 0..x[0].d.len() / 8 {
+            let blk = pr.add(144 * sb);
+            let (d, dmin) = (f16(blk), f16(blk.add(2)));
+            let scales: &[u8; 12] = &*(blk.add(4) as *const [u8; 12]);
+            for c in 0..4 {
+                // 32 bytes: low nibbles are sub-block 2c, high nibbles sub-block 2c + 1.
+                let (lo0, hi0) = nibbles(_mm_loadu_si128(blk.add(16 + 32 * c) as *const __m128i));
+                let (lo1, hi1) = nibbles(_mm_loadu_si128(blk.add(32 + 32 * c) as *const __m128i));
+                for (h, (a, b)) in [(lo0, lo1), (hi0, hi1)].into_iter().enumerate() {
+                    let j = 2 * c + h;
+                    let (sc, m) = crate::quant::q4_k::scale_min(j, scales);
+                    let xb = 8 * sb + j;
+                    block4(
+                        _mm256_cvtepu8_epi16(a),
+                        _mm256_cvtepu8_epi16(b),
+                        d * sc as f32,
+                        &x,
+                        xb,
+                        &mut acc,
+                    );
+                    let dm = dmin * m as f32;
+                    for i in 0..4 {
+                        let xi = x[i];
+                        let sx =
+                            *xi.sum16.get_unchecked(2 * xb) + *xi.sum16.get_unchecked(2 * xb + 1);
+                        mins[i] += dm * *xi.d.get_unchecked(xb) * sx as f32;
+                    }
+                }
+            }
+        }
+        let mut out = acc.map(|a| hsum(a));
+        for i in 0..4 {
+            out[i] -= mins[i];
+        }
+        out
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
