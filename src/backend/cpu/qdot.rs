@@ -484,38 +484,47 @@ mod x86 {
         out
     }
 
+    /// The 128 quants of half `n` (0 or 1) of a Q6_K block, with the stored offset of 32
+    /// removed, as signed bytes: four vectors of 32 elements, part `p` holding elements
+    /// `32p..32p + 32` of the half (scales `2p` and `2p + 1`).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn q6_k_half(blk: *const u8, n: usize) -> [__m256i; 4] {
+        let m4 = _mm256_set1_epi8(0xF);
+        let m2 = _mm256_set1_epi8(3);
+        let m32 = _mm256_set1_epi8(32);
+        let ql0 = _mm256_loadu_si256(blk.add(64 * n) as *const __m256i);
+        let ql1 = _mm256_loadu_si256(blk.add(64 * n + 32) as *const __m256i);
+        let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
+        let low = [
+            _mm256_and_si256(ql0, m4),
+            _mm256_and_si256(ql1, m4),
+            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+        ];
+        let high = [
+            qh,
+            _mm256_srli_epi16(qh, 2),
+            _mm256_srli_epi16(qh, 4),
+            _mm256_srli_epi16(qh, 6),
+        ];
+        let mut q = [_mm256_setzero_si256(); 4];
+        for part in 0..4 {
+            let hi = _mm256_and_si256(high[part], m2);
+            q[part] = _mm256_sub_epi8(_mm256_or_si256(low[part], _mm256_slli_epi16(hi, 4)), m32);
+        }
+        q
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot4_q6_k(row: &[u8], x: [&Q16Act; 4]) -> [f32; 4] {
         let mut acc = [_mm256_setzero_ps(); 4];
         let pr = row.as_ptr();
-        let m4 = _mm256_set1_epi8(0xF);
-        let m2 = _mm256_set1_epi8(3);
-        let m32 = _mm256_set1_epi8(32);
         for sb in 0..x[0].d.len() / 8 {
             let blk = pr.add(210 * sb);
             let d = f16(blk.add(208));
             for n in 0..2 {
-                let ql0 = _mm256_loadu_si256(blk.add(64 * n) as *const __m256i);
-                let ql1 = _mm256_loadu_si256(blk.add(64 * n + 32) as *const __m256i);
-                let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
-                let low = [
-                    _mm256_and_si256(ql0, m4),
-                    _mm256_and_si256(ql1, m4),
-                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                ];
                 let sc = blk.add(192 + 8 * n) as *const i8;
-                for (part, lo) in low.into_iter().enumerate() {
-                    let hi = _mm256_and_si256(
-                        match part {
-                            0 => qh,
-                            1 => _mm256_srli_epi16(qh, 2),
-                            2 => _mm256_srli_epi16(qh, 4),
-                            _ => _mm256_srli_epi16(qh, 6),
-                        },
-                        m2,
-                    );
-                    let q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), m32);
+                for (part, q) in q6_k_half(blk, n).into_iter().enumerate() {
                     let wl = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
                     let wh = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
                     let xb = 8 * sb + 4 * n + part;
@@ -543,35 +552,12 @@ mod x86 {
     pub unsafe fn dot_q6_k(row: &[u8], x: &Q16Act) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let pr = row.as_ptr();
-        let m4 = _mm256_set1_epi8(0xF);
-        let m2 = _mm256_set1_epi8(3);
-        let m32 = _mm256_set1_epi8(32);
         for sb in 0..x.d.len() / 8 {
             let blk = pr.add(210 * sb);
             let d = f16(blk.add(208));
             for n in 0..2 {
-                let ql0 = _mm256_loadu_si256(blk.add(64 * n) as *const __m256i);
-                let ql1 = _mm256_loadu_si256(blk.add(64 * n + 32) as *const __m256i);
-                let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
-                let low = [
-                    _mm256_and_si256(ql0, m4),
-                    _mm256_and_si256(ql1, m4),
-                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                ];
                 let sc = blk.add(192 + 8 * n) as *const i8;
-                for (part, lo) in low.into_iter().enumerate() {
-                    let hi = _mm256_and_si256(
-                        match part {
-                            0 => qh,
-                            1 => _mm256_srli_epi16(qh, 2),
-                            2 => _mm256_srli_epi16(qh, 4),
-                            _ => _mm256_srli_epi16(qh, 6),
-                        },
-                        m2,
-                    );
-                    // The stored quants are offset by 32: subtract it before widening with sign.
-                    let q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), m32);
+                for (part, q) in q6_k_half(blk, n).into_iter().enumerate() {
                     let xb = 8 * sb + 4 * n + part;
                     // Elements 0..16 of this part have scale 2·part, 16..32 the next one.
                     let (s0, s1) = (*sc.add(2 * part) as i32, *sc.add(2 * part + 1) as i32);
