@@ -5,11 +5,13 @@
 //! in order instead of striding over the other heads' rows. Values are f32 or IEEE half
 //! ([`KvDtype`]); half rows are widened one row at a time into a small buffer.
 //!
-//! Each (token, KV head) pair is one job: the token's `H / Hkv` query heads that share the
-//! KV head attend together to positions `0..=pos` of the token's sequence, found through the
-//! sequence's block table, so every key and value row is read (and widened) once per group
-//! instead of once per query head. Scores and softmax are f32, two passes over a per-thread
-//! score buffer.
+//! Each (tile of up to 16 new tokens of one sequence, KV head) is one job: the tile's tokens
+//! and their `H / Hkv` query heads that share the KV head attend together, each token to
+//! positions `0..=pos` of its sequence, found through the sequence's block table. Every key
+//! and value row is read (and widened) once per job instead of once per token and query head:
+//! for a prompt chunk over a long context that is 16× less of the cache streamed through the
+//! core. A decode token is a tile of one. Scores and softmax are f32, two passes over a
+//! per-thread score buffer.
 
 use std::cell::RefCell;
 
@@ -17,6 +19,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use super::matmul::OutPtr;
 use super::simd;
 use crate::backend::{AttentionDims, Batch, KvDtype, KvLayout};
 
@@ -88,14 +91,20 @@ pub fn kv_write(
     }
 }
 
+/// Query tokens of one sequence that attend together: each K and V row is read and widened
+/// once per tile instead of once per token.
+const TILE: usize = 16;
+
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 #[derive(Default)]
 struct Scratch {
-    /// `[group, ctx]` scores, then weights.
+    /// `[rows, ctx]` scores, then weights: one row per (token of the tile, head of the group).
     scores: Vec<f32>,
+    /// `[rows, D]` outputs.
+    acc: Vec<f32>,
     /// One widened K or V row.
     row: Vec<f32>,
 }
@@ -116,47 +125,77 @@ pub fn attention(
     let t = batch.num_tokens();
     let bs = layout.block_size;
     let scale = 1.0 / (d as f32).sqrt();
-    // A job's output is its group's heads, which sit side by side in the row.
-    out[..t * h * d]
-        .par_chunks_mut(group * d)
-        .enumerate()
-        .for_each(|(job, o)| {
-            let (row, kvh) = (job / hkv, job % hkv);
-            // Sequences are in row order, so the owner of `row` is found by bisection.
-            let s = batch.seqs.partition_point(|sq| sq.start as usize <= row) - 1;
-            let seq = &batch.seqs[s];
-            let ctx = batch.positions[row] as usize + 1;
-            let q = &qkv[row * stride + kvh * group * d..][..group * d];
-            let at =
-                |p: usize| kv_index(layout, seq.block_table[p / bs] as usize * bs + p % bs, kvh);
-            SCRATCH.with(|cell| {
-                let scratch = &mut *cell.borrow_mut();
-                scratch.scores.resize(group * ctx, 0.0);
-                scratch.row.resize(d, 0.0);
-                let (scores, buf) = (&mut scratch.scores[..group * ctx], &mut scratch.row);
-                for p in 0..ctx {
-                    let kr = k.row(at(p), buf);
-                    for g in 0..group {
-                        scores[g * ctx + p] = simd::dot_f32(&q[g * d..][..d], kr) * scale;
-                    }
+    assert!(out.len() >= t * h * d, "attention output too small");
+    // (sequence, first row, rows, KV head): a tile of one sequence's new tokens.
+    let mut jobs = Vec::new();
+    for (s, seq) in batch.seqs.iter().enumerate() {
+        let end = (seq.start + seq.len) as usize;
+        for r0 in (seq.start as usize..end).step_by(TILE) {
+            for kvh in 0..hkv {
+                jobs.push((s, r0, TILE.min(end - r0), kvh));
+            }
+        }
+    }
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    jobs.par_iter().for_each(|&(s, r0, n, kvh)| {
+        let seq = &batch.seqs[s];
+        // Positions within a sequence's chunk are consecutive (`Batch::check`): token i of
+        // the tile sees positions 0..c0 + i, so position p is seen by tokens first(p)..n.
+        let c0 = batch.positions[r0] as usize + 1;
+        let cmax = c0 + n - 1;
+        let first = |p: usize| (p + 1).saturating_sub(c0);
+        let rows = n * group;
+        // Row r = i·group + g of the tile is query head kvh·group + g of token r0 + i.
+        let qs: Vec<&[f32]> = (0..rows)
+            .map(|r| &qkv[(r0 + r / group) * stride + (kvh * group + r % group) * d..][..d])
+            .collect();
+        let at = |p: usize| kv_index(layout, seq.block_table[p / bs] as usize * bs + p % bs, kvh);
+        SCRATCH.with(|cell| {
+            let scratch = &mut *cell.borrow_mut();
+            scratch.scores.resize(rows * cmax, 0.0);
+            scratch.acc.clear();
+            scratch.acc.resize(rows * d, 0.0);
+            scratch.row.resize(d, 0.0);
+            let (scores, acc, buf) = (
+                &mut scratch.scores[..rows * cmax],
+                &mut scratch.acc,
+                &mut scratch.row,
+            );
+            for p in 0..cmax {
+                let kr = k.row(at(p), buf);
+                for (r, q) in qs.iter().enumerate().skip(first(p) * group) {
+                    scores[r * cmax + p] = simd::dot_f32(q, kr) * scale;
                 }
-                for sc in scores.chunks_mut(ctx) {
-                    let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    let mut sum = 0.0;
-                    for x in sc.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    sc.iter_mut().for_each(|x| *x *= inv);
+            }
+            for (r, sc) in scores.chunks_mut(cmax).enumerate() {
+                let sc = &mut sc[..c0 + r / group];
+                let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let mut sum = 0.0;
+                for x in sc.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
                 }
-                o.fill(0.0);
-                for p in 0..ctx {
-                    let vr = v.row(at(p), buf);
-                    for (g, og) in o.chunks_mut(d).enumerate() {
-                        simd::axpy_f32(og, scores[g * ctx + p], vr);
-                    }
+                let inv = 1.0 / sum;
+                sc.iter_mut().for_each(|x| *x *= inv);
+            }
+            for p in 0..cmax {
+                let vr = v.row(at(p), buf);
+                for r in first(p) * group..rows {
+                    simd::axpy_f32(&mut acc[r * d..(r + 1) * d], scores[r * cmax + p], vr);
                 }
-            });
+            }
+            for i in 0..n {
+                let dst = (r0 + i) * h * d + kvh * group * d;
+                // SAFETY: row r0 + i < T and the columns of KV head kvh's group belong to this
+                // job alone; `out` holds T·H·D elements (asserted above).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        acc[i * group * d..].as_ptr(),
+                        out_ptr.get().add(dst),
+                        group * d,
+                    );
+                }
+            }
         });
+    });
 }

@@ -16,16 +16,16 @@ use super::CpuWeight;
 use crate::quant::{dequantize_row, DType};
 
 /// A raw output pointer that rayon jobs may share: each job writes a disjoint set of
-/// columns, so no element is written by two jobs.
+/// elements (here, columns), so no element is written by two jobs.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: see above — jobs write disjoint elements and the owner waits for all of them.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// A method rather than a field access, so that closures capture the `Sync` wrapper.
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
