@@ -14,6 +14,10 @@
 //! step: the backend samples where the logits are ([`SequenceRunner::extend_sample`]), so on
 //! the GPU a decoded token reads back one id, not `[V]` logits.
 //!
+//! The machine's memory read bandwidth is measured in the same run ([`memory_bandwidth`]):
+//! decode reads every weight once per token, so bandwidth / weight bytes per token is the
+//! ceiling of tg on this machine, and tg as a share of it says how much is left to win.
+//!
 //! On the GPU, the backend's counters give the work of each decoded token: compute
 //! dispatches (each one a pass the driver schedules: fewer, fused kernels cost less),
 //! blocking read-backs (each one a full CPU ↔ GPU round trip) and the bytes they copy.
@@ -71,6 +75,45 @@ pub struct BenchReport {
     pub tg_readbacks_per_tok: Option<f64>,
     /// Bytes those read-backs copy to the host per generated token (GPU only).
     pub tg_readback_bytes_per_tok: Option<f64>,
+}
+
+/// Measures the memory read bandwidth of `threads` threads (0 = one per core), in GB/s
+/// (10⁹ bytes per second): the median of `repetitions` passes over a 512 MiB buffer, far
+/// larger than any last-level cache, each thread reading its own contiguous part, as the
+/// CPU matmul jobs read their rows.
+pub fn memory_bandwidth(threads: usize, repetitions: usize) -> Result<f64> {
+    use rayon::prelude::*;
+    const BYTES: usize = 512 << 20;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| crate::error::Error::Device(format!("cannot start {threads} threads: {e}")))?;
+    let n = pool.current_num_threads();
+    // Written once so every page is mapped before timing.
+    let buf: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let part = buf.len().div_ceil(n * 16);
+    let mut runs = Vec::with_capacity(repetitions);
+    for _ in 0..repetitions.max(1) + 1 {
+        let start = Instant::now();
+        let sum: u64 = pool.install(|| {
+            buf.par_chunks(part)
+                .map(|c| {
+                    // Four independent lanes so the adds do not serialize.
+                    let mut acc = [0u64; 4];
+                    for q in c.chunks_exact(4) {
+                        for (a, v) in acc.iter_mut().zip(q) {
+                            *a = a.wrapping_add(*v);
+                        }
+                    }
+                    acc.iter().fold(0u64, |s, v| s.wrapping_add(*v))
+                })
+                .reduce(|| 0, u64::wrapping_add)
+        });
+        std::hint::black_box(sum);
+        runs.push(BYTES as f64 / start.elapsed().as_secs_f64() / 1e9);
+    }
+    // The first pass is a warm-up.
+    Ok(median(&runs[1..]))
 }
 
 /// Median of `v` (0 for empty).

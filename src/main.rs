@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+use wick::backend::cpu::ActQuant;
 use wick::backend::KvDtype;
 use wick::chat_template::RenderOptions;
 use wick::generate::prompt_opens_reasoning;
@@ -63,12 +64,22 @@ struct QuantizeArgs {
 struct PerplexityArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The text file to score.
-    #[arg(long, short)]
-    file: std::path::PathBuf,
-    /// Tokens per chunk; the second half of each chunk is scored.
-    #[arg(long, default_value_t = 512)]
-    ctx: usize,
+    /// The text file to score (not read with --kl-divergence: the tokens come from the base
+    /// file).
+    #[arg(long, short, required_unless_present = "kl_divergence")]
+    file: Option<std::path::PathBuf>,
+    /// Tokens per chunk; the second half of each chunk is scored [default: 512; with
+    /// --kl-divergence, the base file's, and a different value is an error].
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Write the predicted distribution at every scored token to FILE, in the format of
+    /// llama-perplexity's --kl-divergence-base (with --kl-divergence: read it instead).
+    #[arg(long, value_name = "FILE")]
+    kl_divergence_base: Option<std::path::PathBuf>,
+    /// Run the model on the tokens of the --kl-divergence-base file and compare its
+    /// predictions with the stored ones: KL divergence, top-token agreement, PPL ratio.
+    #[arg(long, requires = "kl_divergence_base")]
+    kl_divergence: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -205,6 +216,14 @@ struct ModelArgs {
     /// f32 (exact).
     #[arg(long, default_value_t = KvDtype::F16)]
     kv_cache_dtype: KvDtype,
+    /// CPU: precision of the activations that meet quantized weights: q8 (8-bit, as
+    /// llama.cpp: fastest), q16 (16-bit: within about 1e-4 of f32) or f32 (exact).
+    #[arg(long, default_value = "q8", value_parser = parse_act)]
+    activations: ActQuant,
+}
+
+fn parse_act(s: &str) -> std::result::Result<ActQuant, String> {
+    ActQuant::parse(s).ok_or_else(|| format!("{s:?} is not one of q8, q16, f32"))
 }
 
 impl ModelArgs {
@@ -220,6 +239,7 @@ impl ModelArgs {
             quantize: self.quantize.map(QuantArg::scheme),
             adapter: self.adapter.clone(),
             kv_dtype: self.kv_cache_dtype,
+            cpu_act: self.activations,
             hub: HubOptions {
                 offline: self.offline,
                 ..HubOptions::default()
@@ -465,8 +485,20 @@ fn logits(a: LogitsArgs) -> Result<()> {
     Ok(())
 }
 
-/// `wick info`: the GPU adapters in `--adapter` order and the `--device auto` choice.
+/// `wick info`: the CPU's kernel tier, the GPU adapters in `--adapter` order and the
+/// `--device auto` choice.
 fn info() -> Result<()> {
+    use wick::backend::cpu::isa::Isa;
+    println!(
+        "cpu: {} threads, kernels {} (this CPU has: {}; WICK_ISA=<tier> forces a lower one)",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        Isa::current(),
+        Isa::supported()
+            .iter()
+            .map(|i| i.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let adapters = wick::backend::wgpu::list_adapters();
     if adapters.is_empty() {
         println!(
@@ -544,10 +576,22 @@ fn bench(a: BenchArgs) -> Result<()> {
         &opts,
         stats.as_ref().map(|f| f.as_ref() as &dyn Fn() -> _),
     )?;
+    // On the CPU, the machine's bandwidth in the same run: tg's ceiling.
+    let bandwidth = if rt.device().starts_with("cpu") && a.n_gen > 0 {
+        Some(wick::bench::memory_bandwidth(a.model.threads, 5)?)
+    } else {
+        None
+    };
     if a.json {
         let mut v = serde_json::to_value(&report)?;
         v["model"] = json!(rt.name());
         v["device"] = json!(rt.device());
+        v["cpu_isa"] = json!(wick::backend::cpu::isa::Isa::current().name());
+        if let Some(bw) = bandwidth {
+            v["memory_bandwidth_gb_s"] = json!(bw);
+            v["tg_ceiling_tok_s"] = json!(bw * 1e9 / bytes as f64);
+            v["tg_share_of_ceiling"] = json!(report.tg_gb_s.map(|gb| gb / bw));
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
@@ -574,6 +618,15 @@ fn bench(a: BenchArgs) -> Result<()> {
                 ms,
                 gb,
                 bytes as f64 / 1e6
+            );
+        }
+        if let (Some(bw), Some(gb)) = (bandwidth, report.tg_gb_s) {
+            println!(
+                "memory read bandwidth {bw:.2} GB/s ({} threads): tg ceiling {:.1} tok/s, \
+                 tg runs at {:.0}% of it",
+                a.model.threads,
+                bw * 1e9 / bytes as f64,
+                100.0 * gb / bw
             );
         }
         if let (Some(d), Some(r)) = (report.tg_dispatches_per_tok, report.tg_readbacks_per_tok) {
@@ -678,10 +731,15 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
 }
 
 fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.file)
-        .with_context(|| format!("reading {}", a.file.display()))?;
+    if a.kl_divergence {
+        return kl_divergence(a);
+    }
+    let file = a.file.as_deref().expect("clap requires --file here");
+    let ctx = a.ctx.unwrap_or(512);
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let mut rt = ModelArgs {
-        max_model_len: a.model.max_model_len.max(a.ctx),
+        max_model_len: a.model.max_model_len.max(ctx),
         ..a.model
     }
     .load()?;
@@ -690,29 +748,192 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     let with_bos = rt.tokenizer().encode("", true)?;
     let bos = with_bos.first().copied();
     let json_out = a.json;
-    let report = wick::perplexity::perplexity(rt.runner()?, &tokens, a.ctx, bos, &mut |i, ppl| {
+    let mut on_chunk = |i: usize, ppl: f64| {
         if !json_out {
             print!("[{}]{ppl:.4},", i + 1);
             let _ = std::io::stdout().flush();
         }
-    })?;
+    };
+    let runner = rt.runner()?;
+    let report = match &a.kl_divergence_base {
+        Some(base) => wick::perplexity::perplexity_writing_base(
+            runner,
+            &tokens,
+            ctx,
+            bos,
+            base,
+            &mut on_chunk,
+        )?,
+        None => wick::perplexity::perplexity(runner, &tokens, ctx, bos, &mut on_chunk)?,
+    };
     if a.json {
         let v = json!({
             "ppl": report.ppl,
             "ppl_err": report.ppl_err,
             "chunks": report.chunks,
             "tokens": report.tokens,
-            "ctx": a.ctx,
+            "ctx": ctx,
             "model": rt.name(),
+            "kl_divergence_base": a.kl_divergence_base,
         });
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!();
         println!(
             "Final estimate: PPL = {:.4} +/- {:.5} ({} tokens, {} chunks of {})",
-            report.ppl, report.ppl_err, report.tokens, report.chunks, a.ctx
+            report.ppl, report.ppl_err, report.tokens, report.chunks, ctx
         );
     }
+    if let Some(base) = &a.kl_divergence_base {
+        eprintln!(
+            "wrote the distributions of {} scored tokens to {}",
+            report.scored,
+            base.display()
+        );
+    }
+    Ok(())
+}
+
+/// `wick perplexity --kl-divergence`: the model against a base file, printed as
+/// llama-perplexity prints it.
+fn kl_divergence(a: PerplexityArgs) -> Result<()> {
+    let path = a.kl_divergence_base.as_deref().expect("clap requires it");
+    let base = wick::perplexity::KlBase::open(path)?;
+    if let Some(ctx) = a.ctx.filter(|&c| c != base.ctx()) {
+        return Err(wick::Error::InvalidRequest(format!(
+            "{} was computed with --ctx {}, not {ctx}",
+            path.display(),
+            base.ctx()
+        ))
+        .into());
+    }
+    if a.file.is_some() {
+        eprintln!(
+            "note: --file is not read; the tokens come from {}",
+            path.display()
+        );
+    }
+    let (ctx, chunks) = (base.ctx(), base.chunks());
+    let mut rt = ModelArgs {
+        max_model_len: a.model.max_model_len.max(ctx),
+        ..a.model
+    }
+    .load()?;
+    let bos = rt.tokenizer().encode("", true)?.first().copied();
+    let json_out = a.json;
+    if !json_out {
+        println!(
+            "{}: {chunks} chunks of {ctx} tokens, vocabulary {}",
+            path.display(),
+            base.n_vocab()
+        );
+        println!(
+            "chunk  {:>21}  {:>23}  {:>23}  {:>19}  {:>19}",
+            "PPL", "ln(PPL(Q)/PPL(base))", "KL divergence", "RMS Δp", "same top p"
+        );
+    }
+    let r = wick::perplexity::kl_divergence(rt.runner()?, base, bos, &mut |i, s| {
+        if !json_out {
+            println!(
+                "{:>5}  {:>9.4} ± {:>9.4}  {:>10.5} ± {:>10.5}  {:>10.5} ± {:>10.5}  \
+                 {:>6.3} ± {:>6.3} %  {:>6.3} ± {:>6.3} %",
+                i + 1,
+                s.ppl,
+                s.ppl_err,
+                s.ln_ppl_ratio,
+                s.ln_ppl_ratio_err,
+                s.mean_kld,
+                s.kld_err,
+                100.0 * s.rms_dp,
+                100.0 * s.rms_dp_err,
+                100.0 * s.same_top_p,
+                100.0 * s.same_top_p_err
+            );
+        }
+    })?;
+    if json_out {
+        let mut v = serde_json::to_value(&r)?;
+        v["model"] = json!(rt.name());
+        v["base"] = json!(path);
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    let s = &r.summary;
+    let pct = |x: f64| 100.0 * x;
+    println!();
+    println!("Perplexity ({} tokens)", s.scored);
+    println!("  PPL(Q)              {:>10.6} ± {:.6}", s.ppl, s.ppl_err);
+    println!(
+        "  PPL(base)           {:>10.6} ± {:.6}",
+        s.base_ppl, s.base_ppl_err
+    );
+    println!("  correlation         {:>9.2} %", pct(s.ppl_cor));
+    println!(
+        "  ln(PPL(Q)/PPL(base)) {:>9.6} ± {:.6}",
+        s.ln_ppl_ratio, s.ln_ppl_ratio_err
+    );
+    println!(
+        "  PPL(Q)/PPL(base)    {:>10.6} ± {:.6}",
+        s.ppl_ratio, s.ppl_ratio_err
+    );
+    println!(
+        "  PPL(Q)-PPL(base)    {:>10.6} ± {:.6}",
+        s.ppl_diff, s.ppl_diff_err
+    );
+    println!();
+    println!("KL divergence");
+    println!("  mean     {:>10.6} ± {:.6}", s.mean_kld, s.kld_err);
+    let k = &r.kld_percentiles;
+    for (name, v) in [
+        ("max", k.max),
+        ("99.9%", k.p99_9),
+        ("99%", k.p99),
+        ("95%", k.p95),
+        ("90%", k.p90),
+        ("median", k.median),
+        ("10%", k.p10),
+        ("5%", k.p5),
+        ("1%", k.p1),
+        ("0.1%", k.p0_1),
+        ("min", k.min),
+    ] {
+        println!("  {name:<8} {v:>10.6}");
+    }
+    println!();
+    println!("Probability of the next token, Δp = p(Q) - p(base)");
+    println!(
+        "  mean     {:>7.3} ± {:.3} %",
+        pct(s.mean_dp),
+        pct(s.dp_err)
+    );
+    let d = &r.dp_percentiles;
+    for (name, v) in [
+        ("max", d.max),
+        ("99.9%", d.p99_9),
+        ("99%", d.p99),
+        ("95%", d.p95),
+        ("90%", d.p90),
+        ("75%", d.p75),
+        ("median", d.median),
+        ("25%", d.p25),
+        ("10%", d.p10),
+        ("5%", d.p5),
+        ("1%", d.p1),
+        ("0.1%", d.p0_1),
+        ("min", d.min),
+    ] {
+        println!("  {name:<8} {:>7.3} %", pct(v));
+    }
+    println!(
+        "  RMS      {:>7.3} ± {:.3} %",
+        pct(s.rms_dp),
+        pct(s.rms_dp_err)
+    );
+    println!(
+        "Same top p: {:.3} ± {:.3} %",
+        pct(s.same_top_p),
+        pct(s.same_top_p_err)
+    );
     Ok(())
 }
 

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::backend::cpu::CpuBackend;
+use crate::backend::cpu::{ActQuant, CpuBackend};
 use crate::backend::wgpu::{has_hardware_gpu, GpuStats, WgpuBackend, WgpuOptions};
 use crate::backend::KvDtype;
 use crate::chat_template::{ChatTemplate, RenderOptions};
@@ -76,6 +76,9 @@ pub struct RuntimeOptions {
     pub quantize: Option<QuantScheme>,
     /// How the KV cache stores keys and values (f16 by default, as llama.cpp's).
     pub kv_dtype: KvDtype,
+    /// CPU backend: how activations are quantized for quantized weights (8-bit by default,
+    /// as llama.cpp; `Q16` or `F32` for exact work).
+    pub cpu_act: ActQuant,
 }
 
 impl Default for RuntimeOptions {
@@ -89,6 +92,7 @@ impl Default for RuntimeOptions {
             adapter: None,
             quantize: None,
             kv_dtype: KvDtype::default(),
+            cpu_act: ActQuant::default(),
         }
     }
 }
@@ -169,7 +173,7 @@ impl Runtime {
             Ok((Box::new(model), device))
         };
         let on_cpu = || -> Result<(Box<dyn LoadedModel>, String)> {
-            let backend = CpuBackend::new(opts.threads)?;
+            let backend = CpuBackend::with_act(opts.threads, opts.cpu_act)?;
             let model = Model::load(backend, ckpt.config.clone(), &ckpt.tensors)?;
             let model = Arc::new(model.with_kv_dtype(opts.kv_dtype));
             let device = crate::backend::Backend::describe(model.backend());

@@ -8,7 +8,7 @@
 //! (lavapipe, `apt-get install mesa-vulkan-drivers`) is enough. A test that finds no
 //! adapter FAILS. Set `WICK_SKIP_GPU_TESTS=1` to skip them explicitly instead (CI does not).
 
-use wick::backend::cpu::CpuBackend;
+use wick::backend::cpu::{ActQuant, CpuBackend};
 use wick::backend::wgpu::{WgpuBackend, WgpuOptions};
 use wick::backend::{AttentionDims, Backend, Batch, KvDtype, KvLayout, SeqSpan};
 use wick::loader::{Bytes, HostTensor};
@@ -36,8 +36,9 @@ fn gpu() -> Option<WgpuBackend> {
     gpu_with(WgpuOptions::default())
 }
 
+/// The reference: 16-bit activations, within about 1e-4 of f32 math (the GPU's).
 fn cpu() -> CpuBackend {
-    CpuBackend::new(2).unwrap()
+    CpuBackend::with_act(2, ActQuant::Q16).unwrap()
 }
 
 /// Deterministic values in [-1, 1).

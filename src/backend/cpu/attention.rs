@@ -168,15 +168,7 @@ pub fn attention(
                 }
             }
             for (r, sc) in scores.chunks_mut(cmax).enumerate() {
-                let sc = &mut sc[..c0 + r / group];
-                let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let mut sum = 0.0;
-                for x in sc.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                sc.iter_mut().for_each(|x| *x *= inv);
+                simd::softmax(&mut sc[..c0 + r / group]);
             }
             for p in 0..cmax {
                 let vr = v.row(at(p), buf);

@@ -2,17 +2,25 @@
 //!
 //! Work is split over the rows of W (output columns), so each thread streams its own slice
 //! of the weights exactly once per step whatever T is: decode is bound by reading weights,
-//! and prefill reuses each converted row for every token. With few tokens a row is consumed
-//! in its stored format (converted in registers); with four or more the rows of a chunk are
-//! first widened to f32 in a per-thread scratch and then shared by four tokens at a time.
+//! and prefill reuses each converted row for every token.
+//!
+//! Quantized weights with 8-bit activations ([`ActQuant::Q8`], [`q8`]): a decode step (up to
+//! [`MAX_ROWS_Q8_DOT`] tokens) reads each row in its stored format, four tokens per unpacking;
+//! a prompt chunk unpacks each group of rows once into an interleaved 8-bit scratch and runs
+//! every token through it ([`q8::gemm`]) on tiers that have that kernel, and widens to f32
+//! on the others. With 16-bit activations ([`ActQuant::Q16`], [`qdot`]) few tokens take the
+//! integer path and more share rows widened to f32 in a per-thread scratch, four tokens at a
+//! time; [`ActQuant::F32`] always widens.
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::isa::Isa;
+use super::q8::{self, Packed, Q8Act};
 use super::qdot::{self, Q16Act};
 use super::simd;
-use super::CpuWeight;
+use super::{ActQuant, CpuWeight};
 use crate::quant::{dequantize_row, DType};
 
 /// A raw output pointer that rayon jobs may share: each job writes a disjoint set of
@@ -33,9 +41,17 @@ impl OutPtr {
 thread_local! {
     /// Per-thread f32 copy of the weight rows being processed.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// The calling thread's 8-bit copies of the activation rows (decode path).
+    /// The calling thread's 16-bit copies of the activation rows.
     static XQ: RefCell<Vec<Q16Act>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's 8-bit copies of the activation rows.
+    static XQ8: RefCell<Vec<Q8Act>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread packed weight rows and their results for one group ([`q8::gemm`]).
+    static PACKED: RefCell<(Packed, Vec<f32>)> = RefCell::new(Default::default());
 }
+
+/// Up to this many activation rows take the row-by-row 8-bit dot products; more are a
+/// prompt chunk and take the packed kernel where the tier has one.
+pub const MAX_ROWS_Q8_DOT: usize = 8;
 
 /// Fewer activation rows than this take the integer path for quantized weights; more share
 /// widened f32 weight rows.
@@ -50,14 +66,24 @@ const MIN_ROWS_PER_JOB: usize = 16;
 
 /// Computes `out[t, n] = Σ_k x[t, k]·W[n, k]` (or adds it when `accumulate`) for `t < rows`.
 /// `x` has row stride K = `w.cols`; `out` has row stride N = `w.rows`.
-pub fn matmul(x: &[f32], w: &CpuWeight, rows: usize, out: &mut [f32], accumulate: bool) {
+pub fn matmul(
+    x: &[f32],
+    w: &CpuWeight,
+    rows: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    act: ActQuant,
+) {
     let (n, k) = (w.rows, w.cols);
     assert!(
         x.len() >= rows * k && out.len() >= rows * n,
         "matmul buffers too small"
     );
     let threads = rayon::current_num_threads().max(1);
-    let per_job = (n / (threads * 8)).max(MIN_ROWS_PER_JOB);
+    // A multiple of 16 rows, so the packed kernels' groups are whole except at a part's end.
+    let per_job = (n / (threads * 8))
+        .max(MIN_ROWS_PER_JOB)
+        .next_multiple_of(16);
     // (part, first row in part, row count, first output column)
     let mut jobs = Vec::with_capacity(n / per_job + w.parts.len());
     let mut col = 0;
@@ -72,9 +98,95 @@ pub fn matmul(x: &[f32], w: &CpuWeight, rows: usize, out: &mut [f32], accumulate
         col += part_rows;
     }
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let integer = (rows < MAX_ROWS_INTEGER_PATH
-        && w.parts.iter().all(|p| qdot::supported(p.dtype)))
-        || (rows <= MAX_ROWS_INTEGER_DOT4 && w.parts.iter().all(|p| qdot::has_dot4(p.dtype)));
+    let isa = Isa::current();
+    let all_q8 = w.parts.iter().all(|p| q8::supported(p.dtype));
+    let all_interleaved = w.interleaved.iter().all(Option::is_some);
+    if act == ActQuant::Q8
+        && all_q8
+        && (rows <= MAX_ROWS_Q8_DOT || q8::gemm_layout(isa).is_some() || all_interleaved)
+    {
+        let store = move |t: usize, c: usize, v: f32| {
+            // SAFETY: t < rows and c < n, inside `out`; each job owns its columns.
+            unsafe {
+                let o = out_ptr.get().add(t * n + c);
+                *o = if accumulate { *o + v } else { v };
+            }
+        };
+        XQ8.with(|xq| {
+            let mut xq = xq.borrow_mut();
+            xq.resize_with(rows, Q8Act::default);
+            for (t, q) in xq.iter_mut().enumerate() {
+                q.quantize(&x[t * k..(t + 1) * k]);
+            }
+            let xq = &xq[..rows];
+            jobs.par_iter().for_each(|&(p, r0, len, c0)| {
+                let part = &w.parts[p];
+                if let Some(il) = &w.interleaved[p] {
+                    // Jobs start at multiples of 16 rows, so at group boundaries.
+                    let r = il.r;
+                    debug_assert!(r0.is_multiple_of(r));
+                    PACKED.with(|pk| {
+                        let (_, res) = &mut *pk.borrow_mut();
+                        res.resize(rows * r, 0.0);
+                        for g in (r0 / r)..(r0 + len).div_ceil(r) {
+                            q8::gemm_interleaved(isa, il, g, xq, res);
+                            let gl = r.min(r0 + len - g * r);
+                            for t in 0..rows {
+                                for i in 0..gl {
+                                    store(t, c0 - r0 + g * r + i, res[t * r + i]);
+                                }
+                            }
+                        }
+                    });
+                    return;
+                }
+                let row_bytes = part.dtype.bytes_for(k).expect("validated at load");
+                let data = &part.data.as_slice()[r0 * row_bytes..(r0 + len) * row_bytes];
+                if rows <= MAX_ROWS_Q8_DOT {
+                    for (i, row) in data.chunks_exact(row_bytes).enumerate() {
+                        let mut t = 0;
+                        while t + 4 <= rows {
+                            let x4 = [&xq[t], &xq[t + 1], &xq[t + 2], &xq[t + 3]];
+                            for (j, v) in q8::dot4(isa, part.dtype, row, x4).into_iter().enumerate()
+                            {
+                                store(t + j, c0 + i, v);
+                            }
+                            t += 4;
+                        }
+                        for (t, q) in xq.iter().enumerate().skip(t) {
+                            store(t, c0 + i, q8::dot(isa, part.dtype, row, q));
+                        }
+                    }
+                    return;
+                }
+                let (r, il, biased) = q8::gemm_layout(isa).expect("checked above");
+                PACKED.with(|pk| {
+                    let (packed, res) = &mut *pk.borrow_mut();
+                    res.resize(rows * r, 0.0);
+                    let group: Vec<&[u8]> = Vec::with_capacity(r);
+                    let mut group = group;
+                    for g0 in (0..len).step_by(r) {
+                        let gl = r.min(len - g0);
+                        group.clear();
+                        group.extend(
+                            (g0..g0 + gl).map(|i| &data[i * row_bytes..(i + 1) * row_bytes]),
+                        );
+                        packed.pack(part.dtype, &group, k, r, il, biased);
+                        q8::gemm(isa, packed, xq, res);
+                        for t in 0..rows {
+                            for i in 0..gl {
+                                store(t, c0 + g0 + i, res[t * r + i]);
+                            }
+                        }
+                    }
+                });
+            });
+        });
+        return;
+    }
+    let integer = act != ActQuant::F32
+        && ((rows < MAX_ROWS_INTEGER_PATH && w.parts.iter().all(|p| qdot::supported(p.dtype)))
+            || (rows <= MAX_ROWS_INTEGER_DOT4 && w.parts.iter().all(|p| qdot::has_dot4(p.dtype))));
     if integer {
         XQ.with(|xq| {
             let mut xq = xq.borrow_mut();
@@ -258,7 +370,7 @@ mod tests {
                 dense.extend(w2.to_f32());
                 let want = reference(&x, &dense, t, n1 + n2, k);
                 let mut out = vec![1.0; t * (n1 + n2)];
-                matmul(&x, &w, t, &mut out, false);
+                matmul(&x, &w, t, &mut out, false, ActQuant::Q8);
                 for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                     assert!(
                         (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
@@ -267,7 +379,7 @@ mod tests {
                 }
                 // Accumulate adds onto what is there.
                 let mut acc = vec![1.0; t * (n1 + n2)];
-                matmul(&x, &w, t, &mut acc, true);
+                matmul(&x, &w, t, &mut acc, true, ActQuant::Q8);
                 for (a, b) in acc.iter().zip(&want) {
                     assert!((a - (b + 1.0)).abs() <= 1e-4 * (1.0 + b.abs()));
                 }
@@ -286,6 +398,7 @@ mod tests {
                 DType::Q4_1 => crate::quant::q4_1::quantize_row_ref(src, dst),
                 DType::Q4_K => crate::quant::q4_k::quantize_row_ref(src, dst),
                 DType::Q6_K => crate::quant::q6_k::quantize_row_ref(src, dst),
+                DType::Q5_K => crate::quant::q5_k::quantize_row_ref(src, dst),
                 _ => unreachable!(),
             }
         }
@@ -297,9 +410,10 @@ mod tests {
         }
     }
 
-    /// Every token count a decode step can have, through the single-row, four-row and
-    /// widened-f32 paths, against f32 math on the dequantized weights (the 16-bit activations
-    /// move a product by about 1e-4 of its scale).
+    /// Every token count a decode step can have and prompt-sized ones, through the
+    /// row-dot, four-row, packed and widened-f32 paths of every activation precision, against
+    /// f32 math on the dequantized weights (for 8-bit activations: on the dequantized
+    /// activations too, so the test sees kernel errors, not quantization noise).
     #[test]
     fn quantized_weights_match_reference_at_every_batch_size() {
         let (n1, n2, k) = (37, 5, 512);
@@ -307,23 +421,40 @@ mod tests {
             (DType::Q4_0, DType::Q6_K),
             (DType::Q8_0, DType::Q4_1),
             (DType::Q4_K, DType::Q6_K),
+            (DType::Q5_K, DType::Q8_0),
         ] {
             let w1 = quantized("a", a, n1, k, &values(n1 * k, 1));
             let w2 = quantized("b", b, n2, k, &values(n2 * k, 2));
             let w = CpuWeight::new(&[&w1, &w2]).unwrap();
+            // The same weight re-laid for this CPU's 8-bit kernels, where it has them.
+            let mut wi = CpuWeight::new(&[&w1, &w2]).unwrap();
+            wi.interleave(Isa::current());
             let mut dense = w1.to_f32();
             dense.extend(w2.to_f32());
-            for t in 1..=MAX_ROWS_INTEGER_DOT4 + 2 {
-                let x = values(t * k, 3 + t as u64);
-                let want = reference(&x, &dense, t, n1 + n2, k);
-                let mut out = vec![0.0; t * (n1 + n2)];
-                matmul(&x, &w, t, &mut out, false);
-                let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                for (i, (got, want)) in out.iter().zip(&want).enumerate() {
-                    assert!(
-                        (got - want).abs() <= 1e-3 * scale,
-                        "{a}+{b} t={t} [{i}]: {got} vs {want}"
-                    );
+            for act in [ActQuant::Q8, ActQuant::Q16, ActQuant::F32] {
+                for t in (1..=MAX_ROWS_INTEGER_DOT4 + 2).chain([33, 40]) {
+                    let mut x = values(t * k, 3 + t as u64);
+                    if act == ActQuant::Q8 {
+                        for row in x.chunks_exact_mut(k) {
+                            let mut q = Q8Act::default();
+                            q.quantize(row);
+                            for (i, v) in row.iter_mut().enumerate() {
+                                *v = q.qs[i] as f32 * q.d[i / 32];
+                            }
+                        }
+                    }
+                    let want = reference(&x, &dense, t, n1 + n2, k);
+                    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    for (weight, layout) in [(&w, "stored"), (&wi, "interleaved")] {
+                        let mut out = vec![0.0; t * (n1 + n2)];
+                        matmul(&x, weight, t, &mut out, false, act);
+                        for (i, (got, want)) in out.iter().zip(&want).enumerate() {
+                            assert!(
+                                (got - want).abs() <= 1e-3 * scale,
+                                "{a}+{b} {act:?} {layout} t={t} [{i}]: {got} vs {want}"
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -2,10 +2,14 @@
 //! map, work spread over a rayon pool of `--threads` threads.
 //!
 //! Kernels: [`matmul`] (all weight formats), [`attention`] (paged, causal, GQA), and the
-//! row-wise ops in this file. SIMD lives in [`simd`], chosen at run time.
+//! row-wise ops in this file. Quantized weights meet 8-bit activations ([`q8`], the default)
+//! or 16-bit ones ([`qdot`], [`ActQuant::Q16`]); float work is in [`simd`]. The instruction-set
+//! tier of every kernel ([`isa::Isa`]) is chosen once per process.
 
 pub mod attention;
+pub mod isa;
 pub mod matmul;
+pub mod q8;
 pub mod qdot;
 pub mod simd;
 
@@ -16,16 +20,59 @@ use crate::error::{Error, Result};
 use crate::loader::HostTensor;
 use crate::quant::dequantize_row;
 
+/// How activations are quantized before they meet quantized weights in a matmul.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ActQuant {
+    /// 8 bits per value, a scale per 32 (llama.cpp's choice): the fastest; moves logits by
+    /// a few hundredths (measured in the GGUF oracle tests and by `wick perplexity
+    /// --kl-divergence`).
+    #[default]
+    Q8,
+    /// 16 bits per value, a scale per 32: logits within about 1e-4 of f32 math on the
+    /// dequantized weights.
+    Q16,
+    /// No quantization: weights are widened to f32 (exact, slowest).
+    F32,
+}
+
+impl ActQuant {
+    /// Parses `q8`, `q16` or `f32`.
+    pub fn parse(s: &str) -> Option<ActQuant> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "q8" | "int8" | "8" => Some(ActQuant::Q8),
+            "q16" | "int16" | "16" => Some(ActQuant::Q16),
+            "f32" | "exact" => Some(ActQuant::F32),
+            _ => None,
+        }
+    }
+
+    /// `q8`, `q16` or `f32`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActQuant::Q8 => "q8",
+            ActQuant::Q16 => "q16",
+            ActQuant::F32 => "f32",
+        }
+    }
+}
+
 /// The CPU backend.
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
+    /// Activation precision of quantized matmuls.
+    act: ActQuant,
     /// Survivors of the sampling filters, up to `[V]`, kept across steps.
     sample_scratch: std::sync::Mutex<Vec<(u32, f32)>>,
 }
 
 impl CpuBackend {
-    /// A backend on `threads` threads (0 = one per core).
+    /// A backend on `threads` threads (0 = one per core) with 8-bit activations.
     pub fn new(threads: usize) -> Result<Self> {
+        Self::with_act(threads, ActQuant::default())
+    }
+
+    /// A backend on `threads` threads whose quantized matmuls quantize activations as `act`.
+    pub fn with_act(threads: usize, act: ActQuant) -> Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("wick-cpu-{i}"))
@@ -33,6 +80,7 @@ impl CpuBackend {
             .map_err(|e| Error::Device(format!("cannot start {threads} CPU threads: {e}")))?;
         Ok(CpuBackend {
             pool,
+            act,
             sample_scratch: Default::default(),
         })
     }
@@ -40,6 +88,11 @@ impl CpuBackend {
     /// Number of worker threads.
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
+    }
+
+    /// The activation precision of quantized matmuls.
+    pub fn act(&self) -> ActQuant {
+        self.act
     }
 }
 
@@ -65,6 +118,10 @@ pub struct CpuWeight {
     cols: usize,
     /// An f32 copy when the weight is a single vector (norm weights are read every step).
     vector: Option<Vec<f32>>,
+    /// Each part re-laid with rows interleaved for the 8-bit kernels ([`q8::interleave`]),
+    /// where the tier and format have that layout; then the stored bytes are not read by
+    /// matmuls.
+    interleaved: Vec<Option<q8::interleave::Interleaved>>,
 }
 
 impl CpuWeight {
@@ -78,7 +135,30 @@ impl CpuWeight {
             rows,
             cols,
             vector,
+            interleaved: parts.iter().map(|_| None).collect(),
         })
+    }
+
+    /// Interleaves every part whose format has an interleaved layout on `isa` (matrices
+    /// only).
+    fn interleave(&mut self, isa: isa::Isa) {
+        let Some(r) = q8::interleave_rows(isa) else {
+            return;
+        };
+        for (p, slot) in self.parts.iter().zip(&mut self.interleaved) {
+            if p.shape.len() == 2 && q8::interleave::Interleaved::supported(p.dtype) {
+                let (n, k) = p.rows_cols();
+                if k.is_multiple_of(p.dtype.block_elems()) {
+                    *slot = Some(q8::interleave::Interleaved::new(
+                        p.dtype,
+                        p.data.as_slice(),
+                        n,
+                        k,
+                        r,
+                    ));
+                }
+            }
+        }
     }
 
     /// Dequantizes row `r` into `dst`.
@@ -133,11 +213,20 @@ impl Backend for CpuBackend {
     type KvCache = CpuKvCache;
 
     fn describe(&self) -> String {
-        format!("cpu ({} threads, {})", self.threads(), simd::isa_name())
+        format!(
+            "cpu ({} threads, {}, {} activations)",
+            self.threads(),
+            simd::isa_name(),
+            self.act.name()
+        )
     }
 
     fn weight(&self, parts: &[&HostTensor]) -> Result<CpuWeight> {
-        CpuWeight::new(parts)
+        let mut w = CpuWeight::new(parts)?;
+        if self.act == ActQuant::Q8 {
+            self.pool.install(|| w.interleave(isa::Isa::current()));
+        }
+        Ok(w)
     }
 
     fn tensor(&self, rows: usize, cols: usize) -> CpuTensor {
@@ -189,13 +278,13 @@ impl Backend for CpuBackend {
     fn matmul(&self, x: &CpuTensor, w: &CpuWeight, rows: usize, out: &mut CpuTensor) {
         assert_eq!((x.cols, out.cols), (w.cols, w.rows));
         self.pool
-            .install(|| matmul::matmul(&x.data, w, rows, &mut out.data, false));
+            .install(|| matmul::matmul(&x.data, w, rows, &mut out.data, false, self.act));
     }
 
     fn matmul_add(&self, x: &CpuTensor, w: &CpuWeight, rows: usize, out: &mut CpuTensor) {
         assert_eq!((x.cols, out.cols), (w.cols, w.rows));
         self.pool
-            .install(|| matmul::matmul(&x.data, w, rows, &mut out.data, true));
+            .install(|| matmul::matmul(&x.data, w, rows, &mut out.data, true, self.act));
     }
 
     fn qk_norm_rope(
@@ -286,9 +375,7 @@ impl Backend for CpuBackend {
                 .zip(gate_up.data[..rows * 2 * f].par_chunks(2 * f))
                 .for_each(|(o, gu)| {
                     let (g, u) = gu.split_at(f);
-                    for ((oi, gi), ui) in o.iter_mut().zip(g).zip(u) {
-                        *oi = gi / (1.0 + (-gi).exp()) * ui;
-                    }
+                    simd::silu_mul(g, u, o);
                 });
         });
     }
