@@ -11,7 +11,6 @@
 # see the same machine state; medians are over rounds. wick's report adds the machine's memory
 # bandwidth and tg's share of that ceiling.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 threads=2 rounds=3 np=512 ng=128 depth=0
 while getopts "t:r:p:n:d:" o; do
   case $o in
@@ -21,6 +20,10 @@ while getopts "t:r:p:n:d:" o; do
 done
 shift $((OPTIND - 1))
 [ $# -gt 0 ] || { sed -n '2,12p' "$0"; exit 2; }
+files=()
+for f in "$@"; do files+=("$(realpath "$f")"); done
+cd "$(dirname "$0")/.."
+set -- "${files[@]}"
 bin=${LLAMA_BIN:-$(bash ../shared/tools/build-llama-cpp.sh | tail -1)}
 wick=${WICK:-target/release/wick}
 [ -x "$wick" ] || cargo build --release --quiet
