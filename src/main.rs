@@ -827,13 +827,15 @@ fn kl_divergence(a: PerplexityArgs) -> Result<()> {
             path.display(),
             base.n_vocab()
         );
-        println!(
-            "chunk  {:>21}  {:>23}  {:>23}  {:>19}  {:>19}",
-            "PPL", "ln(PPL(Q)/PPL(base))", "KL divergence", "RMS Δp", "same top p"
-        );
     }
     let r = wick::perplexity::kl_divergence(rt.runner()?, base, bos, &mut |i, s| {
         if !json_out {
+            if i == 0 {
+                println!(
+                    "chunk  {:>21}  {:>23}  {:>23}  {:>19}  {:>19}",
+                    "PPL", "ln(PPL(Q)/PPL(base))", "KL divergence", "RMS Δp", "same top p"
+                );
+            }
             println!(
                 "{:>5}  {:>9.4} ± {:>9.4}  {:>10.5} ± {:>10.5}  {:>10.5} ± {:>10.5}  \
                  {:>6.3} ± {:>6.3} %  {:>6.3} ± {:>6.3} %",
