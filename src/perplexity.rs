@@ -186,6 +186,9 @@ fn score_text(
     })
 }
 
+/// What [`score_chunk`] hands each scored position to: `(j, logits [V], target)`.
+type ScoredRow<'a> = dyn FnMut(usize, &[f32], u32) -> Result<()> + 'a;
+
 /// Runs one chunk from an empty cache and hands every scored position to
 /// `on_row(j, logits [V], target)`: position `ctx/2 + j` predicting `target`, for `j` in
 /// `0 .. ctx-1-ctx/2`. The first error of `on_row` ends the scoring and is returned.
@@ -195,7 +198,7 @@ fn score_chunk(
     chunk: &[u32],
     bos: Option<u32>,
     input: &mut Vec<u32>,
-    on_row: &mut dyn FnMut(usize, &[f32], u32) -> Result<()>,
+    on_row: &mut ScoredRow<'_>,
 ) -> Result<()> {
     let ctx = chunk.len();
     let first = ctx / 2;
@@ -567,7 +570,7 @@ impl Percentiles {
             let hi = values[(i + 1).min(n - 1)] as f64;
             (1.0 - frac) * values[i] as f64 + frac * hi
         };
-        let median = if n % 2 == 0 {
+        let median = if n.is_multiple_of(2) {
             0.5 * (values[n / 2 - 1] as f64 + values[n / 2] as f64)
         } else {
             values[n / 2] as f64
