@@ -1,9 +1,13 @@
 //! The paged KV pools and causal grouped-query attention over them.
 //!
-//! A pool (the K or the V of one layer) is laid out `[blocks, Hkv, block_size, D]`: the
-//! keys one KV head needs for a block of positions are contiguous, so a job streams them
-//! in order instead of striding over the other heads' rows. Values are f32 or IEEE half
-//! ([`KvDtype`]); half rows are widened one row at a time into a small buffer.
+//! A V pool is laid out `[blocks, Hkv, block_size, D]` and a K pool `[blocks, Hkv, D,
+//! block_size]`: what one KV head needs for a block of positions is contiguous, so a job
+//! streams it in order instead of striding over the other heads' rows. Keys are transposed
+//! within their block so that scores come out a block of positions at a time, one position
+//! per SIMD lane: `s[p] += q[d] · K[d][p]` over `d` is plain multiply-adds with `q[d]`
+//! broadcast, with no horizontal sum per position (a dot product of two rows would need one
+//! each, which cost as much as the dot itself at D = 128). Values are f32 or IEEE half
+//! ([`KvDtype`]); half data is widened a block (keys) or a row (values) at a time.
 //!
 //! Each (tile of up to 16 new tokens of one sequence, KV head) is one job: the tile's tokens
 //! and their `H / Hkv` query heads that share the KV head attend together, each token to
@@ -50,6 +54,22 @@ impl KvPool {
         }
     }
 
+    /// Stores `src` at element offsets `at`, `at + stride`, … (a key's column of its block).
+    fn write_strided(&mut self, at: usize, stride: usize, src: &[f32]) {
+        match self {
+            KvPool::F32(p) => {
+                for (i, &v) in src.iter().enumerate() {
+                    p[at + i * stride] = v;
+                }
+            }
+            KvPool::F16(p) => {
+                for (i, &v) in src.iter().enumerate() {
+                    p[at + i * stride] = f16::from_f32(v);
+                }
+            }
+        }
+    }
+
     /// The `D` values at element offset `at`, widened into `buf` when stored as half.
     fn row<'a>(&'a self, at: usize, buf: &'a mut [f32]) -> &'a [f32] {
         match self {
@@ -62,10 +82,15 @@ impl KvPool {
     }
 }
 
-/// Element offset of position slot `slot`, KV head `kvh` in a pool of `layout`.
+/// Element offset of position slot `slot`, KV head `kvh` in a V pool of `layout`.
 fn kv_index(layout: &KvLayout, slot: usize, kvh: usize) -> usize {
     let (bs, d) = (layout.block_size, layout.head_dim);
     ((slot / bs * layout.num_kv_heads + kvh) * bs + slot % bs) * d
+}
+
+/// Element offset of the `[D, block_size]` keys of block `block`, KV head `kvh`.
+fn k_block(layout: &KvLayout, block: usize, kvh: usize) -> usize {
+    (block * layout.num_kv_heads + kvh) * layout.block_size * layout.head_dim
 }
 
 /// Writes the k and v columns of `qkv[T, (H+2Hkv)·D]` at the batch's slots.
@@ -83,10 +108,14 @@ pub fn kv_write(
     let width = dims.qkv_width();
     for (row, &slot) in batch.slot_mapping.iter().enumerate() {
         let src = &qkv[row * width..(row + 1) * width];
+        let (bs, slot) = (layout.block_size, slot as usize);
         for kvh in 0..dims.num_kv_heads {
-            let at = kv_index(layout, slot as usize, kvh);
-            k.write(at, &src[q_dim + kvh * d..][..d]);
-            v.write(at, &src[q_dim + kv_dim + kvh * d..][..d]);
+            let kb = k_block(layout, slot / bs, kvh) + slot % bs;
+            k.write_strided(kb, bs, &src[q_dim + kvh * d..][..d]);
+            v.write(
+                kv_index(layout, slot, kvh),
+                &src[q_dim + kv_dim + kvh * d..][..d],
+            );
         }
     }
 }
@@ -105,8 +134,10 @@ struct Scratch {
     scores: Vec<f32>,
     /// `[rows, D]` outputs.
     acc: Vec<f32>,
-    /// One widened K or V row.
+    /// One widened V row.
     row: Vec<f32>,
+    /// One widened `[D, block_size]` block of keys.
+    kt: Vec<f32>,
 }
 
 /// `out[T, H·D]` from the q columns of `qkv[T, (H+2Hkv)·D]` and the layer's pools.
@@ -156,15 +187,28 @@ pub fn attention(
             scratch.acc.clear();
             scratch.acc.resize(rows * d, 0.0);
             scratch.row.resize(d, 0.0);
-            let (scores, acc, buf) = (
+            scratch.kt.resize(d * bs, 0.0);
+            let (scores, acc, buf, kt) = (
                 &mut scratch.scores[..rows * cmax],
                 &mut scratch.acc,
                 &mut scratch.row,
+                &mut scratch.kt,
             );
-            for p in 0..cmax {
-                let kr = k.row(at(p), buf);
-                for (r, q) in qs.iter().enumerate().skip(first(p) * group) {
-                    scores[r * cmax + p] = simd::dot_f32(q, kr) * scale;
+            // Scores a block of positions at a time (one position per lane).
+            for p0 in (0..cmax).step_by(bs) {
+                let np = bs.min(cmax - p0);
+                let kb = k_block(layout, seq.block_table[p0 / bs] as usize, kvh);
+                let keys: &[f32] = match k {
+                    KvPool::F32(pool) => &pool[kb..kb + d * bs],
+                    KvPool::F16(pool) => {
+                        simd::f16_to_f32(bytemuck::cast_slice(&pool[kb..kb + d * bs]), kt);
+                        kt
+                    }
+                };
+                for (r, q) in qs.iter().enumerate().skip(first(p0) * group) {
+                    let out = &mut scores[r * cmax + p0..r * cmax + p0 + np];
+                    simd::dot_transposed(q, keys, bs, out);
+                    out.iter_mut().for_each(|s| *s *= scale);
                 }
             }
             for (r, sc) in scores.chunks_mut(cmax).enumerate() {

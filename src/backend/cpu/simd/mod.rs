@@ -265,6 +265,33 @@ pub fn silu_mul_scalar(g: &[f32], u: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out[j] = Σ_d q[d] · kt[d·w + j]` for `j < out.len() ≤ w`: a query against a block of
+/// `w` keys stored transposed (`kt` is `[D, w]`), one key per lane.
+pub fn dot_transposed(q: &[f32], kt: &[f32], w: usize, out: &mut [f32]) {
+    assert!(kt.len() >= q.len() * w && out.len() <= w);
+    #[cfg(target_arch = "x86_64")]
+    if w == 16 && has_avx512() {
+        // SAFETY: the CPU has the AVX-512 tier's features; kt holds D rows of 16 (asserted).
+        return unsafe { x86::dot_transposed16_avx512(q, kt, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if w == 16 && has_avx2() {
+        // SAFETY: as above, AVX2.
+        return unsafe { x86::dot_transposed16_avx2(q, kt, out) };
+    }
+    dot_transposed_scalar(q, kt, w, out)
+}
+
+/// Scalar reference of [`dot_transposed`].
+pub fn dot_transposed_scalar(q: &[f32], kt: &[f32], w: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for (d, &qd) in q.iter().enumerate() {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o += qd * kt[d * w + j];
+        }
+    }
+}
+
 /// Scalar reference of [`softmax`].
 pub fn softmax_scalar(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -750,6 +777,58 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    pub unsafe fn dot_transposed16_avx512(q: &[f32], kt: &[f32], out: &mut [f32]) {
+        let pk = kt.as_ptr();
+        // Four chains so the multiply-adds do not wait on each other.
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let n = q.len();
+        let mut d = 0;
+        while d + 4 <= n {
+            for (c, a) in acc.iter_mut().enumerate() {
+                let qd = _mm512_set1_ps(*q.get_unchecked(d + c));
+                *a = _mm512_fmadd_ps(qd, _mm512_loadu_ps(pk.add((d + c) * 16)), *a);
+            }
+            d += 4;
+        }
+        while d < n {
+            let qd = _mm512_set1_ps(*q.get_unchecked(d));
+            acc[0] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(pk.add(d * 16)), acc[0]);
+            d += 1;
+        }
+        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        let m: __mmask16 = ((1u32 << out.len()) - 1) as u16;
+        _mm512_mask_storeu_ps(out.as_mut_ptr(), m, s);
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_transposed16_avx2(q: &[f32], kt: &[f32], out: &mut [f32]) {
+        let pk = kt.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let n = q.len();
+        let mut d = 0;
+        while d + 2 <= n {
+            for c in 0..2 {
+                let qd = _mm256_set1_ps(*q.get_unchecked(d + c));
+                let row = pk.add((d + c) * 16);
+                acc[2 * c] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row), acc[2 * c]);
+                acc[2 * c + 1] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row.add(8)), acc[2 * c + 1]);
+            }
+            d += 2;
+        }
+        while d < n {
+            let qd = _mm256_set1_ps(*q.get_unchecked(d));
+            let row = pk.add(d * 16);
+            acc[0] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row), acc[0]);
+            acc[1] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row.add(8)), acc[1]);
+            d += 1;
+        }
+        let mut lanes = [0.0f32; 16];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[0], acc[2]));
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), _mm256_add_ps(acc[1], acc[3]));
+        out.copy_from_slice(&lanes[..out.len()]);
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
     pub unsafe fn softmax_avx512(x: &mut [f32]) {
         let n = x.len();
         let p = x.as_mut_ptr();
@@ -869,6 +948,24 @@ mod tests {
             f16_to_f32(&hf, &mut out);
             crate::quant::dequantize_row(crate::quant::DType::F16, &hf, &mut reference);
             assert_eq!(out, reference);
+        }
+    }
+
+    #[test]
+    fn transposed_dots_match_scalar() {
+        for d in [1usize, 7, 64, 128, 129] {
+            for w in [16usize, 5] {
+                let q = values(d, 21);
+                let kt = values(d * w, 22);
+                for n in [1, w / 2 + 1, w] {
+                    let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
+                    dot_transposed(&q, &kt, w, &mut a);
+                    dot_transposed_scalar(&q, &kt, w, &mut b);
+                    for (x, y) in a.iter().zip(&b) {
+                        assert!(close(*x, *y, d), "d={d} w={w} n={n}: {x} vs {y}");
+                    }
+                }
+            }
         }
     }
 
