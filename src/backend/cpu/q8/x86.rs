@@ -13,6 +13,9 @@
 //! The row dots (decode) read blocks straight from the memory map with unaligned loads
 //! (GGUF blocks are 18, 20, 34, 144, 176 and 210 bytes long).
 
+// Kernels index several per-token arrays (accumulators, activation rows) with one counter.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::x86_64::*;
 
 use super::{Packed, Q8Act};
