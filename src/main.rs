@@ -963,7 +963,8 @@ struct ServeArgs {
     /// The model name clients send (default: the Hub id or the directory's name).
     #[arg(long)]
     served_model_name: Option<String>,
-    /// Require `Authorization: Bearer KEY` on /v1/* (also read from WICK_API_KEY).
+    /// Require `Authorization: Bearer KEY` on every route but /health (also read from
+    /// WICK_API_KEY).
     #[arg(long, env = "WICK_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Most requests waiting for a slot; more are refused with 429 and Retry-After.
@@ -991,10 +992,30 @@ struct ServeArgs {
     /// (or, once a stream has started, an error event that ends the stream).
     #[arg(long, default_value_t = 600)]
     request_timeout: u64,
+    /// Serve /metrics without the API key (it needs the key when one is set).
+    #[arg(long)]
+    metrics_public: bool,
+    /// Most open connections; past it a connection is answered 503 and closed.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Seconds a client may take to send a request's headers; then the connection closes.
+    #[arg(long, default_value_t = 10)]
+    header_timeout: u64,
+    /// Seconds a client may take to send a request's body; then it is answered 408.
+    #[arg(long, default_value_t = 30)]
+    body_timeout: u64,
+    /// Seconds a connection may stay open without a request, or with a reply the client does
+    /// not read; then it is closed (which cancels its request and frees its KV blocks).
+    #[arg(long, default_value_t = 60)]
+    idle_timeout: u64,
+    /// Seconds SIGTERM or Ctrl-C waits for requests in flight before closing them and exiting.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
     use wick::server::{AppState, Loaded, OverloadPolicy, ServerOptions};
+    let secs = |s: u64| std::time::Duration::from_secs(s.max(1));
 
     let mut engine_opts = a.engine.options(a.model.max_model_len);
     engine_opts.max_waiting = Some(a.max_queue);
@@ -1019,6 +1040,14 @@ fn serve(a: ServeArgs) -> Result<()> {
         reasoning_field: a.reasoning_field.clone(),
         overload,
         request_timeout: std::time::Duration::from_secs(a.request_timeout.max(1)),
+        metrics_public: a.metrics_public,
+        limits: wick::server::conn::Limits {
+            max_connections: a.max_connections.max(1),
+            header_timeout: secs(a.header_timeout),
+            body_timeout: secs(a.body_timeout),
+            idle_timeout: secs(a.idle_timeout),
+            shutdown_timeout: std::time::Duration::from_secs(a.shutdown_timeout),
+        },
         ..ServerOptions::default()
     });
     let tokio_rt = tokio::runtime::Builder::new_multi_thread()

@@ -38,7 +38,14 @@ fn error_of(v: &Value) -> &Value {
 
 #[tokio::test]
 async fn errors_have_openai_shape_and_status() {
-    let s = Server::start(&["--max-model-len", "64", "--api-key", "sekret"]).await;
+    let s = Server::start(&[
+        "--max-model-len",
+        "64",
+        "--api-key",
+        "sekret",
+        "--metrics-public",
+    ])
+    .await;
     let client = reqwest::Client::new();
     let send = |path: &str, body: Vec<u8>, key: Option<&str>| {
         let mut r = client

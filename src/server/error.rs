@@ -69,6 +69,42 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, format!("no route for {path}"))
     }
 
+    /// 405 with the methods the route takes.
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        ApiError {
+            code: Some("method_not_allowed"),
+            ..Self::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{path} does not take {method}"),
+            )
+        }
+    }
+
+    /// 408 when the body did not arrive in time.
+    pub fn body_timeout(secs: u64) -> Self {
+        ApiError {
+            code: Some("request_timeout"),
+            ..Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {secs} s"),
+            )
+        }
+    }
+
+    /// 415 for a body that is not declared as JSON.
+    pub fn not_json(content_type: Option<&str>) -> Self {
+        ApiError {
+            code: Some("unsupported_media_type"),
+            ..Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "the request body must be sent as `Content-Type: application/json`, not {}",
+                    content_type.map_or("without a Content-Type".to_string(), |c| format!("`{c}`"))
+                ),
+            )
+        }
+    }
+
     /// 413.
     pub fn too_large(limit: usize) -> Self {
         ApiError {
@@ -117,7 +153,7 @@ impl ApiError {
     /// OpenAI's `type` for the status.
     fn kind(&self) -> &'static str {
         match self.status.as_u16() {
-            400 | 413 => "invalid_request_error",
+            400 | 405 | 408 | 413 | 415 => "invalid_request_error",
             401 => "authentication_error",
             404 => "not_found_error",
             429 => "rate_limit_error",

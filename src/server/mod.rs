@@ -28,6 +28,7 @@
 //! [`bench`](mod@bench) is the `wick bench-serve` load generator.
 
 pub mod bench;
+pub mod conn;
 pub mod error;
 pub mod metrics;
 pub mod request;
@@ -73,8 +74,11 @@ pub enum OverloadPolicy {
 pub struct ServerOptions {
     /// The model name clients use; `None`: the name the model was loaded under.
     pub served_model_name: Option<String>,
-    /// Required bearer token, if any.
+    /// Required bearer token, if any: every route but `/health` (and `/metrics` when
+    /// `metrics_public`) needs it.
     pub api_key: Option<String>,
+    /// `/metrics` answers without the key.
+    pub metrics_public: bool,
     /// JSON field for the reasoning text (`reasoning_content`, or e.g. `reasoning`).
     pub reasoning_field: String,
     /// Overload behaviour.
@@ -83,8 +87,8 @@ pub struct ServerOptions {
     pub request_timeout: Duration,
     /// Largest request body.
     pub max_body_bytes: usize,
-    /// How long draining may take before the process exits anyway.
-    pub drain_timeout: Duration,
+    /// Connection limits and timeouts, including how long draining may take.
+    pub limits: conn::Limits,
 }
 
 impl Default for ServerOptions {
@@ -92,11 +96,12 @@ impl Default for ServerOptions {
         ServerOptions {
             served_model_name: None,
             api_key: None,
+            metrics_public: false,
             reasoning_field: "reasoning_content".into(),
             overload: OverloadPolicy::Refuse,
             request_timeout: Duration::from_secs(600),
             max_body_bytes: 8 << 20,
-            drain_timeout: Duration::from_secs(60),
+            limits: conn::Limits::default(),
         }
     }
 }
@@ -230,33 +235,109 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .fallback(|req: HttpRequest| async move { ApiError::no_route(req.uri().path()) })
+        .method_not_allowed_fallback(|req: HttpRequest| async move {
+            ApiError::method_not_allowed(req.method().as_str(), req.uri().path())
+        })
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
 
-/// Checks the API key on `/v1/*` and counts responses by status.
+/// In front of every route: the API key, then (for requests with a body) the content type,
+/// the size and the time limit of the body, which is read here in full. Counts responses by
+/// status.
 async fn guard(State(st): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
-    let resp = match &st.opts.api_key {
-        Some(key) if req.uri().path().starts_with("/v1/") => {
-            let ok = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|k| k.trim() == key);
-            if ok {
-                next.run(req).await
-            } else {
-                ApiError::unauthorized().into_response()
-            }
-        }
-        _ => next.run(req).await,
+    let resp = match admit(&st, req).await {
+        Ok(req) => next.run(req).await,
+        Err(e) => e.into_response(),
     };
     if let Ok(mut s) = st.statuses.lock() {
         *s.entry(resp.status().as_u16()).or_default() += 1;
     }
     resp
+}
+
+/// Compares in time that depends only on the lengths, so the key cannot be guessed a byte
+/// at a time from response times.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, &x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(!x));
+    }
+    diff == 0
+}
+
+/// `Authorization: Bearer KEY`, the scheme in any case (RFC 7235).
+fn authorized(headers: &axum::http::HeaderMap, key: &str) -> bool {
+    let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let v = v.trim();
+    let Some((scheme, token)) = v.split_once(' ') else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case("bearer") && same_secret(token.trim().as_bytes(), key.as_bytes())
+}
+
+/// `application/json` or `application/…+json`, parameters (charset) allowed.
+fn is_json(content_type: &str) -> bool {
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    let mime = mime.to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+async fn admit(st: &AppState, req: HttpRequest) -> Result<HttpRequest, ApiError> {
+    let path = req.uri().path();
+    let open = path == "/health" || (path == "/metrics" && st.opts.metrics_public);
+    if let Some(key) = &st.opts.api_key {
+        if !open && !authorized(req.headers(), key) {
+            return Err(ApiError::unauthorized());
+        }
+    }
+    // Only the routes that take a body read one; anything else goes on to its 404 or 405.
+    let takes_body = req.method() == axum::http::Method::POST
+        && matches!(
+            path,
+            "/v1/chat/completions" | "/v1/completions" | "/tokenize" | "/detokenize"
+        );
+    if !takes_body {
+        return Ok(req);
+    }
+    // A web page may POST `text/plain` to a server on localhost without asking first; a
+    // JSON content type needs a CORS preflight, which this server does not grant.
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    if !ct.is_some_and(is_json) {
+        return Err(ApiError::not_json(ct));
+    }
+    // Read up to the limit even when Content-Length already says it is too large: a client
+    // still writing its body when the answer comes would see a broken pipe, not the 413.
+    let limit = st.opts.max_body_bytes;
+    let (parts, body) = req.into_parts();
+    let timeout = st.opts.limits.body_timeout;
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => return Err(ApiError::body_timeout(timeout.as_secs().max(1))),
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            return Err(if too_large {
+                ApiError::too_large(limit)
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            });
+        }
+        Ok(Ok(b)) => b,
+    };
+    Ok(HttpRequest::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {
@@ -387,8 +468,9 @@ async fn completions(
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains: `/health` and new requests
-/// answer 503 while the requests in flight finish (up to the drain timeout); then the listener
-/// closes and the function returns once every connection is done.
+/// answer 503 while the requests in flight finish, for up to the shutdown timeout; then the
+/// listener closes, connections without a request close at once, and whatever is left is
+/// closed (which cancels its requests). Returns when every connection is gone.
 pub async fn serve(
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
@@ -396,29 +478,29 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = router(state.clone());
     let st = state.clone();
-    let drain_timeout = state.opts.drain_timeout;
-    let signal = async move {
+    let limits = state.opts.limits;
+    let drained = async move {
         shutdown.await;
         tracing::info!(
-            "shutting down: finishing {} requests in flight",
-            st.in_flight()
+            "shutting down: finishing {} requests in flight (up to {:?})",
+            st.in_flight(),
+            limits.shutdown_timeout
         );
         st.drain();
-        let deadline = tokio::time::Instant::now() + drain_timeout;
+        let deadline = tokio::time::Instant::now() + limits.shutdown_timeout;
         while st.in_flight() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if st.in_flight() > 0 {
             tracing::warn!(
-                "{} requests still running after {drain_timeout:?}; exiting",
-                st.in_flight()
+                "{} requests still running after {:?}; closing their connections",
+                st.in_flight(),
+                limits.shutdown_timeout
             );
-            std::process::exit(1);
         }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(signal)
-        .await
+    conn::serve(listener, app, limits, drained, Duration::from_secs(1)).await;
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
