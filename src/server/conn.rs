@@ -61,6 +61,10 @@ impl Default for Limits {
     }
 }
 
+/// Send buffer per connection: a few round trips of a fast stream, far more than a reply
+/// waiting on a slow client needs.
+const SEND_BUFFER: usize = 64 << 10;
+
 /// What the watchdog knows about one connection. Times are milliseconds since `epoch`.
 struct Activity {
     epoch: Instant,
@@ -231,6 +235,9 @@ impl hyper::body::Body for Guarded {
 /// Serves one connection until it ends, the watchdog closes it, or the task is aborted.
 async fn connection(socket: TcpStream, app: Router, limits: Limits, closing: Arc<AtomicBool>) {
     let _ = socket.set_nodelay(true);
+    // A bounded send buffer (the kernel would grow it to megabytes): a client that stops
+    // reading backs the writes up within a few hundred events, so the watchdog sees it.
+    let _ = socket2::SockRef::from(&socket).set_send_buffer_size(SEND_BUFFER);
     let act = Activity::new();
     let io = TokioIo::new(Watched {
         inner: socket,

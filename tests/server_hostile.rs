@@ -1,0 +1,416 @@
+//! `wick serve` against careless and hostile clients, over raw sockets against the real
+//! binary: clients that trickle headers, stall their bodies, stop reading replies or leave
+//! sockets open; requests without the key or with the wrong content type; too many
+//! connections; a shutdown with such clients still attached. Each test checks the outcome
+//! (status and error shape, a time bound, and `/metrics` back at zero).
+
+mod server_common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use server_common::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+fn addr(s: &Server) -> std::net::SocketAddr {
+    s.base.trim_start_matches("http://").parse().unwrap()
+}
+
+async fn connect(s: &Server) -> TcpStream {
+    TcpStream::connect(addr(s)).await.unwrap()
+}
+
+/// A raw HTTP/1.1 request; `Connection: close` so the reply ends with the socket.
+fn raw(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> String {
+    let mut r = format!("{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        r.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    r.push_str("\r\n");
+    r.push_str(body);
+    r
+}
+
+/// Status and body of a raw request's reply (read until the server closes).
+async fn exchange(s: &Server, request: &str) -> (u16, String) {
+    let mut c = connect(s).await;
+    c.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut out))
+        .await
+        .expect("no reply within 30 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP reply: {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
+    (status, body)
+}
+
+/// Asserts OpenAI's error shape.
+fn assert_error_shape(status: u16, body: &str) {
+    let v: Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {body}"));
+    let e = &v["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{status}: {v}"
+    );
+    assert!(e["type"].is_string(), "{status}: {v}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+}
+
+/// How long until the peer closes `c` (reading and discarding whatever it sends), up to
+/// `limit`; `None` if it is still open then.
+async fn closed_within(c: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = limit.checked_sub(start.elapsed())?;
+        match tokio::time::timeout(left, c.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Waits until `/metrics` shows nothing running, waiting or holding KV blocks.
+async fn wait_idle(s: &Server, key: Option<&str>) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut r = client.get(s.url("/metrics"));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        let text = r.send().await.unwrap().text().await.unwrap();
+        let m = server_common::parse_metrics(&text);
+        let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+        let (run, wait, kv) = (
+            get("wick_num_requests_running"),
+            get("wick_num_requests_waiting"),
+            get("wick_kv_blocks_used"),
+        );
+        if run == 0.0 && wait == 0.0 && kv == 0.0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still busy: running {run}, waiting {wait}, kv blocks {kv}\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn health_ok(s: &Server) -> Duration {
+    let t = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(5), reqwest::get(s.url("/health")))
+        .await
+        .expect("/health did not answer within 5 s")
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    t.elapsed()
+}
+
+const CHAT: &str = r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}"#;
+
+#[tokio::test]
+async fn every_route_but_health_needs_the_key() {
+    let s = Server::start(&["--api-key", "k3y"]).await;
+    let json_ct = ("content-type", "application/json");
+    for (method, path, body) in [
+        ("GET", "/v1/models", ""),
+        ("POST", "/v1/chat/completions", CHAT),
+        (
+            "POST",
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": 1}"#,
+        ),
+        ("POST", "/tokenize", r#"{"prompt": "hello"}"#),
+        ("POST", "/detokenize", r#"{"tokens": [1, 2]}"#),
+        ("GET", "/metrics", ""),
+    ] {
+        let (st, b) = exchange(&s, &raw(method, path, &[json_ct], body)).await;
+        assert_eq!(st, 401, "{method} {path} without a key: {b}");
+        assert_error_shape(st, &b);
+        let (st, _) = exchange(
+            &s,
+            &raw(
+                method,
+                path,
+                &[json_ct, ("authorization", "Bearer nope")],
+                body,
+            ),
+        )
+        .await;
+        assert_eq!(st, 401, "{method} {path} with a wrong key");
+        // The scheme in any case (RFC 7235), the right key: served.
+        for scheme in ["Bearer", "bearer", "BEARER"] {
+            let auth = format!("{scheme} k3y");
+            let (st, b) = exchange(
+                &s,
+                &raw(method, path, &[json_ct, ("authorization", &auth)], body),
+            )
+            .await;
+            assert_eq!(st, 200, "{method} {path} with `{auth}`: {b}");
+        }
+    }
+    // A key that is a prefix of the real one, or has it as a prefix, is wrong.
+    for wrong in ["Bearer k3", "Bearer k3yy", "Bearer", "k3y"] {
+        let (st, _) = exchange(
+            &s,
+            &raw("GET", "/v1/models", &[("authorization", wrong)], ""),
+        )
+        .await;
+        assert_eq!(st, 401, "`{wrong}`");
+    }
+    let (st, _) = exchange(&s, &raw("GET", "/health", &[], "")).await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test]
+async fn bodies_must_be_json_and_wrong_methods_get_405() {
+    let s = Server::start(&[]).await;
+    // What a web page can send to localhost without a CORS preflight, or nothing at all.
+    for ct in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        None,
+    ] {
+        let headers: Vec<(&str, &str)> = ct.map(|c| ("content-type", c)).into_iter().collect();
+        let (st, b) = exchange(&s, &raw("POST", "/v1/chat/completions", &headers, CHAT)).await;
+        assert_eq!(st, 415, "{ct:?}: {b}");
+        assert_error_shape(st, &b);
+    }
+    for ct in [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+    ] {
+        let (st, b) = exchange(
+            &s,
+            &raw(
+                "POST",
+                "/v1/chat/completions",
+                &[("content-type", ct)],
+                CHAT,
+            ),
+        )
+        .await;
+        assert_eq!(st, 200, "{ct}: {b}");
+    }
+    for (method, path) in [
+        ("GET", "/v1/chat/completions"),
+        ("PUT", "/v1/completions"),
+        ("DELETE", "/v1/models"),
+        ("POST", "/health"),
+    ] {
+        let (st, b) = exchange(
+            &s,
+            &raw(method, path, &[("content-type", "application/json")], ""),
+        )
+        .await;
+        assert_eq!(st, 405, "{method} {path}: {b}");
+        assert_error_shape(st, &b);
+    }
+}
+
+#[tokio::test]
+async fn slow_and_silent_clients_are_cut_off() {
+    let s = Server::start(&[
+        "--header-timeout",
+        "1",
+        "--body-timeout",
+        "1",
+        "--idle-timeout",
+        "2",
+    ])
+    .await;
+
+    // Headers a byte at a time, never finished: closed after the header timeout.
+    let mut trickle = connect(&s).await;
+    let trickler = tokio::spawn(async move {
+        let start = Instant::now();
+        for b in b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-padding: "
+            .iter()
+            .cycle()
+        {
+            if trickle.write_all(&[*b]).await.is_err() || start.elapsed() > Duration::from_secs(15)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        start.elapsed()
+    });
+
+    // A body that stops short of its Content-Length: 408 after the body timeout.
+    let mut short = connect(&s).await;
+    short
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+              content-length: 1000\r\n\r\n{\"messages\": ",
+        )
+        .await
+        .unwrap();
+
+    // A connection that never sends anything, and one left open after a reply.
+    let mut silent = connect(&s).await;
+    let mut kept = connect(&s).await;
+    kept.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+
+    // Meanwhile everyone else is served at once.
+    assert!(health_ok(&s).await < Duration::from_secs(1));
+
+    let start = Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), short.read_to_end(&mut out))
+        .await
+        .expect("a stalled body was held for 10 s")
+        .ok();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_error_shape(408, text.split_once("\r\n\r\n").unwrap().1);
+    assert!(start.elapsed() < Duration::from_secs(5));
+
+    let t = closed_within(&mut silent, Duration::from_secs(10)).await;
+    assert!(t.is_some(), "a silent connection stayed open for 10 s");
+    let t = closed_within(&mut kept, Duration::from_secs(10)).await;
+    assert!(
+        t.is_some(),
+        "an idle keep-alive connection stayed open for 10 s"
+    );
+    let took = trickler.await.unwrap();
+    assert!(
+        took < Duration::from_secs(8),
+        "a trickling header was accepted for {took:?}"
+    );
+    assert!(health_ok(&s).await < Duration::from_secs(1));
+    wait_idle(&s, None).await;
+}
+
+/// A streaming request whose client reads nothing, with a receive buffer as small as the
+/// kernel allows, so the server's writes back up.
+async fn stalled_stream(s: &Server) -> TcpStream {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(2048).unwrap();
+    let mut c = sock.connect(addr(s)).await.unwrap();
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 8000, "ignore_eos": true,
+                      "stream": true, "n": 4})
+    .to_string();
+    c.write_all(
+        raw(
+            "POST",
+            "/v1/completions",
+            &[("content-type", "application/json")],
+            &body,
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    c
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cancelled_and_its_blocks_freed() {
+    let s = Server::start(&["--idle-timeout", "2", "--max-model-len", "8192"]).await;
+    let mut c = stalled_stream(&s).await;
+    // The request starts and holds KV blocks...
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = s.metrics().await;
+        if m.get("wick_num_requests_running").copied().unwrap_or(0.0) > 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the request never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...then, with the client not reading, is cancelled well before 4 × 8000 tokens.
+    wait_idle(&s, None).await;
+    // The stream that reaches the client ends without `[DONE]`.
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:.200}");
+    assert!(
+        !text.contains("data: [DONE]"),
+        "the whole reply was written"
+    );
+    let r = client.get(s.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_get_503_and_the_rest_are_served() {
+    let s = Server::start(&["--max-connections", "4", "--idle-timeout", "30"]).await;
+    // reqwest's pool may hold one connection from the health check; wait it out.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect(&s).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (st, b) = exchange(&s, &raw("GET", "/health", &[], "")).await;
+    assert_eq!(st, 503, "{b}");
+    assert_error_shape(st, &b);
+    held.clear();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (st, b) = exchange(&s, &raw("GET", "/health", &[], "")).await;
+    assert_eq!(st, 200, "{b}");
+}
+
+#[tokio::test]
+async fn sigterm_with_stalled_clients_exits_zero_within_the_shutdown_timeout() {
+    let mut s = Server::start(&[
+        "--shutdown-timeout",
+        "2",
+        "--idle-timeout",
+        "600",
+        "--body-timeout",
+        "600",
+        "--max-model-len",
+        "8192",
+    ])
+    .await;
+    let _stalled = stalled_stream(&s).await;
+    let mut half = connect(&s).await;
+    half.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          content-length: 500\r\n\r\n{\"prompt\"",
+    )
+    .await
+    .unwrap();
+    let _silent = connect(&s).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = s.wait_exit(Duration::from_secs(15)).unwrap_or_else(|| {
+        panic!(
+            "still running 15 s after SIGTERM: {}",
+            s.log.lock().unwrap()
+        )
+    });
+    assert!(status.success(), "{status:?}: {}", s.log.lock().unwrap());
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "exit took {:?}",
+        start.elapsed()
+    );
+}
