@@ -995,6 +995,11 @@ struct ServeArgs {
     /// Serve /metrics without the API key (it needs the key when one is set).
     #[arg(long)]
     metrics_public: bool,
+    /// Let `<|im_start|>`, `<think>` and other special-token strings inside messages and
+    /// tool definitions become control tokens (by default they are encoded as text, so a
+    /// user cannot forge turns).
+    #[arg(long)]
+    control_tokens_in_content: bool,
     /// Most open connections; past it a connection is answered 503 and closed.
     #[arg(long, default_value_t = 512)]
     max_connections: usize,
@@ -1041,6 +1046,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         overload,
         request_timeout: std::time::Duration::from_secs(a.request_timeout.max(1)),
         metrics_public: a.metrics_public,
+        control_tokens_in_content: a.control_tokens_in_content,
         limits: wick::server::conn::Limits {
             max_connections: a.max_connections.max(1),
             header_timeout: secs(a.header_timeout),
@@ -1102,6 +1108,20 @@ fn serve(a: ServeArgs) -> Result<()> {
                 Err(e) => {
                     eprintln!("wick: loading failed: {e}");
                     std::process::exit(1);
+                }
+            }
+        });
+        // An engine that stopped by itself (its steps kept failing) would leave a server
+        // answering 503 for ever: exit non-zero instead, for a supervisor to restart it.
+        let watched = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                if let Some(l) = watched.loaded() {
+                    if !watched.is_draining() && !l.engine.is_running() {
+                        eprintln!("wick: the engine stopped unexpectedly; exiting");
+                        std::process::exit(70);
+                    }
                 }
             }
         });

@@ -319,14 +319,17 @@ impl Runtime {
         cancel: &AtomicBool,
         on_token: &mut dyn FnMut(&TokenEvent<'_>),
     ) -> Result<Generation> {
-        let prompt = self.render_chat(
+        let t = self.chat_template.as_ref().ok_or_else(|| {
+            Error::Template("the model has no chat template; use a raw prompt".into())
+        })?;
+        let (ids, prompt) = t.encode(
+            &self.tokenizer,
             messages,
             &RenderOptions {
                 enable_thinking: Some(opts.enable_thinking),
                 ..RenderOptions::default()
             },
         )?;
-        let ids = self.tokenizer.encode(&prompt, false)?;
         self.generate(
             ids,
             prompt_opens_reasoning(&prompt),

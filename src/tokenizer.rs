@@ -37,7 +37,14 @@ pub struct Tokenizer {
     /// Ids of added tokens flagged `special` (`<|im_end|>`, ...), cached because the
     /// library rebuilds its added-token map on every query.
     special_ids: HashSet<u32>,
+    /// Every added-token string (`<|im_start|>`, `<think>`, ...), longest first: what
+    /// [`Tokenizer::mark_literals`] keeps from becoming control tokens.
+    added: Vec<String>,
 }
+
+/// First placeholder code point (Supplementary Private Use Area-A); placeholder `i` stands
+/// for added-token string `i`.
+const PLACEHOLDER_BASE: u32 = 0xF0000;
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,7 +77,20 @@ impl Tokenizer {
             .filter(|(_, token)| token.special)
             .map(|(id, _)| id)
             .collect();
-        Self { inner, special_ids }
+        let mut added: Vec<String> = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .map(|t| t.content)
+            .filter(|c| !c.is_empty())
+            .collect();
+        added.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        added.dedup();
+        added.truncate(0xFFFD);
+        Self {
+            inner,
+            special_ids,
+            added,
+        }
     }
 
     /// The wrapped `tokenizers` tokenizer.
@@ -87,6 +107,81 @@ impl Tokenizer {
             .encode_fast(text, add_special_tokens)
             .map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// `text` (untrusted: a message, a tool result, a tool definition) with every added-token
+    /// string replaced by a placeholder, so that after the chat template has put it into a
+    /// prompt, [`Tokenizer::encode_marked`] encodes it as the characters it is and never as
+    /// the control token (a user could otherwise write `<|im_end|><|im_start|>system` and
+    /// forge a turn). `keep` names strings left alone. `None` when there is nothing to
+    /// replace.
+    pub fn mark_literals(&self, text: &str, keep: &[&str]) -> Option<String> {
+        if !self.added.iter().any(|a| text.contains(a.as_str())) {
+            return None;
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        loop {
+            // The earliest occurrence; at one position the longest string (listed first).
+            let next = self
+                .added
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| !keep.contains(&a.as_str()))
+                .filter_map(|(i, a)| rest.find(a.as_str()).map(|p| (p, i)))
+                .min();
+            let Some((p, i)) = next else {
+                out.push_str(rest);
+                break;
+            };
+            out.push_str(&rest[..p]);
+            out.push(char::from_u32(PLACEHOLDER_BASE + i as u32).unwrap_or('\u{FFFD}'));
+            rest = &rest[p + self.added[i].len()..];
+        }
+        Some(out)
+    }
+
+    /// Encodes a rendered chat prompt in which [`Tokenizer::mark_literals`] placed
+    /// placeholders: the text between them as [`Tokenizer::encode`] does (the template's
+    /// markers become their ids), each placeholder as the characters of its string.
+    pub fn encode_marked(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        let mut start = 0;
+        for (at, c) in text.char_indices() {
+            let Some(i) = (c as u32).checked_sub(PLACEHOLDER_BASE) else {
+                continue;
+            };
+            let Some(literal) = self.added.get(i as usize) else {
+                continue;
+            };
+            ids.extend(self.encode(&text[start..at], false)?);
+            ids.extend(self.encode_as_text(literal)?);
+            start = at + c.len_utf8();
+        }
+        ids.extend(self.encode(&text[start..], false)?);
+        Ok(ids)
+    }
+
+    /// Encodes `text` with no added token matched: each occurrence of one is cut after its
+    /// first character, and the pieces are encoded one by one.
+    fn encode_as_text(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let first = self
+                .added
+                .iter()
+                .filter_map(|a| rest.find(a.as_str()))
+                .min();
+            let cut = match first {
+                // Past the first character of the earliest occurrence.
+                Some(p) => p + rest[p..].chars().next().map_or(1, char::len_utf8),
+                None => rest.len(),
+            };
+            ids.extend(self.encode(&rest[..cut], false)?);
+            rest = &rest[cut..];
+        }
+        Ok(ids)
     }
 
     /// Decodes ids to text. Ids outside the vocabulary decode to nothing, as in Hugging Face

@@ -127,6 +127,8 @@ pub struct Metrics {
     pub preemptions: AtomicU64,
     /// Forward steps run.
     pub steps: AtomicU64,
+    /// Steps that panicked (their requests failed; the engine went on).
+    pub step_failures: AtomicU64,
     /// Time from submission to the first token.
     pub time_to_first_token: Histogram,
     /// Time between consecutive tokens of a request.
@@ -176,6 +178,8 @@ pub struct MetricsSnapshot {
     pub preemptions: u64,
     /// See [`Metrics::steps`].
     pub steps: u64,
+    /// See [`Metrics::step_failures`].
+    pub step_failures: u64,
 }
 
 impl Metrics {
@@ -201,6 +205,7 @@ impl Metrics {
             generation_tokens: r(&self.generation_tokens),
             preemptions: r(&self.preemptions),
             steps: r(&self.steps),
+            step_failures: r(&self.step_failures),
         }
     }
 

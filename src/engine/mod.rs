@@ -191,6 +191,9 @@ pub struct EngineInfo {
     pub kv_dtype: crate::backend::KvDtype,
     /// Bytes of the KV pool (every layer's K and V).
     pub kv_bytes: usize,
+    /// Token ids the model can take: the embedding's rows, or fewer if the tokenizer has
+    /// fewer entries (fine-tunes often add tokens to one and not the other).
+    pub vocab_size: usize,
 }
 
 /// A prompt after rendering and tokenization, ready for the engine thread.
@@ -296,8 +299,10 @@ impl Engine {
             Prompt::Ids(ids) => Ok((ids.clone(), false)),
             Prompt::Text(text) => Ok((self.text.tokenizer.encode(text, true)?, false)),
             Prompt::Chat { messages, render } => {
-                let text = self.render_chat(messages, render)?;
-                let ids = self.text.tokenizer.encode(&text, false)?;
+                let t = self.text.chat_template.as_ref().ok_or_else(|| {
+                    Error::Template("the model has no chat template; use a raw prompt".into())
+                })?;
+                let (ids, text) = t.encode(&self.text.tokenizer, messages, render)?;
                 Ok((ids, prompt_opens_reasoning(&text)))
             }
         }
@@ -312,6 +317,7 @@ impl Engine {
             return Err(Error::ShuttingDown);
         }
         req.params.validate()?;
+        self.check_ids(&req.params.stop_token_ids, "stop_token_ids: token id")?;
         let (prompt_ids, start_in_reasoning) = self.tokenize_prompt(&req.prompt)?;
         self.check_prompt(&prompt_ids)?;
         if let Some(max) = self.max_waiting {
@@ -349,17 +355,24 @@ impl Engine {
         })
     }
 
+    /// Checks that every id is one the model and the tokenizer both know (`what` names the
+    /// ids in the error).
+    pub fn check_ids(&self, ids: &[u32], what: &str) -> Result<()> {
+        let vocab = self.info.vocab_size;
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(bad) => Err(Error::InvalidRequest(format!(
+                "{what} {bad} is outside the vocabulary ({vocab})"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Checks a prompt against the vocabulary and the context length.
     pub fn check_prompt(&self, ids: &[u32]) -> Result<()> {
         if ids.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
-        let vocab = self.text.tokenizer.vocab_size();
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary ({vocab})"
-            )));
-        }
+        self.check_ids(ids, "token id")?;
         if ids.len() >= self.info.max_model_len {
             return Err(Error::PromptTooLong {
                 prompt_tokens: ids.len(),

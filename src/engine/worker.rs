@@ -102,6 +102,7 @@ pub(crate) fn spawn<B: Backend>(
         device: model.backend().describe(),
         kv_dtype: model.kv_dtype(),
         kv_bytes: num_blocks * block_bytes,
+        vocab_size: model.config.vocab_size.min(text.tokenizer.vocab_size()),
     };
     Metrics::set(&metrics.kv_blocks_total, num_blocks);
     let sched = Scheduler::new(
@@ -129,6 +130,7 @@ pub(crate) fn spawn<B: Backend>(
         max_model_len,
         cache_replies: opts.cache_replies && opts.enable_prefix_caching,
         shutting_down: false,
+        panics_in_a_row: 0,
     };
     let handle = std::thread::Builder::new()
         .name("wick-engine".into())
@@ -172,7 +174,12 @@ struct Worker<B: Backend> {
     max_model_len: usize,
     cache_replies: bool,
     shutting_down: bool,
+    /// Steps that panicked since the last one that did not.
+    panics_in_a_row: u32,
 }
+
+/// Panicking steps in a row after which the engine stops.
+const MAX_STEP_PANICS: u32 = 3;
 
 impl<B: Backend> Worker<B> {
     fn run(mut self, commands: Receiver<Command>) {
@@ -204,7 +211,9 @@ impl<B: Backend> Worker<B> {
                 self.update_gauges();
                 continue;
             }
-            self.step();
+            if !self.guarded_step() {
+                break;
+            }
             self.update_gauges();
         }
         for id in self.sched.ids() {
@@ -301,6 +310,43 @@ impl<B: Backend> Worker<B> {
         Metrics::set(&m.running, self.sched.num_running());
         Metrics::set(&m.kv_blocks_used, self.sched.kv().num_used());
         Metrics::set(&m.kv_blocks_cached, self.sched.kv().num_cached_free());
+    }
+
+    /// Runs a step; a panic inside it fails the requests that were running (500 for their
+    /// clients) and the engine goes on. Returns false after [`MAX_STEP_PANICS`] panics in a
+    /// row: the engine's state is then not to be trusted and the thread ends (the server
+    /// then exits non-zero for its supervisor to restart it).
+    fn guarded_step(&mut self) -> bool {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+        match outcome {
+            Ok(()) => {
+                self.panics_in_a_row = 0;
+                true
+            }
+            Err(payload) => {
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                self.panics_in_a_row += 1;
+                tracing::error!(
+                    "a step failed ({what}); failing its requests ({} in a row)",
+                    self.panics_in_a_row
+                );
+                let running: Vec<u64> = self
+                    .reqs
+                    .iter()
+                    .filter(|(_, r)| r.scheduled)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in running {
+                    self.fail(id, "internal error while computing this request");
+                }
+                Metrics::add(&self.metrics.step_failures, 1);
+                self.panics_in_a_row < MAX_STEP_PANICS
+            }
+        }
     }
 
     fn step(&mut self) {
@@ -566,9 +612,9 @@ impl<B: Backend> Worker<B> {
         conv.push(json!({"role": "assistant", "content": answer}));
         let mut render_with = |user: &str| -> Option<Vec<u32>> {
             conv.push(json!({"role": "user", "content": user}));
-            let text = template.render(&conv, &opts).ok();
+            let ids = template.encode(&self.text.tokenizer, &conv, &opts).ok();
             conv.pop();
-            self.text.tokenizer.encode(&text?, false).ok()
+            ids.map(|(ids, _)| ids)
         };
         let a = render_with("a")?;
         let b = render_with("b")?;

@@ -150,6 +150,12 @@ pub fn render(engine: Option<&Engine>, statuses: &BTreeMap<u16, u64>) -> String 
     );
     c(
         &mut out,
+        "wick_engine_step_failures_total",
+        "Engine steps that failed internally (their requests got an error; the engine went on).",
+        s.step_failures,
+    );
+    c(
+        &mut out,
         "wick_requests_submitted_total",
         "Requests accepted by the engine.",
         s.requests_submitted,

@@ -79,6 +79,9 @@ pub struct ServerOptions {
     pub api_key: Option<String>,
     /// `/metrics` answers without the key.
     pub metrics_public: bool,
+    /// Let `<|im_start|>` and other added-token strings in messages and tools become
+    /// control tokens (off: they are text; see [`crate::chat_template`]).
+    pub control_tokens_in_content: bool,
     /// JSON field for the reasoning text (`reasoning_content`, or e.g. `reasoning`).
     pub reasoning_field: String,
     /// Overload behaviour.
@@ -97,6 +100,7 @@ impl Default for ServerOptions {
             served_model_name: None,
             api_key: None,
             metrics_public: false,
+            control_tokens_in_content: false,
             reasoning_field: "reasoning_content".into(),
             overload: OverloadPolicy::Refuse,
             request_timeout: Duration::from_secs(600),
@@ -160,6 +164,11 @@ impl AppState {
         }
     }
 
+    /// Whether draining has started.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     /// Counts a completion request until the guard is dropped.
     fn enter(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -183,6 +192,15 @@ impl AppState {
             return Err(ApiError::unavailable("the engine has stopped"));
         }
         Ok(l)
+    }
+
+    /// The server's rule for control tokens in message text, on every chat prompt.
+    fn apply_render_policy(&self, prompts: &mut [crate::engine::Prompt]) {
+        for p in prompts {
+            if let crate::engine::Prompt::Chat { render, .. } = p {
+                render.control_tokens_in_content = self.opts.control_tokens_in_content;
+            }
+        }
     }
 
     fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
@@ -389,6 +407,7 @@ async fn tokenize(
     st.check_model(obj.get("model").and_then(Value::as_str))?;
     let prompt = if obj.contains_key("messages") {
         let mut parsed = request::chat(&body, &l.defaults)?;
+        st.apply_render_policy(&mut parsed.prompts);
         let mut p = parsed.prompts.remove(0);
         if let crate::engine::Prompt::Chat { render, .. } = &mut p {
             render.add_generation_prompt = obj
@@ -451,8 +470,9 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let body = json_body(body, st.opts.max_body_bytes)?;
     let l = st.ready()?;
-    let parsed = request::chat(&body, &l.defaults)?;
+    let mut parsed = request::chat(&body, &l.defaults)?;
     st.check_model(parsed.model.as_deref())?;
+    st.apply_render_policy(&mut parsed.prompts);
     response::run(st.clone(), parsed, response::Kind::Chat).await
 }
 
