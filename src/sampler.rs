@@ -98,6 +98,9 @@ pub struct SamplingParams {
     /// `None`: no logprobs. `Some(n)`: the chosen token's logprob plus the `n` most likely
     /// tokens' (at most [`MAX_TOP_LOGPROBS`]).
     pub logprobs: Option<usize>,
+    /// Added to the logits of these token ids before sampling (OpenAI's `logit_bias`):
+    /// each in [-100, 100]; -100 bans a token, 100 all but forces it.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -116,6 +119,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -185,6 +189,17 @@ impl SamplingParams {
             if n > MAX_TOP_LOGPROBS {
                 return Err(bad("logprobs", &format!("at most {MAX_TOP_LOGPROBS}"), n));
             }
+        }
+        if let Some(&(id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return Err(bad(
+                "logit_bias",
+                &format!("in [-100, 100] (token {id})"),
+                b,
+            ));
         }
         if self.stop.iter().any(String::is_empty) {
             return Err(bad("stop", "non-empty strings", "an empty string"));
@@ -590,7 +605,8 @@ impl Sampler {
         let host_only = p.repetition_penalty != 1.0
             || p.presence_penalty != 0.0
             || p.frequency_penalty != 0.0
-            || p.logprobs.is_some();
+            || p.logprobs.is_some()
+            || !p.logit_bias.is_empty();
         if host_only {
             return None;
         }
@@ -656,9 +672,14 @@ impl Sampler {
         (id, Some(logprobs(&self.raw, id, top)))
     }
 
-    /// Repetition, then frequency, then presence penalty, as vLLM applies them. Ids outside
-    /// the vocabulary are ignored.
+    /// The logit bias, then repetition, frequency and presence penalties, as vLLM applies
+    /// them. Ids outside the vocabulary are ignored.
     fn apply_penalties(&self, logits: &mut [f32]) {
+        for &(id, b) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += b;
+            }
+        }
         let rep = self.params.repetition_penalty;
         if rep != 1.0 {
             for &id in &self.seen {

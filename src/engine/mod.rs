@@ -318,6 +318,8 @@ impl Engine {
         }
         req.params.validate()?;
         self.check_ids(&req.params.stop_token_ids, "stop_token_ids: token id")?;
+        let biased: Vec<u32> = req.params.logit_bias.iter().map(|&(id, _)| id).collect();
+        self.check_ids(&biased, "logit_bias: token id")?;
         let (prompt_ids, start_in_reasoning) = self.tokenize_prompt(&req.prompt)?;
         self.check_prompt(&prompt_ids)?;
         if let Some(max) = self.max_waiting {

@@ -2,8 +2,9 @@
 //! field.
 //!
 //! Parsing is by hand over `serde_json::Value` rather than derived structs so that a wrong
-//! type or value answers 400 with `param` set to the field, unknown fields are ignored as
-//! OpenAI-compatible servers do, and the thinking switch is found in every spelling clients
+//! type or value answers 400 with `param` set to the field, fields of the OpenAI or vLLM
+//! APIs that wick does not implement are refused with 400 naming them (never silently
+//! ignored), other unknown fields are ignored as OpenAI-compatible servers do, and the thinking switch is found in every spelling clients
 //! use: `chat_template_kwargs.enable_thinking`, a top-level `enable_thinking`, the same two
 //! inside a literal `extra_body` object, and `reasoning_effort: "none"`.
 
@@ -16,6 +17,73 @@ use crate::sampler::{SamplingParams, MAX_TOP_LOGPROBS};
 
 /// Most choices per request.
 pub const MAX_N: usize = 16;
+/// Most tokens in `logit_bias` (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// Most `stop_token_ids`.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+/// Most tool definitions.
+pub const MAX_TOOLS: usize = 128;
+
+/// Fields of the OpenAI or vLLM APIs that wick does not implement, with the values that
+/// ask for nothing (which are accepted). Anything else is refused with 400 naming the field
+/// rather than silently ignored.
+const UNSUPPORTED: &[(&str, fn(&Value) -> bool)] = &[
+    ("response_format", |v| {
+        v.get("type").and_then(Value::as_str) == Some("text")
+    }),
+    ("best_of", |v| v.as_u64() == Some(1)),
+    ("use_beam_search", |v| v == &Value::Bool(false)),
+    ("length_penalty", |v| v.as_f64() == Some(1.0)),
+    ("early_stopping", |v| v == &Value::Bool(false)),
+    ("guided_json", |_| false),
+    ("guided_regex", |_| false),
+    ("guided_choice", |_| false),
+    ("guided_grammar", |_| false),
+    ("guided_decoding_backend", |_| false),
+    ("guided_whitespace_pattern", |_| false),
+    ("structured_outputs", |_| false),
+    ("prompt_logprobs", |v| v.as_u64() == Some(0)),
+    ("min_tokens", |v| v.as_u64() == Some(0)),
+    ("bad_words", |v| v.as_array().is_some_and(Vec::is_empty)),
+    ("allowed_token_ids", |v| {
+        v.as_array().is_some_and(Vec::is_empty)
+    }),
+    ("truncate_prompt_tokens", |_| false),
+    ("skip_special_tokens", |v| v == &Value::Bool(true)),
+    ("spaces_between_special_tokens", |v| v == &Value::Bool(true)),
+    ("include_stop_str_in_output", |v| v == &Value::Bool(false)),
+    ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),
+    ("function_call", |v| v.as_str() == Some("none")),
+    ("audio", |_| false),
+    ("modalities", |v| {
+        v.as_array().is_some_and(|a| a.iter().all(|m| m == "text"))
+    }),
+    ("prediction", |_| false),
+    ("web_search_options", |_| false),
+    ("parallel_tool_calls", |v| v == &Value::Bool(true)),
+    ("continue_final_message", |v| v == &Value::Bool(false)),
+    ("chat_template", |_| false),
+    ("documents", |_| false),
+    ("suffix", |v| v.as_str() == Some("")),
+    ("echo", |v| v == &Value::Bool(false)),
+];
+
+/// Refuses the first field the server would otherwise ignore (see [`UNSUPPORTED`]).
+fn refuse_unsupported(f: &Fields) -> Result<(), ApiError> {
+    for (name, harmless) in UNSUPPORTED {
+        if let Some(v) = f.get(name) {
+            if !harmless(v) {
+                return Err(ApiError::invalid(
+                    name,
+                    format!("`{name}` is not supported by this server"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
 
 /// A checked request.
 #[derive(Debug, Clone)]
@@ -120,6 +188,7 @@ pub fn object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
 
 /// Sampling fields shared by both endpoints, over `defaults`.
 fn sampling(f: &Fields, defaults: &SamplingParams) -> Result<SamplingParams, ApiError> {
+    refuse_unsupported(f)?;
     let mut p = defaults.clone();
     p.max_tokens = 0;
     if let Some(t) = range("temperature", f.f32("temperature")?, 0.0, 2.0)? {
@@ -207,6 +276,44 @@ fn sampling(f: &Fields, defaults: &SamplingParams) -> Result<SamplingParams, Api
     }
     if let Some(b) = f.bool("ignore_eos")? {
         p.ignore_eos = b;
+    }
+    if let Some(bias) = f.object("logit_bias")? {
+        if bias.len() > MAX_LOGIT_BIAS {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("`logit_bias` takes at most {MAX_LOGIT_BIAS} tokens"),
+            ));
+        }
+        for (k, v) in bias {
+            let id = k.trim().parse::<u32>().map_err(|_| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("`logit_bias` keys must be token ids, not `{k}`"),
+                )
+            })?;
+            let b = v
+                .as_f64()
+                .filter(|b| (-100.0..=100.0).contains(b))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "logit_bias",
+                        format!("`logit_bias` values must be numbers in [-100, 100] (token {k})"),
+                    )
+                })?;
+            p.logit_bias.push((id, b as f32));
+        }
+    }
+    if p.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(ApiError::invalid(
+            "stop_token_ids",
+            format!("`stop_token_ids` takes at most {MAX_STOP_TOKEN_IDS} ids"),
+        ));
+    }
+    if p.stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("a stop string may be at most {MAX_STOP_BYTES} bytes"),
+        ));
     }
     // The library's own checks as well (they stay the reference if the ranges above drift);
     // its messages start with the field's name. `max_tokens` 0 means "not given" here.
@@ -404,6 +511,12 @@ pub fn chat(body: &Value, defaults: &SamplingParams) -> Result<Parsed, ApiError>
         let Value::Array(list) = t else {
             return Err(ApiError::invalid("tools", "`tools` must be a list"));
         };
+        if list.len() > MAX_TOOLS {
+            return Err(ApiError::invalid(
+                "tools",
+                format!("at most {MAX_TOOLS} tools per request"),
+            ));
+        }
         let choice_none = matches!(f.get("tool_choice"), Some(Value::String(s)) if s == "none");
         if !list.is_empty() && !choice_none {
             for (i, tool) in list.iter().enumerate() {
