@@ -26,10 +26,13 @@ pub const MAX_STOP_BYTES: usize = 256;
 /// Most tool definitions.
 pub const MAX_TOOLS: usize = 128;
 
+/// Whether a value of an unimplemented field asks for nothing.
+type Harmless = fn(&Value) -> bool;
+
 /// Fields of the OpenAI or vLLM APIs that wick does not implement, with the values that
 /// ask for nothing (which are accepted). Anything else is refused with 400 naming the field
 /// rather than silently ignored.
-const UNSUPPORTED: &[(&str, fn(&Value) -> bool)] = &[
+const UNSUPPORTED: &[(&str, Harmless)] = &[
     ("response_format", |v| {
         v.get("type").and_then(Value::as_str) == Some("text")
     }),
