@@ -1056,8 +1056,11 @@ fn serve(a: ServeArgs) -> Result<()> {
         },
         ..ServerOptions::default()
     });
+    // Blocking work (rendering, tokenizing) queues for a bounded pool rather than growing a
+    // thread, and its allocator arena, per request in a burst.
     let tokio_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(16)
         .build()?;
     tokio_rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
@@ -1191,8 +1194,11 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
         timeout: std::time::Duration::from_secs(a.timeout.max(1)),
         shared_prompt: a.shared_prompt,
     };
+    // Blocking work (rendering, tokenizing) queues for a bounded pool rather than growing a
+    // thread, and its allocator arena, per request in a burst.
     let tokio_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(16)
         .build()?;
     let report = tokio_rt.block_on(wick::server::bench::run(&opts))?;
     if a.json {

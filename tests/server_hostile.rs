@@ -541,3 +541,73 @@ async fn forged_turns_in_messages_stay_text() {
     let v: Value = r.json().await.unwrap();
     assert!(v["prompt"].as_str().unwrap().contains(forged), "{v}");
 }
+
+#[tokio::test]
+async fn heavy_tokenize_requests_do_not_stall_other_handlers() {
+    let s = Server::start(&[]).await;
+    let big = "lorem ipsum dolor sit amet ".repeat(6 << 20 >> 5);
+    let body = json!({"prompt": big}).to_string();
+    let client = reqwest::Client::new();
+    let mut heavy = Vec::new();
+    for _ in 0..4 {
+        let r = client
+            .post(s.url("/tokenize"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send();
+        heavy.push(tokio::spawn(r));
+    }
+    // While they run, /health answers at once, every time.
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        worst = worst.max(health_ok(&s).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for h in heavy {
+        let r = h.await.unwrap().unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert!(worst < Duration::from_millis(500), "/health took {worst:?}");
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_at_once_and_memory_stays_put() {
+    let s = Server::start(&["--max-queue", "2", "--max-num-seqs", "1"]).await;
+    let client = reqwest::Client::new();
+    let rss = |m: &std::collections::HashMap<String, f64>| {
+        m.get("wick_process_resident_memory_bytes")
+            .copied()
+            .unwrap()
+    };
+    let burst = || async {
+        let mut all = Vec::new();
+        for _ in 0..120 {
+            let r = client
+                .post(s.url("/v1/chat/completions"))
+                .json(&json!({"messages": [{"role": "user", "content": "Hi"}],
+                              "max_tokens": 8, "ignore_eos": true}))
+                .send();
+            all.push(tokio::spawn(r));
+        }
+        let mut codes = std::collections::BTreeMap::new();
+        for r in all {
+            let r = r.await.unwrap().unwrap();
+            *codes.entry(r.status().as_u16()).or_insert(0) += 1;
+        }
+        codes
+    };
+    let first = burst().await;
+    assert!(first.get(&429).copied().unwrap_or(0) > 0, "{first:?}");
+    assert!(first.keys().all(|c| *c == 200 || *c == 429), "{first:?}");
+    wait_idle(&s, None).await;
+    let warm = rss(&s.metrics().await);
+    for _ in 0..3 {
+        burst().await;
+    }
+    wait_idle(&s, None).await;
+    let after = rss(&s.metrics().await);
+    assert!(
+        after < warm + 64.0 * 1048576.0,
+        "resident memory grew from {warm} to {after} over three bursts"
+    );
+}

@@ -112,6 +112,21 @@ pub enum Prompt {
     },
 }
 
+/// A prompt rendered, tokenized and checked by [`Engine::prepare`].
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    ids: Vec<u32>,
+    start_in_reasoning: bool,
+    chat: Option<(Vec<Value>, RenderOptions)>,
+}
+
+impl Prepared {
+    /// The prompt's token ids.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+}
+
 /// One request to the engine.
 #[derive(Clone, Debug)]
 pub struct Request {
@@ -313,35 +328,65 @@ impl Engine {
     /// [`Error::PromptTooLong`], [`Error::Template`], [`Error::Overloaded`] when the queue is
     /// full, [`Error::ShuttingDown`] after [`Engine::shutdown`].
     pub fn submit(&self, req: Request) -> Result<RequestStream> {
+        self.admit(1)?;
+        req.params.validate()?;
+        let prepared = self.prepare(req.prompt)?;
+        self.submit_prepared(&prepared, req.params)
+    }
+
+    /// Fails fast when the engine would refuse `count` more requests now (shut down, or the
+    /// waiting queue full): a check that costs nothing, for callers to make before they
+    /// render or tokenize anything.
+    pub fn admit(&self, count: usize) -> Result<()> {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
-        req.params.validate()?;
-        self.check_ids(&req.params.stop_token_ids, "stop_token_ids: token id")?;
-        let biased: Vec<u32> = req.params.logit_bias.iter().map(|&(id, _)| id).collect();
-        self.check_ids(&biased, "logit_bias: token id")?;
-        let (prompt_ids, start_in_reasoning) = self.tokenize_prompt(&req.prompt)?;
-        self.check_prompt(&prompt_ids)?;
         if let Some(max) = self.max_waiting {
             let waiting = self.metrics.snapshot().waiting as usize;
-            if waiting >= max {
+            if waiting + count > max {
                 return Err(Error::Overloaded { waiting });
             }
         }
-        let chat = match req.prompt {
+        Ok(())
+    }
+
+    /// Renders and tokenizes a prompt and checks it, once for any number of
+    /// [`Engine::submit_prepared`] calls (the `n` choices of a request).
+    pub fn prepare(&self, prompt: Prompt) -> Result<Prepared> {
+        let (ids, start_in_reasoning) = self.tokenize_prompt(&prompt)?;
+        self.check_prompt(&ids)?;
+        let chat = match prompt {
             Prompt::Chat { messages, render } => Some((messages, render)),
             _ => None,
         };
+        Ok(Prepared {
+            ids,
+            start_in_reasoning,
+            chat,
+        })
+    }
+
+    /// Queues a prepared prompt with `params`; errors as [`Engine::submit`]'s.
+    pub fn submit_prepared(
+        &self,
+        prepared: &Prepared,
+        params: SamplingParams,
+    ) -> Result<RequestStream> {
+        self.admit(1)?;
+        params.validate()?;
+        self.check_ids(&params.stop_token_ids, "stop_token_ids: token id")?;
+        let biased: Vec<u32> = params.logit_bias.iter().map(|&(id, _)| id).collect();
+        self.check_ids(&biased, "logit_bias: token id")?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let cancelled = Arc::new(AtomicBool::new(false));
         let admitted = Admitted {
             id,
-            prompt_ids,
-            params: req.params,
+            prompt_ids: prepared.ids.clone(),
+            params,
             eos_token_ids: self.text.eos_token_ids.clone(),
-            start_in_reasoning,
-            chat,
+            start_in_reasoning: prepared.start_in_reasoning,
+            chat: prepared.chat.clone(),
             events: tx,
             cancelled: cancelled.clone(),
             submitted: std::time::Instant::now(),

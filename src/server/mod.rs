@@ -424,10 +424,17 @@ async fn tokenize(
             .get("add_special_tokens")
             .and_then(Value::as_bool)
             .unwrap_or(true);
-        let ids = l.engine.text().tokenizer.encode(text, special)?;
+        let (engine, text) = (l.engine.clone(), text.to_string());
+        let ids =
+            tokio::task::spawn_blocking(move || engine.text().tokenizer.encode(&text, special))
+                .await
+                .map_err(ApiError::internal)??;
         crate::engine::Prompt::Ids(ids)
     };
-    let (ids, _) = l.engine.tokenize_prompt(&prompt)?;
+    let engine = l.engine.clone();
+    let (ids, _) = tokio::task::spawn_blocking(move || engine.tokenize_prompt(&prompt))
+        .await
+        .map_err(ApiError::internal)??;
     Ok(Json(json!({
         "tokens": ids,
         "count": ids.len(),
@@ -460,7 +467,10 @@ async fn detokenize(
             format!("token id {bad} is outside the vocabulary ({vocab})"),
         ));
     }
-    let text = l.engine.text().tokenizer.decode(&ids, false)?;
+    let engine = l.engine.clone();
+    let text = tokio::task::spawn_blocking(move || engine.text().tokenizer.decode(&ids, false))
+        .await
+        .map_err(ApiError::internal)??;
     Ok(Json(json!({"prompt": text})).into_response())
 }
 

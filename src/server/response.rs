@@ -135,20 +135,26 @@ pub async fn run(st: Arc<AppState>, mut p: Parsed, kind: Kind) -> Result<Respons
         // Let the model finish its call blocks; the parser takes them out of the content.
         p.params.stop.retain(|s| !s.contains("tool_call"));
     }
-    let mut streams = Vec::new();
-    for prompt in &p.prompts {
-        for i in 0..p.n {
-            let mut params = p.params.clone();
-            params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
-            // Rendering and tokenizing a long prompt is CPU work: keep it off the async workers.
-            let (engine, prompt) = (engine.clone(), prompt.clone());
-            let stream =
-                tokio::task::spawn_blocking(move || engine.submit(Request { prompt, params }))
-                    .await
-                    .map_err(ApiError::internal)??;
-            streams.push(stream);
+    // Admission first: a request the queue cannot take costs no thread and no tokenizing.
+    engine.admit(p.prompts.len() * p.n)?;
+    // Rendering and tokenizing a long prompt is CPU work: keep it off the async workers,
+    // and do it once per prompt for all `n` choices.
+    let (prompts, params, n) = (p.prompts.clone(), p.params.clone(), p.n);
+    let submitter = engine.clone();
+    let streams = tokio::task::spawn_blocking(move || -> crate::Result<Vec<_>> {
+        let mut streams = Vec::new();
+        for prompt in prompts {
+            let prepared = submitter.prepare(prompt)?;
+            for i in 0..n {
+                let mut params = params.clone();
+                params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
+                streams.push(submitter.submit_prepared(&prepared, params)?);
+            }
         }
-    }
+        Ok(streams)
+    })
+    .await
+    .map_err(ApiError::internal)??;
     let merged: Merged = Box::pin(select_all(streams.into_iter().enumerate().map(|(i, s)| {
         futures_util::stream::unfold(s, move |mut s| async move {
             s.next().await.map(|ev| ((i, ev), s))
