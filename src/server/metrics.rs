@@ -30,12 +30,29 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
     let _ = writeln!(out, "{name}_count {}", h.count());
 }
 
-/// Resident memory of this process in bytes (0 where `/proc` is missing).
+/// A `/proc/self/status` field given in kB, in bytes (`None` where `/proc` is missing).
+fn status_kb(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line[field.len()..]
+        .trim_start_matches(':')
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Resident memory of this process in bytes (0 where `/proc` is missing). Read from
+/// `VmRSS`, which the kernel gives in kB whatever the page size (16 KiB and 64 KiB pages
+/// are common on ARM).
 pub fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
+    status_kb("VmRSS").unwrap_or(0)
+}
+
+/// Memory of this process swapped out, in bytes (0 where `/proc` is missing).
+pub fn swap_bytes() -> u64 {
+    status_kb("VmSwap").unwrap_or(0)
 }
 
 /// Renders every metric.
@@ -56,6 +73,13 @@ pub fn render(engine: Option<&Engine>, statuses: &BTreeMap<u16, u64>) -> String 
         "gauge",
         "Resident memory of the server process.",
         resident_bytes() as f64,
+    );
+    scalar(
+        &mut out,
+        "wick_process_swap_bytes",
+        "gauge",
+        "Memory of the server process swapped out (resident + swap is what it holds).",
+        swap_bytes() as f64,
     );
     let Some(engine) = engine else {
         return out;
@@ -202,4 +226,27 @@ pub fn render(engine: Option<&Engine>, statuses: &BTreeMap<u16, u64>) -> String 
         &m.queue_time,
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn resident_memory_is_read_in_bytes() {
+        let rss = super::resident_bytes();
+        // statm's resident pages, times the real page size, agree with VmRSS.
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let page = std::fs::read_to_string("/proc/self/smaps")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("KernelPageSize:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or(4)
+            * 1024;
+        let from_statm = pages * page;
+        let diff = rss.abs_diff(from_statm);
+        assert!(rss > 1 << 20 && diff < 16 << 20, "{rss} vs {from_statm}");
+    }
 }

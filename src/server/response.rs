@@ -23,7 +23,7 @@ use super::error::ApiError;
 use super::request::Parsed;
 use super::tool_calls::{ToolCall, ToolCallParser};
 use super::{AppState, OverloadPolicy};
-use crate::engine::{Completion, EngineEvent, Request};
+use crate::engine::{Completion, EngineEvent};
 use crate::generate::FinishReason;
 use crate::sampler::TokenLogprobs;
 use crate::tokenizer::Tokenizer;
