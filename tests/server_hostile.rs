@@ -611,3 +611,86 @@ async fn a_full_queue_refuses_at_once_and_memory_stays_put() {
         "resident memory grew from {warm} to {after} over three bursts"
     );
 }
+
+/// The tiny model with its embedding cut to `rows` rows, fewer than the tokenizer's entries
+/// (as fine-tunes that add tokens to the tokenizer only are).
+fn narrow_vocab_model(rows: usize) -> std::path::PathBuf {
+    let src = std::path::PathBuf::from(server_common::tiny_model());
+    let dir = std::env::temp_dir().join(format!("wick-narrow-vocab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    config["vocab_size"] = json!(rows);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned = Vec::new();
+    for (name, t) in st.tensors() {
+        let mut shape = t.shape().to_vec();
+        let mut data = t.data().to_vec();
+        if name == "model.embed_tokens.weight" {
+            data.truncate(data.len() / shape[0] * rows);
+            shape[0] = rows;
+        }
+        owned.push((name, t.dtype(), shape, data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn token_ids_past_the_embedding_are_refused_and_the_engine_lives_on() {
+    // Qwen3's tokenizer has 151669 entries; ids 151660.. (`<think>` is 151667) have no row.
+    let dir = narrow_vocab_model(151660);
+    let s = Server::start_model(dir.to_str().unwrap(), &[]).await;
+    let client = reqwest::Client::new();
+    let post = |path: &'static str, body: Value| {
+        let r = client.post(s.url(path)).json(&body).send();
+        async move {
+            let r = r.await.unwrap();
+            let st = r.status().as_u16();
+            (st, r.json::<Value>().await.unwrap())
+        }
+    };
+    for body in [
+        json!({"prompt": [1, 151667], "max_tokens": 2}),
+        json!({"prompt": "<think>", "max_tokens": 2}),
+        json!({"prompt": "x", "max_tokens": 2, "stop_token_ids": [151668]}),
+        json!({"prompt": "x", "max_tokens": 2, "logit_bias": {"151665": 3}}),
+    ] {
+        let (st, v) = post("/v1/completions", body.clone()).await;
+        assert_eq!(st, 400, "{body}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("vocabulary"),
+            "{v}"
+        );
+    }
+    let (st, v) = post(
+        "/v1/completions",
+        json!({"prompt": "Once", "max_tokens": 8, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert!(health_ok(&s).await < Duration::from_secs(1));
+    drop(s);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -30,12 +30,16 @@ impl Server {
     /// Starts `wick serve --model <tiny> --port 0 --device cpu <extra>` and waits for
     /// `/health` to answer 200.
     pub async fn start(extra: &[&str]) -> Server {
-        let model = tiny_model();
+        Self::start_model(&tiny_model(), extra).await
+    }
+
+    /// [`Server::start`] on another model.
+    pub async fn start_model(model: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wick"))
             .args([
                 "serve",
                 "--model",
-                &model,
+                model,
                 "--port",
                 "0",
                 "--device",
