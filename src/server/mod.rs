@@ -20,7 +20,13 @@
 //!   no `[DONE]` (clients then raise an error instead of taking a cut-off reply for a whole
 //!   one).
 //! - Shutdown (SIGTERM or Ctrl-C): `/health` turns 503, new requests get 503, requests in
-//!   flight finish, then the listener closes and the process exits.
+//!   flight finish for up to the shutdown timeout, then every connection is closed and
+//!   [`serve`] returns.
+//! - Connections: [`conn`] accepts them and bounds what a client controls (a connection
+//!   cap, header, body and idle timeouts, a client that stops reading); the middleware in
+//!   front of every route checks the key (every route but `/health`, and `/metrics` unless
+//!   public), the content type (JSON only: 415) and reads the body within its size and time
+//!   limits.
 //!
 //! The files: [`request`] checks bodies and maps them to engine requests, [`response`] runs
 //! them and writes JSON or SSE, [`tool_calls`] pulls Qwen3's `<tool_call>` blocks out of the
