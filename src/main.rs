@@ -995,6 +995,10 @@ struct ServeArgs {
     /// Serve /metrics without the API key (it needs the key when one is set).
     #[arg(long)]
     metrics_public: bool,
+    /// Web origins (e.g. https://app.example.com, or *) whose pages may call the API from a
+    /// browser (CORS). None by default.
+    #[arg(long, value_delimiter = ',')]
+    allowed_origins: Vec<String>,
     /// Let `<|im_start|>`, `<think>` and other special-token strings inside messages and
     /// tool definitions become control tokens (by default they are encoded as text, so a
     /// user cannot forge turns).
@@ -1046,6 +1050,14 @@ fn serve(a: ServeArgs) -> Result<()> {
         overload,
         request_timeout: std::time::Duration::from_secs(a.request_timeout.max(1)),
         metrics_public: a.metrics_public,
+        allowed_origins: a
+            .allowed_origins
+            .iter()
+            .map(|o| {
+                axum::http::HeaderValue::from_str(o.trim())
+                    .with_context(|| format!("--allowed-origins: `{o}` is not an origin"))
+            })
+            .collect::<Result<_>>()?,
         control_tokens_in_content: a.control_tokens_in_content,
         limits: wick::server::conn::Limits {
             max_connections: a.max_connections.max(1),
@@ -1175,6 +1187,10 @@ struct BenchServeArgs {
     /// default each prompt starts with its request's number.
     #[arg(long)]
     shared_prompt: bool,
+    /// Keep sending for this many seconds (ignoring --requests) and report the server's
+    /// resident memory over the run and its slope in MB/hour (a leak check; wick servers).
+    #[arg(long)]
+    soak: Option<u64>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -1193,6 +1209,7 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
         ignore_eos: a.ignore_eos,
         timeout: std::time::Duration::from_secs(a.timeout.max(1)),
         shared_prompt: a.shared_prompt,
+        soak: a.soak.map(std::time::Duration::from_secs),
     };
     // Blocking work (rendering, tokenizing) queues for a bounded pool rather than growing a
     // thread, and its allocator arena, per request in a burst.

@@ -694,3 +694,64 @@ async fn token_ids_past_the_embedding_are_refused_and_the_engine_lives_on() {
     drop(s);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The head of a raw reply, lower-cased.
+async fn head_of(s: &Server, request: &str) -> String {
+    let mut c = connect(s).await;
+    c.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    text.split("\r\n\r\n").next().unwrap_or("").to_string()
+}
+
+#[tokio::test]
+async fn browsers_get_cors_only_for_allowed_origins() {
+    let preflight = |origin: &str| {
+        format!(
+            "OPTIONS /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\
+             origin: {origin}\r\naccess-control-request-method: POST\r\n\
+             access-control-request-headers: authorization, content-type\r\n\r\n"
+        )
+    };
+    let s = Server::start(&["--api-key", "k", "--allowed-origins", "https://app.example"]).await;
+    let head = head_of(&s, &preflight("https://app.example")).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    let head = head_of(&s, &preflight("https://evil.example")).await;
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+    // The allowed origin's real request still needs the key.
+    let (st, _) = exchange(
+        &s,
+        &raw(
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("content-type", "application/json"),
+                ("origin", "https://app.example"),
+            ],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(st, 401);
+    drop(s);
+
+    // By default no origin gets CORS headers.
+    let s = Server::start(&[]).await;
+    let head = head_of(
+        &s,
+        &raw(
+            "GET",
+            "/v1/models",
+            &[("origin", "https://app.example")],
+            "",
+        ),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+}

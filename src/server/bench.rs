@@ -12,6 +12,12 @@
 //! whole run, with output tokens taken from the server's `usage`.
 //!
 //! Without `--stream` the time to first token is not observable and equals the latency.
+//!
+//! `soak`: instead of a number of requests, the workers keep sending for a duration while
+//! a sampler reads the server's resident memory from `/metrics` (wick's
+//! `wick_process_resident_memory_bytes`) every few seconds; the report gives the samples and
+//! the least-squares slope in MB/hour over the run after its first tenth (warm-up), which is
+//! how a leak shows.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -47,6 +53,8 @@ pub struct BenchOptions {
     pub timeout: Duration,
     /// Send the same prompt every time (instead of one that differs from its first word).
     pub shared_prompt: bool,
+    /// Keep sending for this long (ignoring `requests`) and track the server's memory.
+    pub soak: Option<Duration>,
 }
 
 /// The prompt of request `i`: about `len` tokens, identical for every `i` if `shared`.
@@ -138,6 +146,43 @@ pub struct BenchReport {
     pub output_tok_s: f64,
     /// The first few error messages, for diagnosis.
     pub errors: Vec<String>,
+    /// Soak runs: `(seconds since the start, resident MB)` samples of the server.
+    pub rss_mb: Vec<(f64, f64)>,
+    /// Soak runs: least-squares slope of the resident memory after warm-up, MB per hour
+    /// (`None` without samples, e.g. a server that does not report it).
+    pub rss_slope_mb_per_hour: Option<f64>,
+}
+
+/// Least-squares slope of `y` over `x`, per unit of `x`; `None` under three points.
+pub fn slope(points: &[(f64, f64)]) -> Option<f64> {
+    if points.len() < 3 {
+        return None;
+    }
+    let n = points.len() as f64;
+    let (mx, my) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x / n, b + y / n));
+    let (mut sxy, mut sxx) = (0.0, 0.0);
+    for &(x, y) in points {
+        sxy += (x - mx) * (y - my);
+        sxx += (x - mx) * (x - mx);
+    }
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
+/// The server's resident memory in MB, from its `/metrics`.
+async fn resident_mb(client: &reqwest::Client, base: &str, key: &Option<String>) -> Option<f64> {
+    let text = with_key(client.get(format!("{base}/metrics")), key)
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("wick_process_resident_memory_bytes "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|b| b / (1 << 20) as f64)
 }
 
 enum Outcome {
@@ -195,8 +240,28 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let body = Arc::new(body);
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
+    let soak = opts.soak;
+    let sampler = soak.map(|d| {
+        let (client, base, key) = (client.clone(), base.clone(), opts.api_key.clone());
+        let every = (d / 100).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while start.elapsed() < d {
+                if let Some(mb) = resident_mb(&client, &base, &key).await {
+                    samples.push((start.elapsed().as_secs_f64(), mb));
+                }
+                tokio::time::sleep(every).await;
+            }
+            samples
+        })
+    });
+    let workers_n = if soak.is_some() {
+        opts.concurrency
+    } else {
+        opts.concurrency.min(opts.requests)
+    };
     let mut workers = Vec::new();
-    for _ in 0..opts.concurrency.min(opts.requests) {
+    for _ in 0..workers_n {
         let (client, body, next) = (client.clone(), body.clone(), next.clone());
         let url = format!("{base}/v1/chat/completions");
         let (key, total, stream) = (opts.api_key.clone(), opts.requests, opts.stream);
@@ -205,7 +270,11 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             let mut outcomes = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
+                let done = match soak {
+                    Some(d) => start.elapsed() >= d,
+                    None => i >= total,
+                };
+                if done {
                     break;
                 }
                 let mut body = (*body).clone();
@@ -246,6 +315,21 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 }
             }
         }
+    }
+    if let Some(sampler) = sampler {
+        report.requests = report.ok + report.rejected + report.failed;
+        if let Some(mb) = resident_mb(&client, &base, &opts.api_key).await {
+            report.rss_mb = sampler.await.unwrap_or_default();
+            report.rss_mb.push((start.elapsed().as_secs_f64(), mb));
+        }
+        let warm = report.rss_mb.last().map_or(0.0, |l| l.0 / 10.0);
+        let settled: Vec<(f64, f64)> = report
+            .rss_mb
+            .iter()
+            .filter(|p| p.0 >= warm)
+            .map(|&(t, mb)| (t / 3600.0, mb))
+            .collect();
+        report.rss_slope_mb_per_hour = slope(&settled);
     }
     report.duration_s = start.elapsed().as_secs_f64();
     report.qps = report.ok as f64 / report.duration_s.max(1e-9);
@@ -404,6 +488,18 @@ impl BenchReport {
             ms(&self.latency_s),
             ms(&self.ttft_s),
         );
+        if let (Some(first), Some(last)) = (self.rss_mb.first(), self.rss_mb.last()) {
+            s.push_str(&format!(
+                "server RSS   {:.1} MB at the start, {:.1} MB at the end ({} samples)",
+                first.1,
+                last.1,
+                self.rss_mb.len()
+            ));
+            match self.rss_slope_mb_per_hour {
+                Some(k) => s.push_str(&format!(", slope after warm-up {k:+.2} MB/hour\n")),
+                None => s.push('\n'),
+            }
+        }
         for e in &self.errors {
             s.push_str(&format!("error: {e}\n"));
         }
@@ -414,6 +510,15 @@ impl BenchReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slope_is_least_squares() {
+        let pts: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 3.0 * i as f64 + 7.0)).collect();
+        assert!((slope(&pts).unwrap() - 3.0).abs() < 1e-9);
+        let flat = [(0.0, 5.0), (1.0, 6.0), (2.0, 5.0), (3.0, 6.0)];
+        assert!(slope(&flat).unwrap().abs() < 0.5);
+        assert_eq!(slope(&[(0.0, 1.0), (1.0, 2.0)]), None);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {

@@ -85,6 +85,9 @@ pub struct ServerOptions {
     pub api_key: Option<String>,
     /// `/metrics` answers without the key.
     pub metrics_public: bool,
+    /// Web origins allowed to call the API from a browser (CORS); `*` for any. Empty: no
+    /// CORS headers, so browsers keep other sites' pages from reading the answers.
+    pub allowed_origins: Vec<axum::http::HeaderValue>,
     /// Let `<|im_start|>` and other added-token strings in messages and tools become
     /// control tokens (off: they are text; see [`crate::chat_template`]).
     pub control_tokens_in_content: bool,
@@ -106,6 +109,7 @@ impl Default for ServerOptions {
             served_model_name: None,
             api_key: None,
             metrics_public: false,
+            allowed_origins: Vec::new(),
             control_tokens_in_content: false,
             reasoning_field: "reasoning_content".into(),
             overload: OverloadPolicy::Refuse,
@@ -250,7 +254,7 @@ fn json_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value,
 /// The router.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.opts.max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
@@ -263,8 +267,27 @@ pub fn router(state: Arc<AppState>) -> Router {
             ApiError::method_not_allowed(req.method().as_str(), req.uri().path())
         })
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard));
+    // Outside the key check: a browser's preflight carries no key.
+    let origins = &state.opts.allowed_origins;
+    let router = if origins.is_empty() {
+        router
+    } else {
+        use tower_http::cors::{AllowOrigin, CorsLayer};
+        let allow = if origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(origins.iter().cloned())
+        };
+        router.layer(
+            CorsLayer::new()
+                .allow_origin(allow)
+                .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+                .max_age(Duration::from_secs(600)),
+        )
+    };
+    router.with_state(state)
 }
 
 /// In front of every route: the API key, then (for requests with a body) the content type,
