@@ -252,7 +252,6 @@ impl ChatTemplate {
     }
 }
 
-/// Picks the template named `default` from a list of `{name, template}`.
 /// Marks every string inside `v` (see [`crate::tokenizer::Tokenizer::mark_literals`]).
 fn mark_strings(tokenizer: &crate::tokenizer::Tokenizer, v: &mut Value, keep: &[&str]) {
     match v {
@@ -269,6 +268,7 @@ fn mark_strings(tokenizer: &crate::tokenizer::Tokenizer, v: &mut Value, keep: &[
     }
 }
 
+/// Picks the template named `default` from a list of `{name, template}`.
 fn named_default_template(list: &[Value]) -> std::result::Result<String, String> {
     let mut names = Vec::new();
     for entry in list {

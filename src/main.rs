@@ -1048,7 +1048,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         api_key: a.api_key.clone().filter(|k| !k.is_empty()),
         reasoning_field: a.reasoning_field.clone(),
         overload,
-        request_timeout: std::time::Duration::from_secs(a.request_timeout.max(1)),
+        request_timeout: secs(a.request_timeout),
         metrics_public: a.metrics_public,
         allowed_origins: a
             .allowed_origins
@@ -1211,11 +1211,8 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
         shared_prompt: a.shared_prompt,
         soak: a.soak.map(std::time::Duration::from_secs),
     };
-    // Blocking work (rendering, tokenizing) queues for a bounded pool rather than growing a
-    // thread, and its allocator arena, per request in a burst.
     let tokio_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .max_blocking_threads(16)
         .build()?;
     let report = tokio_rt.block_on(wick::server::bench::run(&opts))?;
     if a.json {

@@ -116,29 +116,28 @@ impl Tokenizer {
     /// forge a turn). `keep` names strings left alone. `None` when there is nothing to
     /// replace.
     pub fn mark_literals(&self, text: &str, keep: &[&str]) -> Option<String> {
-        if !self.added.iter().any(|a| text.contains(a.as_str())) {
-            return None;
-        }
+        let mut next = Some(self.first_added(text, keep)?);
         let mut out = String::with_capacity(text.len());
         let mut rest = text;
-        loop {
-            // The earliest occurrence; at one position the longest string (listed first).
-            let next = self
-                .added
-                .iter()
-                .enumerate()
-                .filter(|(_, a)| !keep.contains(&a.as_str()))
-                .filter_map(|(i, a)| rest.find(a.as_str()).map(|p| (p, i)))
-                .min();
-            let Some((p, i)) = next else {
-                out.push_str(rest);
-                break;
-            };
+        while let Some((p, i)) = next {
             out.push_str(&rest[..p]);
             out.push(char::from_u32(PLACEHOLDER_BASE + i as u32).unwrap_or('\u{FFFD}'));
             rest = &rest[p + self.added[i].len()..];
+            next = self.first_added(rest, keep);
         }
+        out.push_str(rest);
         Some(out)
+    }
+
+    /// The earliest added-token string in `text` not in `keep`, as (byte position, index
+    /// in `added`); at one position the longest string (listed first).
+    fn first_added(&self, text: &str, keep: &[&str]) -> Option<(usize, usize)> {
+        self.added
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| !keep.contains(&a.as_str()))
+            .filter_map(|(i, a)| text.find(a.as_str()).map(|p| (p, i)))
+            .min()
     }
 
     /// Encodes a rendered chat prompt in which [`Tokenizer::mark_literals`] placed
@@ -168,12 +167,7 @@ impl Tokenizer {
         let mut ids = Vec::new();
         let mut rest = text;
         while !rest.is_empty() {
-            let first = self
-                .added
-                .iter()
-                .filter_map(|a| rest.find(a.as_str()))
-                .min();
-            let cut = match first {
+            let cut = match self.first_added(rest, &[]).map(|(p, _)| p) {
                 // Past the first character of the earliest occurrence.
                 Some(p) => p + rest[p..].chars().next().map_or(1, char::len_utf8),
                 None => rest.len(),

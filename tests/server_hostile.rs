@@ -120,6 +120,18 @@ async fn health_ok(s: &Server) -> Duration {
     t.elapsed()
 }
 
+/// POSTs `body` as JSON; the status and the JSON answer.
+async fn post_json(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(s.url(path))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    (st, r.json::<Value>().await.unwrap())
+}
+
 const CHAT: &str = r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}"#;
 
 #[tokio::test]
@@ -418,15 +430,7 @@ async fn sigterm_with_stalled_clients_exits_zero_within_the_shutdown_timeout() {
 #[tokio::test]
 async fn unimplemented_fields_are_refused_and_logit_bias_is_applied() {
     let s = Server::start(&[]).await;
-    let client = reqwest::Client::new();
-    let post = |path: &'static str, body: Value| {
-        let r = client.post(s.url(path)).json(&body).send();
-        async move {
-            let r = r.await.unwrap();
-            let st = r.status().as_u16();
-            (st, r.json::<Value>().await.unwrap())
-        }
-    };
+    let post = |path: &'static str, body: Value| post_json(&s, path, body);
     let msgs = json!([{"role": "user", "content": "Hi"}]);
     for (field, value) in [
         ("response_format", json!({"type": "json_object"})),
@@ -659,15 +663,7 @@ async fn token_ids_past_the_embedding_are_refused_and_the_engine_lives_on() {
     // Qwen3's tokenizer has 151669 entries; ids 151660.. (`<think>` is 151667) have no row.
     let dir = narrow_vocab_model(151660);
     let s = Server::start_model(dir.to_str().unwrap(), &[]).await;
-    let client = reqwest::Client::new();
-    let post = |path: &'static str, body: Value| {
-        let r = client.post(s.url(path)).json(&body).send();
-        async move {
-            let r = r.await.unwrap();
-            let st = r.status().as_u16();
-            (st, r.json::<Value>().await.unwrap())
-        }
-    };
+    let post = |path: &'static str, body: Value| post_json(&s, path, body);
     for body in [
         json!({"prompt": [1, 151667], "max_tokens": 2}),
         json!({"prompt": "<think>", "max_tokens": 2}),
