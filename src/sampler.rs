@@ -12,7 +12,8 @@
 //!
 //! The processing order follows vLLM's v1 sampler:
 //! penalties (repetition → frequency → presence) → temperature → min-p → top-k → top-p → draw.
-//! min-p and top-k commute (both keep the most likely tokens and min-p only looks at ratios of
+//! Everything after the penalties is [`crate::backend::sample::sample_row`], the one sampling
+//! algorithm, which every backend reproduces where its logits are. min-p and top-k commute (both keep the most likely tokens and min-p only looks at ratios of
 //! probabilities), but top-p is computed on the distribution that min-p and top-k left behind.
 //!
 //! ```
@@ -36,13 +37,14 @@
 //! # Ok::<(), wick::Error>(())
 //! ```
 
-use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::sample::sample_row;
+use crate::backend::RowSampling;
 use crate::error::{Error, Result};
 
 /// Temperatures below this sample greedily. Dividing by a tiny temperature only overflows on
@@ -51,11 +53,6 @@ pub const GREEDY_TEMPERATURE: f32 = 1e-5;
 
 /// The most top logprobs a request may ask for (the OpenAI limit, and vLLM's default).
 pub const MAX_TOP_LOGPROBS: usize = 20;
-
-/// Slack when deciding where the top-p nucleus ends, relative to the total probability, so that
-/// a cumulative probability landing exactly on `top_p` (0.5 + 0.3 for `top_p = 0.8`) is not
-/// decided by rounding in the softmax.
-const TOP_P_SLACK: f64 = 1e-6;
 
 /// How a request wants its tokens chosen and when it wants generation to stop.
 ///
@@ -282,77 +279,9 @@ fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
     best
 }
 
-/// Orders candidates most likely first, ties by lower id. A total order, so that the unstable
-/// selection and sort below are deterministic.
-fn by_rank(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
-    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
-}
-
-/// Fills `out` with the `k` highest-ranked `(id, logit)` among the logits >= `floor`.
-///
-/// Streams over the vocabulary with a buffer of 2k: when it fills, it is cut back to the k best
-/// and the k-th logit becomes the bar a later token must beat (strictly, since a later token
-/// has a higher id and loses ties). That is O(V) without sorting or copying the vocabulary, and
-/// once the bar is up most chunks are skipped after one vector compare.
-fn top_k_into(logits: &[f32], k: usize, floor: f32, out: &mut Vec<(u32, f32)>) {
-    debug_assert!(k > 0);
-    out.clear();
-    let cap = 2 * k.max(32);
-    // The bar is the k-th best logit seen so far, itself >= floor.
-    let mut bar: Option<f32> = None;
-    for (c, chunk) in logits.chunks(LANES).enumerate() {
-        let promising = match bar {
-            Some(bar) => chunk.iter().fold(false, |any, &l| any | (l > bar)),
-            None => any_at_least(chunk, floor),
-        };
-        if !promising {
-            continue;
-        }
-        for (j, &l) in chunk.iter().enumerate() {
-            if l.is_nan() || l < floor || bar.is_some_and(|bar| l <= bar) {
-                continue;
-            }
-            out.push(((c * LANES + j) as u32, l));
-            if out.len() == cap {
-                out.select_nth_unstable_by(k - 1, by_rank);
-                out.truncate(k);
-                bar = Some(out[k - 1].1);
-            }
-        }
-    }
-    if out.len() > k {
-        out.select_nth_unstable_by(k - 1, by_rank);
-        out.truncate(k);
-    }
-}
-
-/// Pushes `(id, logit)` for every logit >= `bar` (so never NaN), in id order.
-fn collect_at_least(logits: &[f32], bar: f32, out: &mut Vec<(u32, f32)>) {
-    out.clear();
-    for (c, chunk) in logits.chunks(LANES).enumerate() {
-        if !any_at_least(chunk, bar) {
-            continue;
-        }
-        // Branch-free compaction: which logits pass is data-dependent and would defeat the
-        // branch predictor.
-        let mut passed = [(0u32, 0.0f32); LANES];
-        let mut n = 0;
-        for (j, &l) in chunk.iter().enumerate() {
-            passed[n] = ((c * LANES + j) as u32, l);
-            n += (l >= bar) as usize;
-        }
-        out.extend_from_slice(&passed[..n]);
-    }
-}
-
 /// Chunk width for the scans over the vocabulary: short, fixed-length loops without early exits
 /// are what the compiler turns into vector instructions.
 const LANES: usize = 16;
-
-/// Whether any logit in `chunk` is >= `bar`. No short-circuit, so it vectorises.
-fn any_at_least(chunk: &[f32], bar: f32) -> bool {
-    chunk.iter().fold(false, |any, &l| any | (l >= bar))
-}
 
 /// The largest logit, ignoring NaN; -inf if there is none.
 fn max_logit(logits: &[f32]) -> f32 {
@@ -370,21 +299,6 @@ fn max_logit(logits: &[f32]) -> f32 {
     rest.iter()
         .chain(&lanes)
         .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
-}
-
-/// Index of the largest logit, the lowest one among ties; NaN is skipped. 0 when every logit
-/// is NaN.
-fn argmax(logits: &[f32]) -> u32 {
-    let max = max_logit(logits);
-    // Find the chunk first with a vectorised compare, then the position inside it.
-    let Some(c) = logits
-        .chunks(LANES)
-        .position(|chunk| chunk.iter().fold(false, |any, &l| any | (l == max)))
-    else {
-        return 0;
-    };
-    let start = c * LANES;
-    (start + logits[start..].iter().position(|&l| l == max).unwrap_or(0)) as u32
 }
 
 /// exp(x) for x <= 0, within a few ulp; 0 below -87 (where f32 turns subnormal), for -inf and
@@ -468,85 +382,20 @@ fn vocab_mass(logits: &[f32], max: f32, inv_t: f32) -> f64 {
         .sum()
 }
 
-/// Cuts `cands` (`(id, weight)`, any order) down to the top-p nucleus: the highest-ranked
-/// tokens whose weights first add up to `target`. Returns the weight kept.
-///
-/// Sorting 150k candidates would dominate a step, so this is a radix select on the weights'
-/// f32 bits (non-negative floats order like their bit patterns): bin the undecided candidates
-/// by their top bits; bins above the one where the running mass crosses `target` are wholly
-/// inside, bins below wholly out; repeat on the crossing bin with the next bits. Only the last
-/// few undecided candidates are sorted. `mass` is scratch.
-fn nucleus(cands: &mut Vec<(u32, f32)>, target: f64, mass: &mut Vec<f64>) -> f64 {
-    // cands[..inside] are in the nucleus (unordered) and weigh `above`; cands[inside..end] are
-    // undecided; the rest are out.
-    let mut inside = 0;
-    let mut above = 0.0f64;
-    let mut end = cands.len();
-    // Bit 31 (the sign) is 0 for every weight; the first pass bins on 11 bits (exponent and
-    // 3 mantissa bits, a factor 2^(1/8) per bin), the next ones on the bits below.
-    let mut high = 31;
-    for low in [20, 12, 4, 0] {
-        if end - inside <= 256 {
-            break;
-        }
-        let bins = 1usize << (high - low);
-        let bin = |w: f32| (w.to_bits() >> low) as usize & (bins - 1);
-        mass.clear();
-        mass.resize(bins, 0.0);
-        for c in &cands[inside..end] {
-            mass[bin(c.1)] += c.1 as f64;
-        }
-        let mut crossing = None;
-        for b in (0..bins).rev() {
-            if above + mass[b] >= target {
-                crossing = Some(b);
-                break;
-            }
-            above += mass[b];
-        }
-        let Some(edge) = crossing else {
-            // Rounding kept the total just under the target: everything is in.
-            inside = end;
-            break;
-        };
-        let undecided = &mut cands[inside..end];
-        let n_in = partition(undecided, |c| bin(c.1) > edge);
-        let n_edge = partition(&mut undecided[n_in..], |c| bin(c.1) == edge);
-        inside += n_in;
-        end = inside + n_edge;
-        high = low;
-    }
-    cands.truncate(end);
-    cands[inside..].sort_unstable_by(by_rank);
-    let mut cum = above;
-    for i in inside..end {
-        cum += cands[i].1 as f64;
-        if cum >= target {
-            cands.truncate(i + 1);
-            break;
-        }
-    }
-    cands.iter().map(|c| c.1 as f64).sum()
-}
-
-/// Moves the elements satisfying `pred` to the front; returns how many there are.
-fn partition<T>(items: &mut [T], pred: impl Fn(&T) -> bool) -> usize {
-    // Swapping unconditionally avoids a data-dependent branch; when `pred` fails, both
-    // items[n] and items[i] fail it, so the swap changes nothing that matters.
-    let mut n = 0;
-    for i in 0..items.len() {
-        let keep = pred(&items[i]);
-        items.swap(i, n);
-        n += keep as usize;
-    }
-    n
-}
-
 /// Chooses the tokens of one request. Create it when the request starts; call
-/// [`sample`](Sampler::sample) on each row of logits and [`accept`](Sampler::accept) with each
-/// token the request keeps.
+/// [`sample`](Sampler::sample) on each row of logits (or [`device_sampling`] to let the
+/// backend sample where the logits are) and [`accept`](Sampler::accept) with each token the
+/// request keeps.
 ///
-/// Nothing is allocated per call once the scratch buffer has grown to its working size.
+/// There is one sampling algorithm, [`sample_row`] (mirrored by `shaders/sample.wgsl`); the
+/// sampler adds the steps that need the request's history or the logits on the host:
+/// penalties before the draw, logprobs beside it. Each token takes one 32-bit seed from the
+/// request's random stream whichever way it is drawn, so a seeded request draws the same
+/// tokens with or without logprobs, on the host or the device, alone or batched.
+///
+/// Nothing is allocated per call once the scratch buffers have grown to their working size.
+///
+/// [`device_sampling`]: Sampler::device_sampling
 #[derive(Clone, Debug)]
 pub struct Sampler {
     params: SamplingParams,
@@ -556,13 +405,10 @@ pub struct Sampler {
     /// How often each token has been generated, for presence and frequency penalties
     /// (empty when both are off). Kept incrementally so a step costs O(distinct tokens).
     output_counts: HashMap<u32, u32>,
-    /// Scratch: `(id, logit)` of the tokens still in the running, turned into
-    /// `(id, unnormalised probability)` once the filters are done. Up to `[V]`.
+    /// Scratch of [`sample_row`]: the surviving `(id, logit)`, up to `[V]`.
     candidates: Vec<(u32, f32)>,
     /// Scratch: copy of the raw logits `[V]` when logprobs are wanted.
     raw: Vec<f32>,
-    /// Scratch: probability mass per bin for top-p (up to 2048 bins).
-    nucleus_mass: Vec<f64>,
 }
 
 impl Sampler {
@@ -583,7 +429,6 @@ impl Sampler {
             output_counts: HashMap::new(),
             candidates: Vec::new(),
             raw: Vec::new(),
-            nucleus_mass: Vec::new(),
         }
     }
 
@@ -592,36 +437,36 @@ impl Sampler {
         &self.params
     }
 
-    /// The next token's sampling as the backend does it ([`crate::backend::Backend::sample`],
-    /// where the logits are), or `None` when this request needs the logits on the host
-    /// (penalties, logprobs).
-    ///
-    /// Each call draws the row's 32-bit seed from the request's random stream, so a seeded
-    /// request draws the same tokens whether the backend samples its rows or the host does
-    /// with [`crate::backend::sample::sample_row`] (the same exponential race): alone, batched
-    /// with others, or through [`crate::generate::generate`]. Call it once per token.
-    pub fn device_sampling(&mut self) -> Option<crate::backend::RowSampling> {
+    /// Whether the next token needs the logits on the host: penalties change them, and
+    /// logprobs are computed from them.
+    pub fn needs_logits(&self) -> bool {
         let p = &self.params;
-        let host_only = p.repetition_penalty != 1.0
+        p.repetition_penalty != 1.0
             || p.presence_penalty != 0.0
             || p.frequency_penalty != 0.0
             || p.logprobs.is_some()
-            || !p.logit_bias.is_empty();
-        if host_only {
-            return None;
-        }
+            || !p.logit_bias.is_empty()
+    }
+
+    /// The next token's sampling as the backend does it ([`crate::backend::Backend::sample`],
+    /// where the logits are), or `None` when this request needs the logits on the host
+    /// ([`needs_logits`](Sampler::needs_logits)); then call [`sample`](Sampler::sample) or
+    /// [`sample_with_logprobs`](Sampler::sample_with_logprobs) instead. Call one of them
+    /// once per token.
+    pub fn device_sampling(&mut self) -> Option<RowSampling> {
+        (!self.needs_logits()).then(|| self.next_row())
+    }
+
+    /// The next draw: the filters of the request and, unless greedy, a seed taken from the
+    /// request's random stream.
+    fn next_row(&mut self) -> RowSampling {
+        let p = &self.params;
         if p.is_greedy() {
-            return Some(crate::backend::RowSampling::greedy());
+            return RowSampling::greedy();
         }
         let top_k = u32::try_from(p.top_k).unwrap_or(0);
         let (temperature, top_p, min_p) = (p.temperature, p.top_p, p.min_p);
-        Some(crate::backend::RowSampling::new(
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            self.rng.random::<u32>(),
-        ))
+        RowSampling::new(temperature, top_k, top_p, min_p, self.rng.random::<u32>())
     }
 
     /// Records a token the request generated, for the penalties on later steps.
@@ -634,30 +479,16 @@ impl Sampler {
         }
     }
 
-    /// Chooses the next token from one row of logits `[V]`.
+    /// Chooses the next token from one row of logits `[V]`: penalties, then [`sample_row`].
     ///
-    /// The penalties are applied to `logits` in place; afterwards its contents are otherwise
-    /// unspecified. Greedy requests take the argmax after penalties (lowest id on ties). NaN
-    /// logits are never chosen. Panics if `logits` is empty: the model always produces V > 0.
+    /// The penalties are applied to `logits` in place. Greedy requests take the argmax after
+    /// penalties (lowest id on ties). NaN logits are never chosen. Panics if `logits` is
+    /// empty: the model always produces V > 0.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         assert!(!logits.is_empty(), "Sampler::sample called with no logits");
         self.apply_penalties(logits);
-        if self.params.is_greedy() {
-            return argmax(logits);
-        }
-        let max = max_logit(logits);
-        if !max.is_finite() {
-            // Everything masked, or a +inf logit that outweighs every finite one.
-            return argmax(logits);
-        }
-        let p = &self.params;
-        let unfiltered =
-            (p.top_k == 0 || p.top_k >= logits.len()) && p.top_p >= 1.0 && p.min_p <= 0.0;
-        if unfiltered {
-            return self.draw_dense(logits, max, 1.0 / p.temperature);
-        }
-        let total = self.filter(logits, max);
-        self.draw(total)
+        let row = self.next_row();
+        sample_row(logits, &row, &mut self.candidates)
     }
 
     /// [`sample`](Sampler::sample), plus the logprobs the request asked for
@@ -696,111 +527,6 @@ impl Sampler {
                 }
             }
         }
-    }
-
-    /// Applies temperature, min-p, top-k and top-p, leaving the survivors in `self.candidates`
-    /// as `(id, exp((logit - max) / T))`; returns the sum of those weights.
-    ///
-    /// `max` is the largest logit (finite). Work is in logit space: min-p's
-    /// `p_i >= min_p * p_max` is `l_i >= max + T ln(min_p)`, so it is a cheap bar.
-    fn filter(&mut self, logits: &[f32], max: f32) -> f64 {
-        let p = &self.params;
-        let vocab = logits.len();
-        let t = p.temperature;
-        let inv_t = 1.0 / t;
-        let top_k = (p.top_k > 0 && p.top_k < vocab).then_some(p.top_k);
-        let top_p = (p.top_p < 1.0).then_some(p.top_p as f64);
-
-        // Lowest logit min-p lets through; f32::MIN (not -inf) so masked tokens never enter.
-        let mut floor = f32::MIN;
-        if p.min_p > 0.0 {
-            floor = floor.max(max + t * p.min_p.ln());
-        }
-        // Top-p over the whole vocabulary (no top-k or min-p to restrict it) needs the
-        // normaliser Z over every token, and then only tokens near the top can be in the
-        // nucleus: if each token under the bar has probability below (1 - top_p) / 2V, together
-        // they hold less than 1 - top_p, so the tokens above the bar already reach top_p. In
-        // weights that is w_i < (1 - top_p) Z / 2V; a flat distribution has a large Z and so a
-        // high bar.
-        let whole_vocab_z = match top_p {
-            Some(top_p) if top_k.is_none() && p.min_p <= 0.0 => {
-                let z = vocab_mass(logits, max, inv_t);
-                let ln_bound = ((1.0 - top_p) * z / (2 * vocab) as f64).ln() as f32;
-                floor = floor.max(max + t * ln_bound);
-                Some(z)
-            }
-            _ => None,
-        };
-
-        let cands = &mut self.candidates;
-        match top_k {
-            Some(k) => top_k_into(logits, k, floor, cands),
-            None => collect_at_least(logits, floor, cands),
-        }
-        for c in cands.iter_mut() {
-            c.1 = exp_nonpositive((c.1 - max) * inv_t);
-        }
-        let total: f64 = cands.iter().map(|c| c.1 as f64).sum();
-        match top_p {
-            Some(top_p) => {
-                // Top-p cuts the distribution min-p and top-k left, or the whole vocabulary's.
-                let z = whole_vocab_z.unwrap_or(total);
-                nucleus(cands, (top_p - TOP_P_SLACK) * z, &mut self.nucleus_mass)
-            }
-            None => total,
-        }
-    }
-
-    /// Draws from the whole vocabulary with weights exp((logit - max) / T), without building
-    /// a candidate list: one pass for the normaliser, a second to find the token, both in
-    /// chunks whose mass is computed the same way each time.
-    fn draw_dense(&mut self, logits: &[f32], max: f32, inv_t: f32) -> u32 {
-        let total = vocab_mass(logits, max, inv_t);
-        let u = self.rng.random::<f64>() * total;
-        let mut cum = 0.0f64;
-        for (c, chunk) in logits.chunks(LANES).enumerate() {
-            let mass = chunk_mass(chunk, max, inv_t) as f64;
-            if cum + mass > u {
-                let mut last = None;
-                for (j, &l) in chunk.iter().enumerate() {
-                    let w = weight(l, max, inv_t) as f64;
-                    if w > 0.0 {
-                        cum += w;
-                        last = Some(j);
-                        if u < cum {
-                            break;
-                        }
-                    }
-                }
-                // `last` is the token where `u` fell, or (rounding) the chunk's last one with
-                // any weight.
-                if let Some(j) = last {
-                    return (c * LANES + j) as u32;
-                }
-            }
-            cum += mass;
-        }
-        // Rounding left `u` at the very top.
-        argmax(logits)
-    }
-
-    /// Draws one of `self.candidates` in proportion to its weight; `total` is their sum.
-    fn draw(&mut self, total: f64) -> u32 {
-        let u = self.rng.random::<f64>() * total;
-        let mut cum = 0.0f64;
-        for &(id, w) in &self.candidates {
-            cum += w as f64;
-            if u < cum {
-                return id;
-            }
-        }
-        // Rounding left `u` at the very top: take the last token that has any weight.
-        self.candidates
-            .iter()
-            .rev()
-            .find(|c| c.1 > 0.0)
-            .or(self.candidates.last())
-            .map_or(0, |c| c.0)
     }
 }
 
@@ -960,6 +686,22 @@ mod tests {
         }
     }
 
+    /// The tokens the filters of `params` let through, as `(id, exp((l - max) / T))`, and
+    /// the sum of those weights.
+    fn survivors(params: &SamplingParams, logits: &[f32]) -> (Vec<(u32, f64)>, f64) {
+        let row = Sampler::new(params, &[]).next_row();
+        let max = max_logit(logits);
+        let mut cands = Vec::new();
+        crate::backend::sample::filter(logits, &row, max, &mut cands);
+        let t = params.temperature as f64;
+        let weighted: Vec<(u32, f64)> = cands
+            .iter()
+            .map(|&(id, l)| (id, ((l - max) as f64 / t).exp()))
+            .collect();
+        let total = weighted.iter().map(|c| c.1).sum();
+        (weighted, total)
+    }
+
     fn random_params(seed: u64) -> SamplingParams {
         SamplingParams {
             seed: Some(seed),
@@ -1037,7 +779,10 @@ mod tests {
             };
             let mut s = Sampler::new(&params, &[]);
             for _ in 0..20 {
-                assert_eq!(s.sample(&mut logits.clone()), argmax(&logits));
+                assert_eq!(
+                    s.sample(&mut logits.clone()),
+                    crate::backend::sample::argmax(&logits)
+                );
             }
         }
     }
@@ -1055,8 +800,7 @@ mod tests {
 
     #[test]
     fn top_k_selection_matches_a_full_sort() {
-        // Large enough that the streaming buffer is compacted many times; the quantised
-        // logits make ties at the k-th place common.
+        // The quantised logits make ties at the k-th place common.
         for (seed, k) in [(1u64, 1usize), (2, 7), (3, 64), (4, 100), (5, 999)] {
             let logits: Vec<f32> = random_logits(5000, seed, 8.0)
                 .iter()
@@ -1067,10 +811,18 @@ mod tests {
                 .enumerate()
                 .map(|(i, &l)| (i as u32, l))
                 .collect();
+            let by_rank = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
             expected.sort_by(by_rank);
             expected.truncate(k);
-            let mut got = Vec::new();
-            top_k_into(&logits, k, f32::MIN, &mut got);
+            let params = SamplingParams {
+                top_k: k,
+                ..random_params(seed)
+            };
+            let (survivors, _) = survivors(&params, &logits);
+            let mut got: Vec<(u32, f32)> = survivors
+                .iter()
+                .map(|&(id, _)| (id, logits[id as usize]))
+                .collect();
             got.sort_by(by_rank);
             assert_eq!(got, expected, "k = {k}");
         }
@@ -1166,7 +918,7 @@ mod tests {
                 probs[i] = 0.0;
             }
             cum += probs[i];
-            reached |= cum >= p.top_p as f64 - TOP_P_SLACK;
+            reached |= cum >= p.top_p as f64 - crate::backend::sample::TOP_P_SLACK as f64;
         }
         renormalise(&mut probs);
         probs
@@ -1193,12 +945,10 @@ mod tests {
             };
             let logits = random_logits(4000, case as u64, 6.0);
             let expected = reference_distribution(&logits, &params);
-            let mut s = Sampler::new(&params, &[]);
-            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let total = s.filter(&logits, max);
+            let (survivors, total) = survivors(&params, &logits);
             let mut got = vec![0.0; logits.len()];
-            for &(id, w) in &s.candidates {
-                got[id as usize] = w as f64 / total;
+            for &(id, w) in &survivors {
+                got[id as usize] = w / total;
             }
             for (id, (g, e)) in got.iter().zip(&expected).enumerate() {
                 assert!(
@@ -1211,19 +961,17 @@ mod tests {
 
     #[test]
     fn top_p_on_near_equal_weights_matches_the_reference() {
-        // Weights within 0.1% of each other share the first radix bins, so the cut is found
-        // by the finer passes.
+        // Weights within 0.1% of each other: the cut is decided by small differences.
         let params = SamplingParams {
             top_p: 0.37,
             ..random_params(0)
         };
         let logits: Vec<f32> = random_logits(5000, 31, 1e-3);
         let expected = reference_distribution(&logits, &params);
-        let mut s = Sampler::new(&params, &[]);
-        let total = s.filter(&logits, max_logit(&logits));
+        let (survivors, total) = survivors(&params, &logits);
         let mut got = vec![0.0; logits.len()];
-        for &(id, w) in &s.candidates {
-            got[id as usize] = w as f64 / total;
+        for &(id, w) in &survivors {
+            got[id as usize] = w / total;
         }
         let kept = got.iter().filter(|&&g| g > 0.0).count();
         assert_eq!(kept, expected.iter().filter(|&&e| e > 0.0).count());
@@ -1239,9 +987,7 @@ mod tests {
             ..random_params(0)
         };
         let logits = vec![1.5f32; 1000];
-        let mut s = Sampler::new(&params, &[]);
-        s.filter(&logits, 1.5);
-        let mut ids: Vec<u32> = s.candidates.iter().map(|c| c.0).collect();
+        let mut ids: Vec<u32> = survivors(&params, &logits).0.iter().map(|c| c.0).collect();
         ids.sort_unstable();
         assert_eq!(ids, (0..500).collect::<Vec<u32>>());
     }
@@ -1261,8 +1007,8 @@ mod tests {
 
     #[test]
     fn top_p_counts_the_long_tail() {
-        // Three likely tokens and a tail of 19 997 that each fall under the prefilter's bar but
-        // together hold 0.1: the nucleus for top_p = 0.5 is {0, 1}, not {0} as it would be if
+        // Three likely tokens and a tail of 19 997 that each weigh little but together hold
+        // 0.1: the nucleus for top_p = 0.5 is {0, 1}, not {0} as it would be if
         // the tail were forgotten (0.47 >= 0.5 * 0.9).
         let vocab = 20_000;
         let mut probs = vec![0.1 / (vocab - 3) as f64; vocab];
@@ -1274,13 +1020,8 @@ mod tests {
         };
         let expected = reference_distribution(&logits, &params);
         assert!((expected[1] - 0.25 / 0.72).abs() < 1e-6);
-        let mut s = Sampler::new(&params, &[]);
-        let total = s.filter(&logits, logits[0]);
-        let mut got: Vec<(u32, f64)> = s
-            .candidates
-            .iter()
-            .map(|&(id, w)| (id, w as f64 / total))
-            .collect();
+        let (survivors, total) = survivors(&params, &logits);
+        let mut got: Vec<(u32, f64)> = survivors.iter().map(|&(id, w)| (id, w / total)).collect();
         got.sort_by_key(|c| c.0);
         assert_eq!(got.len(), 2, "{got:?}");
         for (id, p) in got {
@@ -1311,6 +1052,61 @@ mod tests {
             3.0,                          // never seen
         ];
         assert_eq!(logits, expected);
+    }
+
+    /// A seeded request draws the same tokens whether the backend samples it or the host
+    /// does because it asked for logprobs or spelled out penalties that change nothing.
+    #[test]
+    fn a_seed_draws_the_same_tokens_with_and_without_logprobs_or_zero_penalties() {
+        let params = SamplingParams {
+            temperature: 0.9,
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.01,
+            ..random_params(77)
+        };
+        let variants = [
+            SamplingParams {
+                logprobs: Some(3),
+                ..params.clone()
+            },
+            SamplingParams {
+                repetition_penalty: 1.0,
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                logprobs: Some(0),
+                ..params.clone()
+            },
+        ];
+        let steps: Vec<Vec<f32>> = (0..100).map(|i| random_logits(3000, i, 4.0)).collect();
+        let mut device = Sampler::new(&params, &[]);
+        let mut scratch = Vec::new();
+        let want: Vec<u32> = steps
+            .iter()
+            .map(|l| {
+                let row = device.device_sampling().expect("the backend can sample this");
+                sample_row(l, &row, &mut scratch)
+            })
+            .collect();
+        assert!(want.iter().collect::<HashSet<_>>().len() > 10, "real draws");
+        let mut host = Sampler::new(&params, &[]);
+        let got: Vec<u32> = steps.iter().map(|l| host.sample(&mut l.clone())).collect();
+        assert_eq!(got, want, "host without logprobs");
+        for p in &variants {
+            let mut s = Sampler::new(p, &[]);
+            assert!(s.device_sampling().is_none(), "{p:?} samples on the host");
+            let mut s = Sampler::new(p, &[]);
+            let got: Vec<u32> = steps
+                .iter()
+                .map(|l| {
+                    let (id, lp) = s.sample_with_logprobs(&mut l.clone());
+                    assert!(lp.is_some());
+                    s.accept(id);
+                    id
+                })
+                .collect();
+            assert_eq!(got, want, "{p:?}");
+        }
     }
 
     #[test]

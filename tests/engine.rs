@@ -309,6 +309,29 @@ fn bad_requests_are_refused_at_submit() {
     ));
 }
 
+/// An engine with the default KV budget and a context of 256 tokens.
+fn default_engine(rt: &Runtime) -> Engine {
+    rt.start_engine(&EngineOptions {
+        max_model_len: 256,
+        ..EngineOptions::default()
+    })
+    .unwrap()
+}
+
+/// Submits a prompt of token ids.
+fn submit_ids(
+    engine: &Engine,
+    prompt: &[u32],
+    params: &SamplingParams,
+) -> wick::engine::RequestStream {
+    engine
+        .submit(Request {
+            prompt: Prompt::Ids(prompt.to_vec()),
+            params: params.clone(),
+        })
+        .unwrap()
+}
+
 /// Runs `req` on the engine to the end; returns its tokens.
 fn run_to_end(mut s: wick::engine::RequestStream) -> Vec<u32> {
     while let Some(ev) = s.blocking_next() {
@@ -360,20 +383,8 @@ fn seeded_sampling_is_the_same_everywhere(device: Device) {
 
     // The default KV budget: on lavapipe it asks for more than one storage binding holds,
     // and the engine takes what fits.
-    let engine = rt
-        .start_engine(&EngineOptions {
-            max_model_len: 256,
-            ..EngineOptions::default()
-        })
-        .unwrap();
-    let submit = |prompt: &Vec<u32>, params: &SamplingParams| {
-        engine
-            .submit(Request {
-                prompt: Prompt::Ids(prompt.clone()),
-                params: params.clone(),
-            })
-            .unwrap()
-    };
+    let engine = default_engine(&rt);
+    let submit = |prompt: &Vec<u32>, params: &SamplingParams| submit_ids(&engine, prompt, params);
     let before = rt.gpu_stats();
     assert_eq!(run_to_end(submit(&prompts[2], &params)), want, "alone");
     if let (Some(a), Some(b)) = (before, rt.gpu_stats()) {
@@ -410,4 +421,78 @@ fn a_seeded_request_draws_the_same_tokens_alone_batched_and_in_generate_cpu() {
 #[test]
 fn a_seeded_request_draws_the_same_tokens_alone_batched_and_in_generate_gpu() {
     seeded_sampling_is_the_same_everywhere(Device::Gpu);
+}
+
+/// A seeded request draws the same tokens whether or not it asks for logprobs and whether or
+/// not it spells out penalties that change nothing: logprobs and penalties are steps before
+/// the one draw, not another sampler. Checked through `generate` and on the engine, alone
+/// and batched, where logprobs make the step read the logits back and sample on the host.
+fn logprobs_and_zero_penalties_do_not_change_the_draw(device: Device) {
+    let mut rt = runtime(device);
+    let prompts = prompts();
+    let params = SamplingParams {
+        temperature: 1.1,
+        top_k: 200,
+        top_p: 0.9,
+        seed: Some(4321),
+        max_tokens: 20,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    let zero_penalties = SamplingParams {
+        repetition_penalty: 1.0,
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        ..params.clone()
+    };
+    let variants = [
+        ("logprobs", SamplingParams { logprobs: Some(3), ..params.clone() }),
+        ("logprobs 0", SamplingParams { logprobs: Some(0), ..params.clone() }),
+        ("zero penalties", zero_penalties.clone()),
+        (
+            "zero penalties and logprobs",
+            SamplingParams { logprobs: Some(1), ..zero_penalties },
+        ),
+    ];
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let mut generate = |params: &SamplingParams| {
+        rt.reset();
+        let out = rt
+            .generate(prompts[4].clone(), false, params, &never, &mut |_| {})
+            .unwrap();
+        assert_eq!(out.logprobs.len(), params.logprobs.map_or(0, |_| 20));
+        out.token_ids
+    };
+    let want = generate(&params);
+    assert_eq!(want.len(), 20);
+    for (what, p) in &variants {
+        assert_eq!(generate(p), want, "generate, {what}");
+    }
+
+    let engine = default_engine(&rt);
+    let submit = |prompt: &Vec<u32>, params: &SamplingParams| submit_ids(&engine, prompt, params);
+    assert_eq!(run_to_end(submit(&prompts[4], &params)), want, "engine");
+    for (what, p) in &variants {
+        assert_eq!(run_to_end(submit(&prompts[4], p)), want, "engine, {what}");
+    }
+    // Batched: one step samples some rows on the host and the others beside them.
+    let streams: Vec<_> = std::iter::once(submit(&prompts[4], &params))
+        .chain(variants.iter().map(|(_, p)| submit(&prompts[4], p)))
+        .chain(std::iter::once(submit(&prompts[1], &params)))
+        .collect();
+    let got: Vec<Vec<u32>> = streams.into_iter().map(run_to_end).collect();
+    for (i, g) in got[..=variants.len()].iter().enumerate() {
+        assert_eq!(g, &want, "batched, request {i}");
+    }
+    wait_idle(&engine);
+}
+
+#[test]
+fn logprobs_and_zero_penalties_do_not_change_the_draw_cpu() {
+    logprobs_and_zero_penalties_do_not_change_the_draw(Device::Cpu);
+}
+
+#[test]
+fn logprobs_and_zero_penalties_do_not_change_the_draw_gpu() {
+    logprobs_and_zero_penalties_do_not_change_the_draw(Device::Gpu);
 }

@@ -393,8 +393,8 @@ pub trait Backend: Send + Sync + 'static {
     fn read(&self, t: &Self::Tensor, rows: usize, dst: &mut [f32]);
 
     /// Chooses one token per row of `logits[rows, V]`, row `i` as `params[i]` says, into
-    /// `out[rows]`, by the algorithm of [`sample::sample_row`] (the `Sampler`'s filters without
-    /// penalties or logprobs). Like [`Backend::read`], this is the step's read-back; on a GPU
+    /// `out[rows]`, by [`sample::sample_row`], the one sampling algorithm (penalties and logprobs
+    /// are the `Sampler`'s steps on the host). Like [`Backend::read`], this is the step's read-back; on a GPU
     /// it brings back `rows` ids instead of `rows × V` logits.
     ///
     /// The default reads the logits to the host (allocating `[rows, V]`) and samples there.

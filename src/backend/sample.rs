@@ -1,24 +1,24 @@
-//! Sampling next to the logits: the per-row parameters of [`Backend::sample`] and the host
-//! algorithm every backend reproduces.
+//! The one sampling algorithm: the per-row parameters of [`Backend::sample`] and the host
+//! reference every backend reproduces (the CPU backend calls it, `shaders/sample.wgsl`
+//! mirrors it step by step).
 //!
 //! A backend that samples where the logits live (the GPU) reads back R token ids per step
-//! instead of `[R, V]` logits. It supports the subset of [`crate::sampler::Sampler`] that
-//! needs no per-request history: greedy, temperature, min-p, top-k and top-p. Penalties and
-//! logprobs need the logits on the host, so requests using them read the logits back.
+//! instead of `[R, V]` logits. What needs a request's history or the logits on the host
+//! (penalties, logprobs) is done by [`crate::sampler::Sampler`] before and beside this draw,
+//! never by another algorithm.
 //!
-//! The filters are those of the `Sampler`, in its order (vLLM v1's): temperature → min-p →
-//! top-k → top-p → draw, with the same greedy cut-off ([`GREEDY_TEMPERATURE`]), the same
-//! ranking (logit descending by `f32::total_cmp`, ties to the lower id), the same top-p slack,
-//! and the same fallbacks (an infinite maximum logit takes the argmax).
+//! The filters follow vLLM v1's order: temperature → min-p → top-k → top-p → draw, with a
+//! greedy cut-off ([`GREEDY_TEMPERATURE`]), one ranking (logit descending by
+//! `f32::total_cmp`, ties to the lower id), a top-p slack ([`TOP_P_SLACK`]), and one fallback
+//! (an infinite maximum logit takes the argmax).
 //!
-//! The draw is where this differs from the `Sampler` (which walks the CDF with one uniform
-//! number): it is an exponential race. Every surviving token `i` gets an Exp(1) variate
-//! `E_i` from a hash of the row's 32-bit `seed` and `i` ([`race_noise`]), and the token with
-//! the largest `(l_i - max) / T - ln E_i` wins (ties to the lower id). That picks token `i`
-//! with probability `w_i / Σ w` for weights `w_i = exp((l_i - max) / T)` — the same
-//! distribution — but as an argmax, not a running sum over up to V tokens: a backend that
-//! sums in another order or precision agrees with the host unless two scores are within
-//! rounding of each other, so a seed gives the same token on every backend.
+//! The draw is an exponential race. Every surviving token `i` gets an Exp(1) variate `E_i`
+//! from a hash of the row's 32-bit `seed` and `i` ([`race_noise`]), and the token with the
+//! largest `(l_i - max) / T - ln E_i` wins (ties to the lower id). That picks token `i` with
+//! probability `w_i / Σ w` for weights `w_i = exp((l_i - max) / T)`, but as an argmax, not a
+//! running sum over up to V tokens: a backend that sums in another order or precision agrees
+//! with the host unless two scores are within rounding of each other, so a seed gives the
+//! same token on every backend.
 //!
 //! [`Backend::sample`]: super::Backend::sample
 
@@ -26,8 +26,9 @@ use std::cmp::Ordering;
 
 pub use crate::sampler::GREEDY_TEMPERATURE;
 
-/// Slack when deciding where the top-p nucleus ends (the `Sampler`'s): a cumulative
-/// probability landing exactly on `top_p` is not decided by rounding.
+/// Slack when deciding where the top-p nucleus ends, relative to the total probability, so
+/// that a cumulative probability landing exactly on `top_p` (0.5 + 0.3 for `top_p = 0.8`) is
+/// not decided by rounding in the softmax.
 pub const TOP_P_SLACK: f32 = 1e-6;
 
 /// How to choose the token of one row of logits. Mirrored field for field by `RowSampling`
@@ -94,7 +95,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best.map_or(0, |(i, _)| i as u32)
 }
 
-/// Unnormalised probability `exp((l - max) / T)`, 0 below `e^-87` (as the `Sampler`).
+/// Unnormalised probability `exp((l - max) / T)`, 0 below `e^-87`.
 fn weight(l: f32, max: f32, inv_t: f32) -> f32 {
     let x = (l - max) * inv_t;
     if x >= -87.0 {
@@ -157,6 +158,28 @@ pub fn sample_row(logits: &[f32], p: &RowSampling, scratch: &mut Vec<(u32, f32)>
     if p.is_greedy() || !max.is_finite() {
         return best;
     }
+    filter(logits, p, max, scratch);
+    // The race, among the survivors with any weight.
+    let inv_t = 1.0 / p.temperature;
+    let mut winner: Option<(u32, f32)> = None;
+    for &(id, l) in scratch.iter() {
+        if let Some(score) = race_score(l, max, inv_t, p.seed, id) {
+            let better = match winner {
+                None => true,
+                Some((wid, ws)) => score > ws || (score == ws && id < wid),
+            };
+            if better {
+                winner = Some((id, score));
+            }
+        }
+    }
+    winner.map_or(best, |(id, _)| id)
+}
+
+/// The filters of a row that is not greedy and whose largest logit `max` is finite: leaves
+/// in `cands` the `(id, logit)` of the tokens min-p, top-k and top-p let through, in no
+/// particular order.
+pub(crate) fn filter(logits: &[f32], p: &RowSampling, max: f32, cands: &mut Vec<(u32, f32)>) {
     let t = p.temperature;
     let inv_t = 1.0 / t;
     // min-p in logit space: p_i >= min_p · p_max  ⇔  l_i >= max + T ln(min_p).
@@ -165,7 +188,6 @@ pub fn sample_row(logits: &[f32], p: &RowSampling, scratch: &mut Vec<(u32, f32)>
     } else {
         f32::MIN
     };
-    let cands = scratch;
     cands.clear();
     cands.extend(
         logits
@@ -195,20 +217,6 @@ pub fn sample_row(logits: &[f32], p: &RowSampling, scratch: &mut Vec<(u32, f32)>
             }
         }
     }
-    // The race, among the survivors with any weight.
-    let mut winner: Option<(u32, f32)> = None;
-    for &(id, l) in cands.iter() {
-        if let Some(score) = race_score(l, max, inv_t, p.seed, id) {
-            let better = match winner {
-                None => true,
-                Some((wid, ws)) => score > ws || (score == ws && id < wid),
-            };
-            if better {
-                winner = Some((id, score));
-            }
-        }
-    }
-    winner.map_or(best, |(id, _)| id)
 }
 
 /// [`sample_row`] over `rows` rows of `logits` (`[rows, V]`), writing `out[rows]`.
