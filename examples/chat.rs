@@ -81,7 +81,7 @@ fn main() -> Result<()> {
 
     let mut chat = rt.chat_options();
     chat.enable_thinking = !args.no_think;
-    chat.params.max_tokens = args.max_tokens;
+    chat.params.max_tokens = Some(args.max_tokens);
     if let Some(t) = args.temperature {
         chat.params.temperature = t;
     }

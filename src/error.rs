@@ -80,6 +80,15 @@ pub enum Error {
     /// A request that cannot be served as asked (prompt too long, bad parameter, ...).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A request parameter out of its range, naming the parameter
+    /// ([`crate::sampler::SamplingParams::validate`]).
+    #[error("invalid request: {message}")]
+    InvalidParam {
+        /// The parameter's name (a [`crate::sampler::SamplingParams`] field).
+        param: &'static str,
+        /// What is wrong with it, starting with its name.
+        message: String,
+    },
     /// The prompt does not fit in the model's context.
     #[error("prompt has {prompt_tokens} tokens, but the context holds {max_model_len} (including room for at least one generated token)")]
     PromptTooLong {

@@ -183,7 +183,11 @@ pub fn generate(
             max_model_len: max_len,
         });
     }
-    let max_new = req.params.max_tokens.min(max_len - prompt.len());
+    let max_new = req
+        .params
+        .max_tokens
+        .unwrap_or(usize::MAX)
+        .min(max_len - prompt.len());
     let mut out = Generation {
         prompt_tokens: prompt.len(),
         ..Default::default()

@@ -367,7 +367,7 @@ fn run(a: RunArgs) -> Result<()> {
     let (ids, start_in_reasoning) =
         prompt_ids(&rt, &a.prompt, a.system.as_deref(), a.raw, a.no_think)?;
     let mut params = rt.default_params();
-    params.max_tokens = a.max_tokens;
+    params.max_tokens = Some(a.max_tokens);
     if let Some(t) = a.temperature {
         params.temperature = t;
     }

@@ -291,7 +291,7 @@ impl Runtime {
         ChatOptions {
             enable_thinking: true,
             params: SamplingParams {
-                max_tokens: 2048,
+                max_tokens: Some(2048),
                 ..self.default_params()
             },
         }

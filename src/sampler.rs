@@ -84,8 +84,8 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Seed for reproducible sampling; `None` draws one from the OS.
     pub seed: Option<u64>,
-    /// Most tokens to generate. Must be at least 1.
-    pub max_tokens: usize,
+    /// Most tokens to generate, at least 1; `None`: up to the end of the context.
+    pub max_tokens: Option<usize>,
     /// Generation stops when the text contains one of these; the stop string is not returned.
     pub stop: Vec<String>,
     /// Generation stops after one of these tokens (in addition to the model's end of sequence).
@@ -111,7 +111,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
-            max_tokens: 16,
+            max_tokens: Some(16),
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
@@ -146,11 +146,14 @@ impl SamplingParams {
         }
     }
 
-    /// Checks every field's range. The error message starts with the offending field's name so
-    /// that the server can report it.
+    /// Checks every field's range: the one place they are checked. The error,
+    /// [`Error::InvalidParam`], names the offending field.
     pub fn validate(&self) -> Result<()> {
-        fn bad(field: &str, expected: &str, got: impl std::fmt::Display) -> Error {
-            Error::InvalidRequest(format!("{field} must be {expected}, got {got}"))
+        fn bad(param: &'static str, expected: &str, got: impl std::fmt::Display) -> Error {
+            Error::InvalidParam {
+                param,
+                message: format!("{param} must be {expected}, got {got}"),
+            }
         }
         // Written as `!(ok)` so that NaN, which fails every comparison, is rejected too.
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
@@ -179,8 +182,8 @@ impl SamplingParams {
                 self.frequency_penalty,
             ));
         }
-        if self.max_tokens == 0 {
-            return Err(bad("max_tokens", "at least 1", self.max_tokens));
+        if self.max_tokens == Some(0) {
+            return Err(bad("max_tokens", "at least 1", 0));
         }
         if let Some(n) = self.logprobs {
             if n > MAX_TOP_LOGPROBS {
@@ -1215,7 +1218,7 @@ mod tests {
             (
                 "max_tokens",
                 SamplingParams {
-                    max_tokens: 0,
+                    max_tokens: Some(0),
                     ..d()
                 },
             ),
@@ -1236,10 +1239,11 @@ mod tests {
         ];
         for (field, params) in bad {
             match params.validate() {
-                Err(Error::InvalidRequest(msg)) => {
-                    assert!(msg.starts_with(field), "{field}: message {msg:?}")
+                Err(Error::InvalidParam { param, message }) => {
+                    assert_eq!(param, field);
+                    assert!(message.starts_with(field), "{field}: message {message:?}")
                 }
-                other => panic!("{field}: expected InvalidRequest, got {other:?}"),
+                other => panic!("{field}: expected InvalidParam, got {other:?}"),
             }
         }
     }

@@ -39,7 +39,7 @@ fn prompts() -> Vec<Vec<u32>> {
 
 fn greedy(max_tokens: usize) -> SamplingParams {
     SamplingParams {
-        max_tokens,
+        max_tokens: Some(max_tokens),
         ignore_eos: true,
         ..SamplingParams::greedy()
     }
@@ -194,7 +194,7 @@ fn three_turn_chat_prefills_only_the_new_tokens() {
             .submit(Request {
                 prompt,
                 params: SamplingParams {
-                    max_tokens: 12,
+                    max_tokens: Some(12),
                     ..SamplingParams::greedy()
                 },
             })
@@ -300,7 +300,7 @@ fn bad_requests_are_refused_at_submit() {
     };
     assert!(matches!(
         submit(vec![1], bad),
-        Err(wick::Error::InvalidRequest(_))
+        Err(wick::Error::InvalidParam { param: "top_p", .. })
     ));
     engine.shutdown();
     assert!(matches!(
@@ -356,7 +356,7 @@ fn seeded_sampling_is_the_same_everywhere(device: Device) {
         top_p: 0.95,
         min_p: 0.01,
         seed: Some(1234),
-        max_tokens: 24,
+        max_tokens: Some(24),
         ignore_eos: true,
         ..SamplingParams::default()
     };
@@ -390,7 +390,7 @@ fn seeded_sampling_is_the_same_everywhere(device: Device) {
     if let (Some(a), Some(b)) = (before, rt.gpu_stats()) {
         assert_eq!(
             b.readback_bytes - a.readback_bytes,
-            4 * params.max_tokens as u64,
+            4 * 24,
             "the backend sampled: one 4-byte id per token is all that is read back"
         );
     }
@@ -435,7 +435,7 @@ fn logprobs_and_zero_penalties_do_not_change_the_draw(device: Device) {
         top_k: 200,
         top_p: 0.9,
         seed: Some(4321),
-        max_tokens: 20,
+        max_tokens: Some(20),
         ignore_eos: true,
         ..SamplingParams::default()
     };
@@ -446,12 +446,27 @@ fn logprobs_and_zero_penalties_do_not_change_the_draw(device: Device) {
         ..params.clone()
     };
     let variants = [
-        ("logprobs", SamplingParams { logprobs: Some(3), ..params.clone() }),
-        ("logprobs 0", SamplingParams { logprobs: Some(0), ..params.clone() }),
+        (
+            "logprobs",
+            SamplingParams {
+                logprobs: Some(3),
+                ..params.clone()
+            },
+        ),
+        (
+            "logprobs 0",
+            SamplingParams {
+                logprobs: Some(0),
+                ..params.clone()
+            },
+        ),
         ("zero penalties", zero_penalties.clone()),
         (
             "zero penalties and logprobs",
-            SamplingParams { logprobs: Some(1), ..zero_penalties },
+            SamplingParams {
+                logprobs: Some(1),
+                ..zero_penalties
+            },
         ),
     ];
     let never = std::sync::atomic::AtomicBool::new(false);

@@ -159,7 +159,7 @@ pub fn run(engine: &Engine, o: &ConcurrencyOptions) -> Result<ConcurrencyReport>
         ));
     }
     let params = SamplingParams {
-        max_tokens: o.n_gen,
+        max_tokens: Some(o.n_gen),
         ignore_eos: true,
         ..SamplingParams::greedy()
     };

@@ -324,7 +324,9 @@ impl Engine {
     }
 
     /// Validates, renders and tokenizes `req` and queues it. Errors are the caller's:
-    /// [`Error::InvalidRequest`] (bad parameters, empty prompt, ids outside the vocabulary),
+    /// [`Error::InvalidParam`] (a sampling parameter out of range, from
+    /// [`SamplingParams::validate`](crate::sampler::SamplingParams::validate)),
+    /// [`Error::InvalidRequest`] (empty prompt, ids outside the vocabulary),
     /// [`Error::PromptTooLong`], [`Error::Template`], [`Error::Overloaded`] when the queue is
     /// full, [`Error::ShuttingDown`] after [`Engine::shutdown`].
     pub fn submit(&self, req: Request) -> Result<RequestStream> {

@@ -239,21 +239,14 @@ impl<B: Backend> Worker<B> {
                 self.metrics.in_channel.fetch_sub(1, Ordering::Relaxed);
                 let id = req.id;
                 let prompt_len = req.prompt_ids.len();
+                // `Engine::submit` checked the request: a prompt of 1 to max_model_len - 1
+                // tokens, max_tokens at least 1.
                 let max_new = req
                     .params
                     .max_tokens
-                    .min(self.max_model_len.saturating_sub(prompt_len));
-                if max_new == 0 || prompt_len == 0 {
-                    let _ = req.events.send(EngineEvent::Error(
-                        Error::PromptTooLong {
-                            prompt_tokens: prompt_len,
-                            max_model_len: self.max_model_len,
-                        }
-                        .to_string(),
-                    ));
-                    self.metrics.on_finish(None);
-                    return;
-                }
+                    .unwrap_or(usize::MAX)
+                    .min(self.max_model_len - prompt_len);
+                debug_assert!(prompt_len > 0 && max_new > 0);
                 Metrics::add(&self.metrics.prompt_tokens, prompt_len);
                 let state = ReqState {
                     sampler: Sampler::new(&req.params, &req.prompt_ids),

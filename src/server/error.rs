@@ -193,6 +193,7 @@ impl From<crate::Error> for ApiError {
                 )
             },
             E::InvalidRequest(m) => ApiError::bad_request(m),
+            E::InvalidParam { param, message } => ApiError::invalid(param, message),
             E::Template(m) => ApiError::invalid("messages", format!("chat template: {m}")),
             E::Tokenizer(m) => ApiError::bad_request(format!("tokenizer: {m}")),
             E::Overloaded { waiting } => ApiError::busy(format!(

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use super::error::ApiError;
 use crate::chat_template::RenderOptions;
 use crate::engine::Prompt;
-use crate::sampler::{SamplingParams, MAX_TOP_LOGPROBS};
+use crate::sampler::SamplingParams;
 
 /// Most choices per request.
 pub const MAX_N: usize = 16;
@@ -95,7 +95,7 @@ pub struct Parsed {
     pub model: Option<String>,
     /// One prompt per choice group (completions may send several prompts).
     pub prompts: Vec<Prompt>,
-    /// Sampling; `max_tokens` is 0 when the client gave none (the server fills it in).
+    /// Sampling; `max_tokens` is `None` when the client gave none (the server fills it in).
     pub params: SamplingParams,
     /// Choices per prompt.
     pub n: usize,
@@ -168,16 +168,6 @@ impl Fields<'_> {
     }
 }
 
-fn range(k: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<Option<f32>, ApiError> {
-    match v {
-        Some(x) if !(lo..=hi).contains(&x) => Err(ApiError::invalid(
-            k,
-            format!("`{k}` must be between {lo} and {hi}, not {x}"),
-        )),
-        v => Ok(v),
-    }
-}
-
 /// A token id, if `v` is one (ids past the vocabulary are caught by the engine).
 fn token_id(v: &Value) -> Option<u32> {
     v.as_u64().and_then(|x| u32::try_from(x).ok())
@@ -189,21 +179,25 @@ pub fn object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
         .ok_or_else(|| ApiError::bad_request("the request body must be a JSON object"))
 }
 
-/// Sampling fields shared by both endpoints, over `defaults`.
+/// Sampling fields shared by both endpoints, over `defaults`. Their ranges are checked by
+/// [`validate`] once the endpoint has mapped every field; only OpenAI's limits that are
+/// narrower than the library's are checked here.
 fn sampling(f: &Fields, defaults: &SamplingParams) -> Result<SamplingParams, ApiError> {
     refuse_unsupported(f)?;
     let mut p = defaults.clone();
-    p.max_tokens = 0;
-    if let Some(t) = range("temperature", f.f32("temperature")?, 0.0, 2.0)? {
+    // Not given: the endpoint's default (see `response::run`).
+    p.max_tokens = None;
+    if let Some(t) = f.f32("temperature")? {
+        // OpenAI's limit; the library takes any temperature >= 0.
+        if t > 2.0 {
+            return Err(ApiError::invalid(
+                "temperature",
+                format!("`temperature` must be between 0 and 2, not {t}"),
+            ));
+        }
         p.temperature = t;
     }
     if let Some(t) = f.f32("top_p")? {
-        if !(t > 0.0 && t <= 1.0) {
-            return Err(ApiError::invalid(
-                "top_p",
-                format!("`top_p` must be in (0, 1], not {t}"),
-            ));
-        }
         p.top_p = t;
     }
     if let Some(k) = f.int("top_k")? {
@@ -215,22 +209,16 @@ fn sampling(f: &Fields, defaults: &SamplingParams) -> Result<SamplingParams, Api
         }
         p.top_k = k.max(0) as usize;
     }
-    if let Some(m) = range("min_p", f.f32("min_p")?, 0.0, 1.0)? {
+    if let Some(m) = f.f32("min_p")? {
         p.min_p = m;
     }
-    if let Some(x) = range("presence_penalty", f.f32("presence_penalty")?, -2.0, 2.0)? {
+    if let Some(x) = f.f32("presence_penalty")? {
         p.presence_penalty = x;
     }
-    if let Some(x) = range("frequency_penalty", f.f32("frequency_penalty")?, -2.0, 2.0)? {
+    if let Some(x) = f.f32("frequency_penalty")? {
         p.frequency_penalty = x;
     }
     if let Some(x) = f.f32("repetition_penalty")? {
-        if x <= 0.0 {
-            return Err(ApiError::invalid(
-                "repetition_penalty",
-                "`repetition_penalty` must be positive",
-            ));
-        }
         p.repetition_penalty = x;
     }
     if let Some(s) = f.int("seed")? {
@@ -238,10 +226,7 @@ fn sampling(f: &Fields, defaults: &SamplingParams) -> Result<SamplingParams, Api
     }
     for k in ["max_completion_tokens", "max_tokens"] {
         if let Some(m) = f.count(k)? {
-            if m == 0 {
-                return Err(ApiError::invalid(k, format!("`{k}` must be at least 1")));
-            }
-            p.max_tokens = m;
+            p.max_tokens = Some(m);
             break;
         }
     }
@@ -262,11 +247,8 @@ fn sampling(f: &Fields, defaults: &SamplingParams) -> Result<SamplingParams, Api
             ))
         }
     };
-    if p.stop.len() > 16 || p.stop.iter().any(String::is_empty) {
-        return Err(ApiError::invalid(
-            "stop",
-            "`stop` takes up to 16 non-empty strings",
-        ));
+    if p.stop.len() > 16 {
+        return Err(ApiError::invalid("stop", "`stop` takes up to 16 strings"));
     }
     if let Some(Value::Array(a)) = f.get("stop_token_ids") {
         p.stop_token_ids = a
@@ -318,19 +300,24 @@ fn sampling(f: &Fields, defaults: &SamplingParams) -> Result<SamplingParams, Api
             format!("a stop string may be at most {MAX_STOP_BYTES} bytes"),
         ));
     }
-    // The library's own checks as well (they stay the reference if the ranges above drift);
-    // its messages start with the field's name. `max_tokens` 0 means "not given" here.
-    let mut check = p.clone();
-    check.max_tokens = check.max_tokens.max(1);
-    check.validate().map_err(|e| {
-        let msg = match e {
-            crate::Error::InvalidRequest(m) => m,
-            other => other.to_string(),
-        };
-        let field = msg.split_whitespace().next().unwrap_or("").to_string();
-        ApiError::invalid(&field, msg)
-    })?;
     Ok(p)
+}
+
+/// Checks the mapped sampling fields with [`SamplingParams::validate`] (the one check of
+/// their ranges) and names a bad one as the client spelled it: `logprobs_field` is where the
+/// endpoint reads the number of top logprobs from.
+fn validate(f: &Fields, p: &SamplingParams, logprobs_field: &str) -> Result<(), ApiError> {
+    p.validate().map_err(|e| match e {
+        crate::Error::InvalidParam { param, message } => {
+            let name = match param {
+                "max_tokens" if f.get("max_completion_tokens").is_some() => "max_completion_tokens",
+                "logprobs" => logprobs_field,
+                other => other,
+            };
+            ApiError::invalid(name, message)
+        }
+        other => ApiError::from(other),
+    })
 }
 
 fn n_stream(f: &Fields, parsed: &mut Parsed) -> Result<(), ApiError> {
@@ -494,21 +481,14 @@ pub fn chat(body: &Value, defaults: &SamplingParams) -> Result<Parsed, ApiError>
     let mut params = sampling(&f, defaults)?;
     let logprobs = f.bool("logprobs")?.unwrap_or(false);
     let top = f.count("top_logprobs")?;
-    if let Some(t) = top {
-        if t > MAX_TOP_LOGPROBS {
-            return Err(ApiError::invalid(
-                "top_logprobs",
-                format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}"),
-            ));
-        }
-        if !logprobs {
-            return Err(ApiError::invalid(
-                "top_logprobs",
-                "`top_logprobs` needs `logprobs: true`",
-            ));
-        }
+    if top.is_some() && !logprobs {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "`top_logprobs` needs `logprobs: true`",
+        ));
     }
     params.logprobs = logprobs.then_some(top.unwrap_or(0));
+    validate(&f, &params, "top_logprobs")?;
     let mut tools = false;
     if let Some(t) = f.get("tools") {
         let Value::Array(list) = t else {
@@ -643,15 +623,8 @@ pub fn completion(body: &Value, defaults: &SamplingParams) -> Result<Parsed, Api
     }
     let mut params = sampling(&f, defaults)?;
     let top = f.count("logprobs")?;
-    if let Some(t) = top {
-        if t > MAX_TOP_LOGPROBS {
-            return Err(ApiError::invalid(
-                "logprobs",
-                format!("`logprobs` must be at most {MAX_TOP_LOGPROBS}"),
-            ));
-        }
-    }
     params.logprobs = top;
+    validate(&f, &params, "logprobs")?;
     if f.bool("echo")?.unwrap_or(false) {
         return Err(ApiError::invalid("echo", "`echo` is not supported"));
     }
@@ -789,7 +762,7 @@ mod tests {
         assert_eq!(messages[0]["content"], "ab");
         assert_eq!(
             (p.params.temperature, p.params.top_k, p.params.max_tokens),
-            (0.5, 0, 7)
+            (0.5, 0, Some(7))
         );
         assert_eq!(
             (p.params.stop.clone(), p.params.seed, p.params.logprobs),

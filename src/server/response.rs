@@ -114,22 +114,18 @@ pub async fn run(st: Arc<AppState>, mut p: Parsed, kind: Kind) -> Result<Respons
     } = st.opts.overload
     {
         if engine.metrics().snapshot().waiting as usize >= threshold {
-            let limit = if p.params.max_tokens == 0 {
-                max_tokens
-            } else {
-                p.params.max_tokens.min(max_tokens)
-            };
-            p.params.max_tokens = limit;
+            let limit = p
+                .params
+                .max_tokens
+                .map_or(max_tokens, |m| m.min(max_tokens));
+            p.params.max_tokens = Some(limit);
             p.params.temperature = 0.0;
             degraded = Some(format!("max_tokens={limit},greedy"));
         }
     }
-    if p.params.max_tokens == 0 {
-        // Chat: up to the context's end (the engine clamps); completions: 16, like OpenAI.
-        p.params.max_tokens = match kind {
-            Kind::Chat => usize::MAX,
-            Kind::Completion => 16,
-        };
+    if p.params.max_tokens.is_none() && kind == Kind::Completion {
+        // Chat: up to the context's end; completions: 16, like OpenAI.
+        p.params.max_tokens = Some(16);
     }
     if p.tools {
         // Let the model finish its call blocks; the parser takes them out of the content.
