@@ -1,5 +1,6 @@
 //! The generation loop of one request on one sequence: prefill (reusing the cached prefix),
-//! then sample → stop checks → detokenize → split reasoning from content, token by token.
+//! then sample → [`Reply::on_token`] (stop checks, detokenizer, reasoning split), token by
+//! token.
 //! Requests without penalties or logprobs are sampled by the backend where the logits are
 //! ([`Sampler::device_sampling`]; on the GPU one id is read back per token, not `[V]` logits).
 //!
@@ -15,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, RowSampling};
 use crate::error::{Error, Result};
-use crate::reasoning::{Delta, ReasoningParser};
-use crate::sampler::{Sampler, SamplingParams, StopMatcher, TokenLogprobs};
+use crate::reasoning::Delta;
+use crate::reply::Reply;
+use crate::sampler::{Sampler, SamplingParams, TokenLogprobs};
 use crate::session::{Session, WantLogits};
 use crate::tokenizer::Tokenizer;
 
@@ -193,14 +195,13 @@ pub fn generate(
         ..Default::default()
     };
     let mut sampler = Sampler::new(&req.params, prompt);
-    let mut stops = StopMatcher::new(&req.params.stop);
-    let mut decoder = tokenizer.stream_decoder(true);
-    let mut parser = ReasoningParser::new(req.start_in_reasoning);
-    let mut reasoning = String::new();
-    let is_stop_id = |id: u32| {
-        (!req.params.ignore_eos && req.eos_token_ids.contains(&id))
-            || req.params.stop_token_ids.contains(&id)
-    };
+    let mut reply = Reply::new(
+        tokenizer,
+        &req.params,
+        &req.eos_token_ids,
+        req.start_in_reasoning,
+        max_new,
+    );
 
     // Appends `ids` and chooses the next token: where the logits are when the backend can
     // sample this request, otherwise on the host from the logits read back.
@@ -224,63 +225,40 @@ pub fn generate(
     out.prefill_time = t0.elapsed();
     let t1 = Instant::now();
 
-    let mut collect = |delta: &Delta, out: &mut Generation| {
-        reasoning.push_str(&delta.reasoning);
-        out.content.push_str(&delta.content);
-    };
     let reason = loop {
         if cancel.load(Ordering::Relaxed) {
             break FinishReason::Cancelled;
         }
         let (id, lp) = next;
         sampler.accept(id);
-        out.token_ids.push(id);
-        if let Some(lp) = &lp {
-            out.logprobs.push(lp.clone());
+        let outcome = reply.on_token(id, lp.clone())?;
+        if let Some(delta) = &outcome.delta {
+            on_token(&TokenEvent {
+                id,
+                delta,
+                logprobs: lp.as_ref(),
+            });
         }
-        if is_stop_id(id) {
-            break FinishReason::Stop;
-        }
-        let text = decoder.push(id)?;
-        let outcome = stops.push(&text);
-        let delta = parser.push(&outcome.emit);
-        collect(&delta, &mut out);
-        on_token(&TokenEvent {
-            id,
-            delta: &delta,
-            logprobs: lp.as_ref(),
-        });
-        if outcome.stopped {
-            break FinishReason::Stop;
-        }
-        if out.token_ids.len() >= max_new {
-            break FinishReason::Length;
+        if let Some(reason) = outcome.finish {
+            break reason;
         }
         next = step(runner, &[id], &mut sampler)?;
         out.decode_steps += 1;
     };
-    // Flush what the decoder, the stop matcher and the parser still hold. After a stop
-    // string, whatever followed it is dropped.
-    let mut tail = String::new();
-    if stops.matched().is_none() {
-        let rest = decoder.finish()?;
-        tail = stops.push(&rest).emit;
-        tail.push_str(&stops.finish());
-    }
-    let mut delta = parser.push(&tail);
-    let last = parser.finish();
-    delta.reasoning.push_str(&last.reasoning);
-    delta.content.push_str(&last.content);
+    let delta = reply.finish();
     if !delta.is_empty() {
-        collect(&delta, &mut out);
         on_token(&TokenEvent {
-            id: *out.token_ids.last().unwrap_or(&0),
+            id: *reply.token_ids().last().unwrap_or(&0),
             delta: &delta,
             logprobs: None,
         });
     }
     out.decode_time = t1.elapsed();
     out.finish_reason = Some(reason);
-    out.reasoning = (!reasoning.is_empty()).then_some(reasoning);
+    let parts = reply.into_parts();
+    out.token_ids = parts.token_ids;
+    out.content = parts.content;
+    out.reasoning = parts.reasoning;
+    out.logprobs = parts.logprobs;
     Ok(out)
 }

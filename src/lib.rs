@@ -13,7 +13,9 @@
 //! - [`model::Model`]: the forward pass, written once over the [`backend::Backend`] trait and
 //!   run by [`backend::cpu::CpuBackend`] or [`backend::wgpu::WgpuBackend`].
 //! - [`session::Session`]: one sequence and its paged KV cache; [`generate::generate`] drives
-//!   it token by token (sampling, stop conditions, reasoning/content split).
+//!   it token by token.
+//! - [`reply::Reply`]: one reply's per-token pipeline (stop conditions, detokenizer,
+//!   reasoning/content split), the same for the engine and [`generate::generate`].
 //!
 //! ```no_run
 //! use std::sync::atomic::AtomicBool;
@@ -46,6 +48,7 @@ pub mod model;
 pub mod perplexity;
 pub mod quant;
 pub mod reasoning;
+pub mod reply;
 pub mod runtime;
 pub mod sampler;
 pub mod server;

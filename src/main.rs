@@ -1033,7 +1033,10 @@ fn serve(a: ServeArgs) -> Result<()> {
             f > 0.0 && f <= 1.0,
             "--gpu-memory-utilization must be in (0, 1], not {f}"
         );
-        let budget = a.engine.kv_cache_mb.unwrap_or(1024) as f64;
+        let budget = a
+            .engine
+            .kv_cache_mb
+            .unwrap_or(wick::engine::DEFAULT_KV_CACHE_MB) as f64;
         engine_opts.kv_cache_mb = Some(((budget * f) as usize).max(1));
     }
     let overload = match a.overload_policy {

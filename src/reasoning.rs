@@ -40,6 +40,8 @@
 //! assert_eq!(whole, (Some("\nhmm\n".to_string()), "Hi!".to_string()));
 //! ```
 
+use crate::reply::partial_tag_suffix;
+
 /// Opens the reasoning block.
 pub const THINK_START: &str = "<think>";
 /// Closes the reasoning block.
@@ -161,16 +163,6 @@ impl ReasoningParser {
             Phase::AfterThinkLeading | Phase::Answer => Delta::default(),
         }
     }
-}
-
-/// Length of the longest proper prefix of `tag` that `text` ends with: bytes that could be
-/// the start of a tag completed by the next push. Always a char boundary, because tags are
-/// ASCII and a match starts at `<`.
-fn partial_tag_suffix(text: &str, tag: &str) -> usize {
-    (1..tag.len())
-        .rev()
-        .find(|&n| text.ends_with(&tag[..n]))
-        .unwrap_or(0)
 }
 
 /// Splits a complete output into `(reasoning, content)`, with the same rules as

@@ -29,13 +29,11 @@ use serde_json::Value;
 use crate::backend::cpu::{ActQuant, CpuBackend};
 use crate::backend::wgpu::{has_hardware_gpu, GpuStats, WgpuBackend, WgpuOptions};
 use crate::backend::KvDtype;
-use crate::chat_template::{ChatTemplate, RenderOptions};
+use crate::chat_template::RenderOptions;
 use crate::config::{GenerationConfig, ModelConfig};
-use crate::engine::{Engine, EngineOptions, TextModel};
-use crate::error::{Error, Result};
-use crate::generate::{
-    generate, prompt_opens_reasoning, GenerateRequest, Generation, SequenceRunner, TokenEvent,
-};
+use crate::engine::{Engine, EngineOptions, Prompt, TextModel};
+use crate::error::Result;
+use crate::generate::{generate, GenerateRequest, Generation, SequenceRunner, TokenEvent};
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::hub::HubOptions;
 use crate::model::Model;
@@ -126,8 +124,8 @@ pub struct Runtime {
     name: String,
     config: ModelConfig,
     generation: GenerationConfig,
-    tokenizer: Arc<Tokenizer>,
-    chat_template: Option<Arc<ChatTemplate>>,
+    /// Tokenizer, chat template and end-of-sequence ids.
+    text: TextModel,
     model: Box<dyn LoadedModel>,
     session_opts: SessionOptions,
     /// The conversation's sequence, made on first use.
@@ -206,9 +204,12 @@ impl Runtime {
             weight_bytes_per_token,
             name: ckpt.name,
             config: ckpt.config,
+            text: TextModel {
+                tokenizer: ckpt.tokenizer,
+                chat_template: ckpt.chat_template,
+                eos_token_ids: ckpt.generation.eos_token_ids.clone(),
+            },
             generation: ckpt.generation,
-            tokenizer: ckpt.tokenizer,
-            chat_template: ckpt.chat_template,
             model,
             session_opts,
             runner: None,
@@ -246,7 +247,7 @@ impl Runtime {
 
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
-        &self.tokenizer
+        &self.text.tokenizer
     }
 
     /// The longest sequence the KV cache holds.
@@ -260,17 +261,12 @@ impl Runtime {
     /// Starts the batching engine on this runtime's weights (the weights are shared, the
     /// engine has its own KV cache).
     pub fn start_engine(&self, opts: &EngineOptions) -> Result<Engine> {
-        let text = TextModel {
-            tokenizer: self.tokenizer.clone(),
-            chat_template: self.chat_template.clone(),
-            eos_token_ids: self.generation.eos_token_ids.clone(),
-        };
-        self.model.start_engine(text, opts)
+        self.model.start_engine(self.text.clone(), opts)
     }
 
     /// The end-of-sequence ids generation stops at.
     pub fn eos_token_ids(&self) -> &[u32] {
-        &self.generation.eos_token_ids
+        &self.text.eos_token_ids
     }
 
     /// Sampling defaults from the model's `generation_config.json`.
@@ -297,17 +293,14 @@ impl Runtime {
         }
     }
 
-    /// Renders `messages` with the model's chat template.
+    /// Renders `messages` with the model's chat template ([`TextModel::render_chat`]).
     pub fn render_chat(&self, messages: &[Value], opts: &RenderOptions) -> Result<String> {
-        let t = self.chat_template.as_ref().ok_or_else(|| {
-            Error::Template("the model has no chat template; use a raw prompt".into())
-        })?;
-        t.render(messages, opts)
+        self.text.render_chat(messages, opts)
     }
 
     /// Tokenizes a raw prompt (special tokens as the tokenizer's post-processor adds them).
     pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
-        self.tokenizer.encode(text, true)
+        self.text.tokenizer.encode(text, true)
     }
 
     /// Generates a reply to `messages`. Whatever prefix of the rendered conversation is
@@ -319,24 +312,14 @@ impl Runtime {
         cancel: &AtomicBool,
         on_token: &mut dyn FnMut(&TokenEvent<'_>),
     ) -> Result<Generation> {
-        let t = self.chat_template.as_ref().ok_or_else(|| {
-            Error::Template("the model has no chat template; use a raw prompt".into())
-        })?;
-        let (ids, prompt) = t.encode(
-            &self.tokenizer,
-            messages,
-            &RenderOptions {
+        let (ids, start_in_reasoning) = self.text.tokenize_prompt(&Prompt::Chat {
+            messages: messages.to_vec(),
+            render: RenderOptions {
                 enable_thinking: Some(opts.enable_thinking),
                 ..RenderOptions::default()
             },
-        )?;
-        self.generate(
-            ids,
-            prompt_opens_reasoning(&prompt),
-            &opts.params,
-            cancel,
-            on_token,
-        )
+        })?;
+        self.generate(ids, start_in_reasoning, &opts.params, cancel, on_token)
     }
 
     /// Generates from token ids.
@@ -351,10 +334,10 @@ impl Runtime {
         let req = GenerateRequest {
             prompt_ids,
             params: params.clone(),
-            eos_token_ids: self.generation.eos_token_ids.clone(),
+            eos_token_ids: self.text.eos_token_ids.clone(),
             start_in_reasoning,
         };
-        let tokenizer = self.tokenizer.clone();
+        let tokenizer = self.text.tokenizer.clone();
         generate(self.runner()?, &tokenizer, &req, cancel, on_token)
     }
 

@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::sample::sample_row;
 use crate::backend::RowSampling;
 use crate::error::{Error, Result};
+use crate::reply::partial_tag_suffix;
 
 /// Temperatures below this sample greedily. Dividing by a tiny temperature only overflows on
 /// the way to the same argmax; vLLM uses the same cut-off.
@@ -307,8 +308,9 @@ fn max_logit(logits: &[f32]) -> f32 {
 /// exp(x) for x <= 0, within a few ulp; 0 below -87 (where f32 turns subnormal), for -inf and
 /// for NaN.
 ///
-/// The sampler takes one exponential per candidate token, up to V per step. This is plain
-/// branch-free arithmetic, so loops over it vectorise, instead of a libm call per token.
+/// The softmax normaliser of [`logprobs`] takes one exponential per token, V per step. This
+/// is plain branch-free arithmetic, so loops over it vectorise, instead of a libm call per
+/// token.
 /// exp(x) = 2^n · exp(r) with n = round(x / ln 2) and |r| <= ln 2 / 2, where a degree-7 Taylor
 /// polynomial is accurate to ~5e-9.
 #[inline]
@@ -596,7 +598,14 @@ impl StopMatcher {
             };
         }
 
-        let keep_from = self.partial_match_start();
+        // Hold back the longest end of `held` that could start a stop string.
+        let keep = self
+            .stops
+            .iter()
+            .map(|stop| partial_tag_suffix(&self.held, stop))
+            .max()
+            .unwrap_or(0);
+        let keep_from = self.held.len() - keep;
         let rest = self.held.split_off(keep_from);
         StopOutcome {
             emit: std::mem::replace(&mut self.held, rest),
@@ -612,24 +621,6 @@ impl StopMatcher {
     /// The stop string that ended generation, if one did.
     pub fn matched(&self) -> Option<&str> {
         self.matched.map(|i| self.stops[i].as_str())
-    }
-
-    /// Start of the longest suffix of `held` that is a proper prefix of some stop string, or
-    /// `held.len()` if there is none. Only char boundaries are tried: a stop string starts with
-    /// a whole character, so a suffix starting mid-character cannot begin one.
-    fn partial_match_start(&self) -> usize {
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        let held = self.held.as_bytes();
-        let first = held.len().saturating_sub(longest.saturating_sub(1));
-        (first..held.len())
-            .filter(|&i| self.held.is_char_boundary(i))
-            .find(|&i| {
-                let suffix = &held[i..];
-                self.stops
-                    .iter()
-                    .any(|s| s.len() > suffix.len() && s.as_bytes().starts_with(suffix))
-            })
-            .unwrap_or(held.len())
     }
 }
 
@@ -1087,7 +1078,9 @@ mod tests {
         let want: Vec<u32> = steps
             .iter()
             .map(|l| {
-                let row = device.device_sampling().expect("the backend can sample this");
+                let row = device
+                    .device_sampling()
+                    .expect("the backend can sample this");
                 sample_row(l, &row, &mut scratch)
             })
             .collect();

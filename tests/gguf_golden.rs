@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use common::*;
 use wick::backend::cpu::{ActQuant, CpuBackend};
+use wick::backend::KvDtype;
 use wick::loader::checkpoint::Checkpoint;
 use wick::model::Model;
 use wick::session::{Session, SessionOptions, WantLogits};
@@ -67,7 +68,8 @@ fn session(file: &str, act: ActQuant) -> Session<CpuBackend> {
         ckpt.config.clone(),
         &ckpt.tensors,
     )
-    .unwrap();
+    .unwrap()
+    .with_kv_dtype(KvDtype::F32);
     let opts = SessionOptions {
         max_model_len: 2048,
         ..Default::default()

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use common::*;
 use wick::backend::wgpu::{WgpuBackend, WgpuOptions};
-use wick::backend::Backend;
+use wick::backend::{Backend, KvDtype};
 use wick::loader::checkpoint::Checkpoint;
 use wick::model::Model;
 use wick::session::{Session, SessionOptions, WantLogits};
@@ -40,7 +40,9 @@ fn model(file: &str) -> Option<Arc<Model<WgpuBackend>>> {
     });
     let ckpt = Checkpoint::open_gguf(&fixture(file), file.into()).unwrap();
     Some(Arc::new(
-        Model::load(backend, ckpt.config.clone(), &ckpt.tensors).unwrap(),
+        Model::load(backend, ckpt.config.clone(), &ckpt.tensors)
+            .unwrap()
+            .with_kv_dtype(KvDtype::F32),
     ))
 }
 

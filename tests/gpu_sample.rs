@@ -254,7 +254,8 @@ fn forward_sample_decodes_like_forward_with_one_small_readback() {
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let tensors = load_dir(&dir).unwrap();
     let vocab = config.vocab_size;
-    let m = Arc::new(Model::load(g, config, &tensors).unwrap());
+    let m = Model::load(g, config, &tensors).unwrap();
+    let m = Arc::new(m.with_kv_dtype(wick::backend::KvDtype::F32));
     let bs = 16;
     let steps = 12;
     let prompt = [9707u32, 11, 1879, 0, 358];

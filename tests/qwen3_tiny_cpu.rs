@@ -19,7 +19,9 @@ fn model() -> Arc<Model<CpuBackend>> {
     let dir = fixture("qwen3-tiny");
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let tensors = load_dir(&dir).unwrap();
-    Arc::new(Model::load(CpuBackend::new(2).unwrap(), config, &tensors).unwrap())
+    // An f32 KV cache: exact, for the f32 tolerance.
+    let model = Model::load(CpuBackend::new(2).unwrap(), config, &tensors).unwrap();
+    Arc::new(model.with_kv_dtype(KvDtype::F32))
 }
 
 fn session(m: &Arc<Model<CpuBackend>>, chunk: usize) -> Session<CpuBackend> {

@@ -38,7 +38,9 @@ fn model() -> Option<Arc<Model<WgpuBackend>>> {
     let dir = fixture("qwen3-tiny");
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let tensors = load_dir(&dir).unwrap();
-    Some(Arc::new(Model::load(backend, config, &tensors).unwrap()))
+    // An f32 KV cache: exact, for the f32-on-the-host tolerances.
+    let model = Model::load(backend, config, &tensors).unwrap();
+    Some(Arc::new(model.with_kv_dtype(KvDtype::F32)))
 }
 
 fn session(m: &Arc<Model<WgpuBackend>>, chunk: usize) -> Session<WgpuBackend> {

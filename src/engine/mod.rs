@@ -55,6 +55,9 @@ use crate::tokenizer::Tokenizer;
 
 pub use metrics::{Histogram, Metrics, MetricsSnapshot};
 
+/// The KV cache budget in MiB when none is given.
+pub const DEFAULT_KV_CACHE_MB: usize = 1024;
+
 /// Sizes and policies of an [`Engine`].
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
@@ -66,8 +69,8 @@ pub struct EngineOptions {
     pub max_model_len: usize,
     /// Tokens per KV block.
     pub block_size: usize,
-    /// KV cache budget in MiB (`--kv-cache-mb`). `None`: 1 GiB, but always room for at least
-    /// one sequence of `max_model_len` tokens.
+    /// KV cache budget in MiB (`--kv-cache-mb`). `None`: [`DEFAULT_KV_CACHE_MB`], but always
+    /// room for at least one sequence of `max_model_len` tokens.
     pub kv_cache_mb: Option<usize>,
     /// Exact number of KV blocks, overriding `kv_cache_mb` (for tests and tuning).
     pub num_blocks: Option<usize>,
@@ -245,6 +248,32 @@ pub struct TextModel {
     pub eos_token_ids: Vec<u32>,
 }
 
+impl TextModel {
+    /// Renders a chat with the model's template.
+    pub fn render_chat(&self, messages: &[Value], opts: &RenderOptions) -> Result<String> {
+        let t = self.chat_template.as_ref().ok_or_else(|| {
+            Error::Template("the model has no chat template; use a raw prompt".into())
+        })?;
+        t.render(messages, opts)
+    }
+
+    /// Renders and tokenizes a prompt, returning its ids and whether it leaves a `<think>`
+    /// block open.
+    pub fn tokenize_prompt(&self, prompt: &Prompt) -> Result<(Vec<u32>, bool)> {
+        match prompt {
+            Prompt::Ids(ids) => Ok((ids.clone(), false)),
+            Prompt::Text(text) => Ok((self.tokenizer.encode(text, true)?, false)),
+            Prompt::Chat { messages, render } => {
+                let t = self.chat_template.as_ref().ok_or_else(|| {
+                    Error::Template("the model has no chat template; use a raw prompt".into())
+                })?;
+                let (ids, text) = t.encode(&self.tokenizer, messages, render)?;
+                Ok((ids, prompt_opens_reasoning(&text)))
+            }
+        }
+    }
+}
+
 /// A running engine. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Engine {
     text: TextModel,
@@ -299,28 +328,14 @@ impl Engine {
         &self.metrics
     }
 
-    /// Renders a chat with the model's template.
+    /// Renders a chat with the model's template ([`TextModel::render_chat`]).
     pub fn render_chat(&self, messages: &[Value], opts: &RenderOptions) -> Result<String> {
-        let t = self.text.chat_template.as_ref().ok_or_else(|| {
-            Error::Template("the model has no chat template; use a raw prompt".into())
-        })?;
-        t.render(messages, opts)
+        self.text.render_chat(messages, opts)
     }
 
-    /// Renders and tokenizes a prompt, returning its ids and whether it leaves a `<think>`
-    /// block open.
+    /// Renders and tokenizes a prompt ([`TextModel::tokenize_prompt`]).
     pub fn tokenize_prompt(&self, prompt: &Prompt) -> Result<(Vec<u32>, bool)> {
-        match prompt {
-            Prompt::Ids(ids) => Ok((ids.clone(), false)),
-            Prompt::Text(text) => Ok((self.text.tokenizer.encode(text, true)?, false)),
-            Prompt::Chat { messages, render } => {
-                let t = self.text.chat_template.as_ref().ok_or_else(|| {
-                    Error::Template("the model has no chat template; use a raw prompt".into())
-                })?;
-                let (ids, text) = t.encode(&self.text.tokenizer, messages, render)?;
-                Ok((ids, prompt_opens_reasoning(&text)))
-            }
-        }
+        self.text.tokenize_prompt(prompt)
     }
 
     /// Validates, renders and tokenizes `req` and queues it. Errors are the caller's:

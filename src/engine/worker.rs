@@ -5,8 +5,7 @@
 //! cancelled ones (a set cancel flag or a dropped stream), plan the step, lay it out as one
 //! [`Batch`] (every sequence's chunk, with its positions, KV slots and block table), run the
 //! model once, then, for each sequence whose chunk reached its last token, take the next
-//! token and push it through the stop matcher, the streaming detokenizer and the reasoning
-//! parser, exactly as [`crate::generate::generate`] does for one sequence.
+//! token and hand it to the request's [`Reply`] (stop checks, detokenizer, reasoning split).
 //!
 //! When every row to sample can be sampled by the backend ([`Sampler::device_sampling`]:
 //! no penalties, no logprobs), the step is [`Model::forward_sample`] and reads back only the
@@ -39,12 +38,9 @@ use crate::chat_template::RenderOptions;
 use crate::error::{Error, Result};
 use crate::generate::FinishReason;
 use crate::model::{Model, RunState};
-use crate::reasoning::{Delta, ReasoningParser};
-use crate::sampler::{Sampler, StopMatcher, TokenLogprobs};
-use crate::tokenizer::StreamDecoder;
+use crate::reply::Reply;
+use crate::sampler::{Sampler, TokenLogprobs};
 
-/// Default KV budget when none is given.
-const DEFAULT_KV_MB: usize = 1024;
 /// Prefix-cache fills kept waiting at most; older ones are dropped.
 const MAX_PENDING_FILLS: usize = 64;
 /// Ids of prefix-cache fills start here, far from request ids.
@@ -64,7 +60,7 @@ pub(crate) fn spawn<B: Backend>(
         .max(2);
     let bs = opts.block_size;
     let block_bytes = model.kv_layout(1, bs).bytes();
-    let budget = opts.kv_cache_mb.unwrap_or(DEFAULT_KV_MB) << 20;
+    let budget = opts.kv_cache_mb.unwrap_or(super::DEFAULT_KV_CACHE_MB) << 20;
     let min_blocks = max_model_len.div_ceil(bs);
     let mut num_blocks = opts.num_blocks.unwrap_or(budget / block_bytes);
     if num_blocks < min_blocks {
@@ -143,13 +139,7 @@ pub(crate) fn spawn<B: Backend>(
 struct ReqState {
     req: Box<Admitted>,
     sampler: Sampler,
-    stops: StopMatcher,
-    decoder: StreamDecoder,
-    parser: ReasoningParser,
-    generated: Vec<u32>,
-    content: String,
-    reasoning: String,
-    max_new: usize,
+    reply: Reply,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
     scheduled: bool,
@@ -250,13 +240,13 @@ impl<B: Backend> Worker<B> {
                 Metrics::add(&self.metrics.prompt_tokens, prompt_len);
                 let state = ReqState {
                     sampler: Sampler::new(&req.params, &req.prompt_ids),
-                    stops: StopMatcher::new(&req.params.stop),
-                    decoder: self.text.tokenizer.stream_decoder(true),
-                    parser: ReasoningParser::new(req.start_in_reasoning),
-                    generated: Vec::new(),
-                    content: String::new(),
-                    reasoning: String::new(),
-                    max_new,
+                    reply: Reply::new(
+                        &self.text.tokenizer,
+                        &req.params,
+                        &req.eos_token_ids,
+                        req.start_in_reasoning,
+                        max_new,
+                    ),
                     first_token: None,
                     last_token: None,
                     scheduled: false,
@@ -464,7 +454,6 @@ impl<B: Backend> Worker<B> {
             return;
         };
         r.sampler.accept(tok);
-        r.generated.push(tok);
         self.sched.append_token(id, tok);
         Metrics::add(&self.metrics.generation_tokens, 1);
         let now = Instant::now();
@@ -478,34 +467,23 @@ impl<B: Backend> Worker<B> {
             Some(t) => self.metrics.inter_token_latency.observe(now - t),
         }
         r.last_token = Some(now);
-        let params = &r.req.params;
-        let is_stop_id = (!params.ignore_eos && r.req.eos_token_ids.contains(&tok))
-            || params.stop_token_ids.contains(&tok);
-        if is_stop_id {
-            self.finish(id, FinishReason::Stop);
-            return;
-        }
-        let text = match r.decoder.push(tok) {
-            Ok(t) => t,
+        let outcome = match r.reply.on_token(tok, lp.clone()) {
+            Ok(o) => o,
             Err(e) => {
                 self.fail(id, &e.to_string());
                 return;
             }
         };
-        let outcome = r.stops.push(&text);
-        let delta = r.parser.push(&outcome.emit);
-        r.reasoning.push_str(&delta.reasoning);
-        r.content.push_str(&delta.content);
-        let _ = r.req.events.send(EngineEvent::Delta {
-            token_ids: vec![tok],
-            reasoning: delta.reasoning,
-            content: delta.content,
-            logprobs: lp.into_iter().collect::<Vec<TokenLogprobs>>(),
-        });
-        if outcome.stopped {
-            self.finish(id, FinishReason::Stop);
-        } else if r.generated.len() >= r.max_new {
-            self.finish(id, FinishReason::Length);
+        if let Some(delta) = outcome.delta {
+            let _ = r.req.events.send(EngineEvent::Delta {
+                token_ids: vec![tok],
+                reasoning: delta.reasoning,
+                content: delta.content,
+                logprobs: lp.into_iter().collect::<Vec<TokenLogprobs>>(),
+            });
+        }
+        if let Some(reason) = outcome.finish {
+            self.finish(id, reason);
         }
     }
 
@@ -522,25 +500,18 @@ impl<B: Backend> Worker<B> {
     /// Flushes what the request's decoder, stop matcher and parser hold, sends the last
     /// delta and the completion, and frees the sequence.
     fn finish(&mut self, id: u64, reason: FinishReason) {
-        let Some(mut r) = self.reqs.remove(&id) else {
+        let Some(ReqState {
+            req,
+            mut reply,
+            first_token,
+            ..
+        }) = self.reqs.remove(&id)
+        else {
             return;
         };
-        let mut tail = String::new();
-        if r.stops.matched().is_none() {
-            match r.decoder.finish() {
-                Ok(rest) => tail = r.stops.push(&rest).emit,
-                Err(e) => tracing::warn!("request {id}: detokenizing the tail: {e}"),
-            }
-            tail.push_str(&r.stops.finish());
-        }
-        let mut delta: Delta = r.parser.push(&tail);
-        let last = r.parser.finish();
-        delta.reasoning.push_str(&last.reasoning);
-        delta.content.push_str(&last.content);
-        r.reasoning.push_str(&delta.reasoning);
-        r.content.push_str(&delta.content);
+        let delta = reply.finish();
         if !delta.is_empty() {
-            let _ = r.req.events.send(EngineEvent::Delta {
+            let _ = req.events.send(EngineEvent::Delta {
                 token_ids: Vec::new(),
                 reasoning: delta.reasoning,
                 content: delta.content,
@@ -549,29 +520,28 @@ impl<B: Backend> Worker<B> {
         }
         let seq = self.sched.finish(id);
         let now = Instant::now();
+        let reply = reply.into_parts();
         let completion = Completion {
             finish_reason: reason,
             usage: Usage {
-                prompt_tokens: r.req.prompt_ids.len(),
-                completion_tokens: r.generated.len(),
+                prompt_tokens: req.prompt_ids.len(),
+                completion_tokens: reply.token_ids.len(),
                 cached_tokens: seq
                     .as_ref()
                     .and_then(|s| s.cached_prompt_tokens)
                     .unwrap_or(0),
             },
-            token_ids: std::mem::take(&mut r.generated),
-            reasoning: (!r.reasoning.is_empty()).then(|| r.reasoning.clone()),
-            time_to_first_token: r
-                .first_token
-                .map_or(now - r.req.submitted, |t| t - r.req.submitted),
-            total_time: now - r.req.submitted,
+            token_ids: reply.token_ids,
+            reasoning: reply.reasoning,
+            time_to_first_token: first_token.map_or(now - req.submitted, |t| t - req.submitted),
+            total_time: now - req.submitted,
             preemptions: seq.as_ref().map_or(0, |s| s.preemptions),
-            content: std::mem::take(&mut r.content),
+            content: reply.content,
         };
         self.metrics.e2e_latency.observe(completion.total_time);
         self.metrics.on_finish(Some(reason));
         if reason != FinishReason::Cancelled && self.cache_replies && !self.shutting_down {
-            if let Some((messages, render)) = &r.req.chat {
+            if let Some((messages, render)) = &req.chat {
                 if let Some(ids) = self.next_turn_prefix(messages, render, &completion.content) {
                     if self.fills.len() >= MAX_PENDING_FILLS {
                         self.fills.pop_front();
@@ -580,7 +550,7 @@ impl<B: Backend> Worker<B> {
                 }
             }
         }
-        let _ = r.req.events.send(EngineEvent::Finished(completion));
+        let _ = req.events.send(EngineEvent::Finished(completion));
     }
 
     /// The token ids the next turn of this conversation will start with: the conversation

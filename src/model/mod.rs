@@ -151,12 +151,12 @@ impl<B: Backend> Model<B> {
             norm,
             lm_head,
             dims,
-            kv_dtype: KvDtype::F32,
+            kv_dtype: KvDtype::default(),
         })
     }
 
     /// Stores keys and values as `dtype` in the caches made from now on ([`Model::load`]
-    /// keeps them f32, exact).
+    /// gives [`KvDtype::default()`], f16; f32 keeps them exact).
     pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
         self.kv_dtype = dtype;
         self

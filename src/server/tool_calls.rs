@@ -10,6 +10,8 @@
 
 use serde_json::Value;
 
+use crate::reply::partial_tag_suffix;
+
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
 
@@ -36,14 +38,6 @@ pub struct ToolDelta {
 pub struct ToolCallParser {
     buf: String,
     inside: bool,
-}
-
-/// Length of the longest suffix of `s` that is a proper prefix of `tag`.
-fn partial_tag_suffix(s: &str, tag: &str) -> usize {
-    (1..tag.len().min(s.len() + 1))
-        .rev()
-        .find(|&n| s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..]))
-        .unwrap_or(0)
 }
 
 /// Parses a block's body; `None` when it is not a call.
