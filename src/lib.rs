@@ -42,7 +42,6 @@ pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod generate;
-pub mod kv_cache;
 pub mod loader;
 pub mod model;
 pub mod perplexity;

@@ -4,13 +4,15 @@
 //! [`Session::extend`] appends tokens in chunks of at most `prefill_chunk` (prompt
 //! processing is matrix-matrix work over a whole chunk) and reports the logits of the rows
 //! the caller wants. [`Session::reuse_prefix`] keeps the longest cached prefix of a new prompt.
-//! The serving engine, which batches many sequences, builds the same [`Batch`]es.
+//! Its blocks come from the engine's [`KvManager`] (with prefix caching off: the session
+//! keeps its own prefix), and its steps are laid out by the same [`Batch::push_seq`] as the
+//! engine's.
 
 use std::sync::Arc;
 
 use crate::backend::{Backend, Batch, RowSampling};
+use crate::engine::kv_manager::{KvManager, DEFAULT_BLOCK_SIZE};
 use crate::error::{Error, Result};
-use crate::kv_cache::{BlockPool, BlockTable, DEFAULT_BLOCK_SIZE};
 use crate::model::{Model, RunState};
 
 /// Sizes of a [`Session`].
@@ -51,8 +53,11 @@ pub struct Session<B: Backend> {
     model: Arc<Model<B>>,
     state: RunState<B>,
     cache: B::KvCache,
-    pool: BlockPool,
-    table: BlockTable,
+    /// The pool, sized to one sequence of `max_model_len` tokens (no prefix caching: the
+    /// session keeps its own prefix in `tokens`).
+    kv: KvManager,
+    /// The sequence's blocks, in order.
+    blocks: Vec<u32>,
     tokens: Vec<u32>,
     opts: SessionOptions,
     batch: Batch,
@@ -78,8 +83,8 @@ impl<B: Backend> Session<B> {
         Ok(Session {
             state,
             cache,
-            pool: BlockPool::new(num_blocks, opts.block_size),
-            table: BlockTable::default(),
+            kv: KvManager::new(num_blocks, opts.block_size, false),
+            blocks: Vec::new(),
             tokens: Vec::new(),
             opts,
             batch: Batch::default(),
@@ -106,7 +111,7 @@ impl<B: Backend> Session<B> {
 
     /// Forgets everything.
     pub fn reset(&mut self) {
-        self.table.free(&mut self.pool);
+        self.kv.release_all(&mut self.blocks);
         self.tokens.clear();
     }
 
@@ -120,7 +125,7 @@ impl<B: Backend> Session<B> {
             .take_while(|(a, b)| a == b)
             .count()
             .min(ids.len().saturating_sub(1));
-        self.table.truncate(&mut self.pool, common);
+        self.kv.truncate(&mut self.blocks, common);
         self.tokens.truncate(common);
         common
     }
@@ -172,7 +177,7 @@ impl<B: Backend> Session<B> {
             WantLogits::Last => self.state.max_tokens(),
             WantLogits::All => self.state.max_tokens().min(self.state.max_logits_rows()),
         };
-        let bs = self.pool.block_size();
+        let bs = self.kv.block_size();
         let mut done = 0;
         let mut sampled = None;
         while done < ids.len() {
@@ -180,20 +185,12 @@ impl<B: Backend> Session<B> {
             let part = &ids[done..done + n];
             let start = self.tokens.len();
             assert!(
-                self.table.reserve(&mut self.pool, start + n),
+                self.kv.reserve(&mut self.blocks, start + n),
                 "pool sized for max_model_len"
             );
             let b = &mut self.batch;
-            b.token_ids.clear();
-            b.token_ids.extend_from_slice(part);
-            b.positions.clear();
-            b.positions.extend((start..start + n).map(|p| p as u32));
-            b.slot_mapping.clear();
-            b.slot_mapping
-                .extend((start..start + n).map(|p| self.table.slot(p, bs)));
-            b.seqs.clear();
-            b.seqs.push(self.table.span(0, n));
-            b.logits_rows.clear();
+            b.clear();
+            b.push_seq(part, start, &self.blocks, bs);
             let last_chunk = done + n == ids.len();
             match want {
                 WantLogits::All => b.logits_rows.extend(0..n as u32),
@@ -217,7 +214,6 @@ impl<B: Backend> Session<B> {
                     .model
                     .forward(&mut self.state, &mut self.cache, b, &mut self.logits),
             }
-            self.table.num_tokens += n;
             self.tokens.extend_from_slice(part);
             for (r, &row) in self.batch.logits_rows.iter().enumerate() {
                 if self.logits.is_empty() {

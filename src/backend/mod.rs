@@ -55,10 +55,51 @@ pub struct Batch {
     pub logits_rows: Vec<u32>,
 }
 
+/// The KV slot of position `pos` of a sequence whose blocks are `block_table`:
+/// `block_table[pos / block_size] · block_size + pos % block_size`.
+pub fn slot(block_table: &[u32], block_size: usize, pos: usize) -> u32 {
+    (block_table[pos / block_size] as usize * block_size + pos % block_size) as u32
+}
+
 impl Batch {
     /// T: number of tokens in the step.
     pub fn num_tokens(&self) -> usize {
         self.token_ids.len()
+    }
+
+    /// Empties the batch for the next step (keeping its allocations).
+    pub fn clear(&mut self) {
+        self.token_ids.clear();
+        self.positions.clear();
+        self.slot_mapping.clear();
+        self.seqs.clear();
+        self.logits_rows.clear();
+    }
+
+    /// Appends a sequence's next tokens: `tokens` at positions `start..start + len`, with
+    /// the KV slots of `block_table` (which covers them); after the step its context is
+    /// `start + len` tokens. Returns the row of its first token. Which rows' logits are
+    /// wanted is the caller's to push into `logits_rows`.
+    pub fn push_seq(
+        &mut self,
+        tokens: &[u32],
+        start: usize,
+        block_table: &[u32],
+        block_size: usize,
+    ) -> usize {
+        let row = self.token_ids.len();
+        let end = start + tokens.len();
+        self.token_ids.extend_from_slice(tokens);
+        self.positions.extend((start..end).map(|p| p as u32));
+        self.slot_mapping
+            .extend((start..end).map(|p| slot(block_table, block_size, p)));
+        self.seqs.push(SeqSpan {
+            start: row as u32,
+            len: tokens.len() as u32,
+            context_len: end as u32,
+            block_table: block_table.to_vec(),
+        });
+        row
     }
 
     /// Checks the internal consistency the kernels rely on (lengths agree, spans tile the
@@ -86,9 +127,8 @@ impl Batch {
                         self.positions[row]
                     ));
                 }
-                let block = seq.block_table[pos as usize / block_size] as usize;
-                let slot = block * block_size + pos as usize % block_size;
-                if self.slot_mapping[row] as usize != slot {
+                let slot = slot(&seq.block_table, block_size, pos as usize);
+                if self.slot_mapping[row] != slot {
                     return Err(format!(
                         "row {row}: slot {} != {slot}",
                         self.slot_mapping[row]

@@ -14,6 +14,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 
+/// Default tokens per block.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
 /// The identity of a full block: its chained hash plus what was hashed, for confirmation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockKey {
@@ -167,6 +170,29 @@ impl KvManager {
         }
     }
 
+    /// Grows a sequence's `blocks` to hold `tokens` tokens; `false`, taking nothing, when
+    /// the pool is short.
+    pub fn reserve(&mut self, blocks: &mut Vec<u32>, tokens: usize) -> bool {
+        let need = self.blocks_for(tokens).saturating_sub(blocks.len());
+        if need > self.num_free() {
+            return false;
+        }
+        for _ in 0..need {
+            blocks.push(self.allocate().expect("counted free"));
+        }
+        true
+    }
+
+    /// Shrinks a sequence's `blocks` to those `tokens` tokens need, releasing the rest (last
+    /// block first).
+    pub fn truncate(&mut self, blocks: &mut Vec<u32>, tokens: usize) {
+        let keep = self.blocks_for(tokens);
+        while blocks.len() > keep {
+            let b = blocks.pop().expect("longer than keep");
+            self.release(b);
+        }
+    }
+
     /// Releases a sequence's blocks, last block first, so that a prefix's tail is evicted
     /// before its head.
     pub fn release_all(&mut self, blocks: &mut Vec<u32>) {
@@ -271,6 +297,22 @@ mod tests {
         let mut k = Vec::new();
         extend_keys(&mut k, tokens, bs);
         k
+    }
+
+    #[test]
+    fn reserve_truncate_and_release_return_every_block() {
+        let mut kv = KvManager::new(4, 16, false);
+        let mut a = Vec::new();
+        assert!(kv.reserve(&mut a, 33));
+        assert_eq!((a.len(), kv.num_free()), (3, 1));
+        let mut b = Vec::new();
+        assert!(!kv.reserve(&mut b, 17), "only one block is left");
+        assert_eq!(kv.num_free(), 1, "a failed reserve allocates nothing");
+        kv.truncate(&mut a, 16);
+        assert_eq!((a.len(), kv.num_free()), (1, 3));
+        kv.release_all(&mut a);
+        assert_eq!(kv.num_free(), 4);
+        kv.check().unwrap();
     }
 
     #[test]

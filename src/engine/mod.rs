@@ -89,7 +89,7 @@ impl Default for EngineOptions {
             max_num_seqs: 16,
             max_num_batched_tokens: 512,
             max_model_len: 8192,
-            block_size: crate::kv_cache::DEFAULT_BLOCK_SIZE,
+            block_size: kv_manager::DEFAULT_BLOCK_SIZE,
             kv_cache_mb: None,
             num_blocks: None,
             max_waiting: None,

@@ -200,14 +200,7 @@ impl Scheduler {
     /// Grows `id`'s blocks to hold `tokens` tokens; `false` when the pool is short.
     fn reserve(&mut self, id: u64, tokens: usize) -> bool {
         let seq = self.seqs.get_mut(&id).expect("sequence");
-        let need = self.kv.blocks_for(tokens).saturating_sub(seq.blocks.len());
-        if need > self.kv.num_free() {
-            return false;
-        }
-        for _ in 0..need {
-            seq.blocks.push(self.kv.allocate().expect("counted free"));
-        }
-        true
+        self.kv.reserve(&mut seq.blocks, tokens)
     }
 
     /// Plans the next step. An empty plan means there is nothing to run.

@@ -33,7 +33,7 @@ use super::{
     Admitted, Command, Completion, EngineEvent, EngineInfo, EngineOptions, TextModel, Usage,
 };
 use crate::backend::sample::sample_row;
-use crate::backend::{Backend, Batch, RowSampling, SeqSpan};
+use crate::backend::{Backend, Batch, RowSampling};
 use crate::chat_template::RenderOptions;
 use crate::error::{Error, Result};
 use crate::generate::FinishReason;
@@ -417,28 +417,12 @@ impl<B: Backend> Worker<B> {
     fn build_batch(&mut self, plan: &StepPlan) -> Vec<u64> {
         let bs = self.sched.kv().block_size();
         let b = &mut self.batch;
-        b.token_ids.clear();
-        b.positions.clear();
-        b.slot_mapping.clear();
-        b.seqs.clear();
-        b.logits_rows.clear();
+        b.clear();
         let mut sample = Vec::new();
         for s in &plan.seqs {
             let seq = self.sched.get(s.id).expect("scheduled sequence");
-            let row = b.token_ids.len();
-            b.token_ids
-                .extend_from_slice(&seq.tokens[s.start..s.start + s.len]);
-            for p in s.start..s.start + s.len {
-                b.positions.push(p as u32);
-                b.slot_mapping
-                    .push((seq.blocks[p / bs] as usize * bs + p % bs) as u32);
-            }
-            b.seqs.push(SeqSpan {
-                start: row as u32,
-                len: s.len as u32,
-                context_len: (s.start + s.len) as u32,
-                block_table: seq.blocks.clone(),
-            });
+            let tokens = &seq.tokens[s.start..s.start + s.len];
+            let row = b.push_seq(tokens, s.start, &seq.blocks, bs);
             if s.sample {
                 b.logits_rows.push((row + s.len - 1) as u32);
                 sample.push(s.id);
