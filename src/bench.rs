@@ -29,7 +29,7 @@ use serde::Serialize;
 use crate::backend::wgpu::GpuStats;
 use crate::backend::RowSampling;
 use crate::error::Result;
-use crate::generate::SequenceRunner;
+use crate::session::SequenceRunner;
 
 /// What to measure.
 #[derive(Clone, Copy, Debug)]

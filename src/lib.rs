@@ -4,18 +4,19 @@
 //!
 //! - [`runtime::Runtime`]: load a model (a local directory, a `.gguf` file or a Hub id) on a
 //!   device, then [`chat`](runtime::Runtime::chat) or [`generate`](runtime::Runtime::generate)
-//!   with a streaming callback; a conversation's earlier turns stay in the KV cache.
-//! - [`engine::Engine`]: many requests on one model at once — continuous batching over a
-//!   paged KV cache with prefix caching, on its own thread, answered through streams
-//!   ([`runtime::Runtime::start_engine`]).
+//!   with a streaming callback; both run on an engine of one sequence, whose prefix cache
+//!   keeps a conversation's earlier turns.
+//! - [`engine::Engine`]: the one path from request to token — many requests on one model at
+//!   once, continuous batching over a paged KV cache with prefix caching, on its own thread,
+//!   answered through streams ([`runtime::Runtime::start_engine`]).
 //! - [`loader::checkpoint::Checkpoint`]: configuration, tokenizer, chat template and
 //!   memory-mapped weights as found on disk.
 //! - [`model::Model`]: the forward pass, written once over the [`backend::Backend`] trait and
 //!   run by [`backend::cpu::CpuBackend`] or [`backend::wgpu::WgpuBackend`].
-//! - [`session::Session`]: one sequence and its paged KV cache; [`generate::generate`] drives
-//!   it token by token.
 //! - [`reply::Reply`]: one reply's per-token pipeline (stop conditions, detokenizer,
-//!   reasoning/content split), the same for the engine and [`generate::generate`].
+//!   reasoning/content split).
+//! - [`session::Session`]: one sequence driven directly, for tools that need every row's
+//!   logits (perplexity, benchmarks); its blocks and batches are the engine's.
 //!
 //! ```no_run
 //! use std::sync::atomic::AtomicBool;

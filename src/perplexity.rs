@@ -59,7 +59,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::generate::SequenceRunner;
+use crate::session::SequenceRunner;
 
 /// The outcome of a perplexity run.
 #[derive(Clone, Debug, serde::Serialize)]

@@ -1,7 +1,7 @@
 //! The library's front door: load a model once on the chosen device, then chat or generate.
 //!
 //! ```no_run
-//! use std::sync::atomic::AtomicBool;
+//! use std::sync::atomic::{AtomicBool, Ordering};
 //! use wick::runtime::{Device, Runtime, RuntimeOptions, ChatOptions};
 //!
 //! # fn main() -> wick::Result<()> {
@@ -18,10 +18,12 @@
 //!
 //! The device is chosen here, once: [`Runtime`] holds the model behind a trait object, so
 //! nothing below it matches on the backend. A runtime serves one conversation itself
-//! ([`Runtime::chat`], on a [`Session`] made on first use) and starts the batching
-//! [`Engine`] for many ([`Runtime::start_engine`]); both share the loaded weights.
+//! ([`Runtime::chat`], on an [`Engine`] of one sequence started on first use, whose prefix
+//! cache keeps the earlier turns), starts engines for many ([`Runtime::start_engine`]), and
+//! lends a plain [`Session`] to tools that need every row's logits ([`Runtime::runner`]);
+//! all of them share the loaded weights.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -31,9 +33,11 @@ use crate::backend::wgpu::{has_hardware_gpu, GpuStats, WgpuBackend, WgpuOptions}
 use crate::backend::KvDtype;
 use crate::chat_template::RenderOptions;
 use crate::config::{GenerationConfig, ModelConfig};
-use crate::engine::{Engine, EngineOptions, Prompt, TextModel};
-use crate::error::Result;
-use crate::generate::{generate, GenerateRequest, Generation, SequenceRunner, TokenEvent};
+use crate::engine::{Engine, EngineEvent, EngineOptions, Prepared, Prompt, TextModel};
+use crate::error::{Error, Result};
+use crate::generate::{Generation, TokenEvent};
+use crate::reasoning::Delta;
+use crate::session::SequenceRunner;
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::hub::HubOptions;
 use crate::model::Model;
@@ -119,7 +123,7 @@ impl<B: crate::backend::Backend> LoadedModel for Arc<Model<B>> {
     }
 }
 
-/// A loaded model with one conversation's KV cache.
+/// A loaded model, and the engine its conversation runs on.
 pub struct Runtime {
     name: String,
     config: ModelConfig,
@@ -128,7 +132,10 @@ pub struct Runtime {
     text: TextModel,
     model: Box<dyn LoadedModel>,
     session_opts: SessionOptions,
-    /// The conversation's sequence, made on first use.
+    /// The engine chats and generations run on, started on first use.
+    engine: Option<Engine>,
+    /// A sequence driven directly, for every row's logits (benchmarks, perplexity), made on
+    /// first use.
     runner: Option<Box<dyn SequenceRunner>>,
     device: String,
     weight_bytes_per_token: u64,
@@ -212,6 +219,7 @@ impl Runtime {
             generation: ckpt.generation,
             model,
             session_opts,
+            engine: None,
             runner: None,
             device,
             gpu_stats,
@@ -312,17 +320,18 @@ impl Runtime {
         cancel: &AtomicBool,
         on_token: &mut dyn FnMut(&TokenEvent<'_>),
     ) -> Result<Generation> {
-        let (ids, start_in_reasoning) = self.text.tokenize_prompt(&Prompt::Chat {
+        let prompt = Prompt::Chat {
             messages: messages.to_vec(),
             render: RenderOptions {
                 enable_thinking: Some(opts.enable_thinking),
                 ..RenderOptions::default()
             },
-        })?;
-        self.generate(ids, start_in_reasoning, &opts.params, cancel, on_token)
+        };
+        self.run(prompt, &opts.params, cancel, on_token)
     }
 
-    /// Generates from token ids.
+    /// Generates from token ids; `start_in_reasoning` when they leave a `<think>` block
+    /// open. A cached prefix of `prompt_ids` is reused.
     pub fn generate(
         &mut self,
         prompt_ids: Vec<u32>,
@@ -331,14 +340,94 @@ impl Runtime {
         cancel: &AtomicBool,
         on_token: &mut dyn FnMut(&TokenEvent<'_>),
     ) -> Result<Generation> {
-        let req = GenerateRequest {
-            prompt_ids,
-            params: params.clone(),
-            eos_token_ids: self.text.eos_token_ids.clone(),
-            start_in_reasoning,
+        let engine = self.engine()?;
+        let mut prepared = engine.prepare(Prompt::Ids(prompt_ids))?;
+        prepared.start_in_reasoning = start_in_reasoning;
+        self.wait(prepared, params, cancel, on_token)
+    }
+
+    /// Runs one request on the engine (a batch of one) and reports its tokens.
+    fn run(
+        &mut self,
+        prompt: Prompt,
+        params: &SamplingParams,
+        cancel: &AtomicBool,
+        on_token: &mut dyn FnMut(&TokenEvent<'_>),
+    ) -> Result<Generation> {
+        let prepared = self.engine()?.prepare(prompt)?;
+        self.wait(prepared, params, cancel, on_token)
+    }
+
+    /// Submits `prepared` and turns the engine's events into [`TokenEvent`]s until the
+    /// request ends. `cancel` is checked at every token.
+    fn wait(
+        &mut self,
+        prepared: Prepared,
+        params: &SamplingParams,
+        cancel: &AtomicBool,
+        on_token: &mut dyn FnMut(&TokenEvent<'_>),
+    ) -> Result<Generation> {
+        let engine = self.engine()?;
+        let mut stream = engine.submit_prepared(&prepared, params.clone())?;
+        let mut last_id = 0;
+        let completion = loop {
+            if cancel.load(Ordering::Relaxed) {
+                stream.cancel();
+            }
+            match stream.blocking_next() {
+                Some(EngineEvent::Delta {
+                    token_ids,
+                    reasoning,
+                    content,
+                    logprobs,
+                }) => {
+                    last_id = token_ids.last().copied().unwrap_or(last_id);
+                    let delta = Delta { reasoning, content };
+                    on_token(&TokenEvent {
+                        id: last_id,
+                        delta: &delta,
+                        logprobs: logprobs.last(),
+                    });
+                }
+                Some(EngineEvent::Finished(c)) => break c,
+                Some(EngineEvent::Error(e)) => return Err(Error::Engine(e)),
+                None => return Err(Error::Engine("the engine stopped".into())),
+            }
         };
-        let tokenizer = self.text.tokenizer.clone();
-        generate(self.runner()?, &tokenizer, &req, cancel, on_token)
+        let decode_time = completion
+            .total_time
+            .saturating_sub(completion.time_to_first_token);
+        Ok(Generation {
+            prompt_tokens: completion.usage.prompt_tokens,
+            cached_tokens: completion.usage.cached_tokens,
+            decode_steps: completion.token_ids.len().saturating_sub(1),
+            token_ids: completion.token_ids,
+            content: completion.content,
+            reasoning: completion.reasoning,
+            finish_reason: Some(completion.finish_reason),
+            logprobs: completion.logprobs,
+            prefill_time: completion.time_to_first_token,
+            decode_time,
+        })
+    }
+
+    /// The engine [`Runtime::chat`] and [`Runtime::generate`] run on, started on first use
+    /// with a KV cache of one sequence of [`Runtime::max_model_len`] tokens.
+    fn engine(&mut self) -> Result<&Engine> {
+        if self.engine.is_none() {
+            let max_model_len = self.max_model_len();
+            let block_size = EngineOptions::default().block_size;
+            let opts = EngineOptions {
+                max_num_seqs: 1,
+                max_num_batched_tokens: self.session_opts.prefill_chunk.max(1),
+                max_model_len,
+                block_size,
+                num_blocks: Some(max_model_len.div_ceil(block_size)),
+                ..EngineOptions::default()
+            };
+            self.engine = Some(self.start_engine(&opts)?);
+        }
+        Ok(self.engine.as_ref().expect("just started"))
     }
 
     /// Weight bytes a decode step reads.
@@ -355,8 +444,10 @@ impl Runtime {
         Ok(self.runner.as_mut().expect("just made").as_mut())
     }
 
-    /// Forgets the cached conversation.
+    /// Forgets the cached conversation and frees the KV caches (they are allocated again
+    /// on next use).
     pub fn reset(&mut self) {
+        self.engine = None;
         if let Some(r) = self.runner.as_mut() {
             r.reset();
         }

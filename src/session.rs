@@ -229,3 +229,60 @@ impl<B: Backend> Session<B> {
         Ok(sampled)
     }
 }
+
+/// What tools driving one sequence need from it: the object-safe face of [`Session`], for
+/// tools that need every row's logits (benchmarks, perplexity).
+pub trait SequenceRunner: Send {
+    /// Tokens whose KV is cached.
+    fn cached_tokens(&self) -> &[u32];
+    /// Keeps the longest cached prefix of `ids` (never all of it); returns its length.
+    fn reuse_prefix(&mut self, ids: &[u32]) -> usize;
+    /// Appends `ids` and returns the logits after the last one (`[V]`).
+    fn extend_last(&mut self, ids: &[u32], logits: &mut Vec<f32>) -> Result<()>;
+    /// Appends `ids`, reporting the logits after every one of them.
+    fn extend_all(&mut self, ids: &[u32], on_row: &mut dyn FnMut(usize, &[f32])) -> Result<()>;
+    /// Appends `ids` (at least one) and returns the token `params` chooses after the last one,
+    /// sampled by the backend where the logits are (on the GPU: one id read back, not `[V]`
+    /// logits). The default reads the logits back and samples on the host.
+    fn extend_sample(&mut self, ids: &[u32], params: &RowSampling) -> Result<u32> {
+        let mut logits = Vec::new();
+        self.extend_last(ids, &mut logits)?;
+        Ok(crate::backend::sample::sample_row(
+            &logits,
+            params,
+            &mut Vec::new(),
+        ))
+    }
+    /// Forgets the cache.
+    fn reset(&mut self);
+    /// The longest sequence it holds.
+    fn max_model_len(&self) -> usize;
+}
+
+impl<B: Backend> SequenceRunner for Session<B> {
+    fn cached_tokens(&self) -> &[u32] {
+        self.tokens()
+    }
+    fn reuse_prefix(&mut self, ids: &[u32]) -> usize {
+        Session::reuse_prefix(self, ids)
+    }
+    fn extend_last(&mut self, ids: &[u32], logits: &mut Vec<f32>) -> Result<()> {
+        self.extend(ids, WantLogits::Last, |_, row| {
+            logits.clear();
+            logits.extend_from_slice(row);
+        })
+    }
+    fn extend_all(&mut self, ids: &[u32], on_row: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
+        self.extend(ids, WantLogits::All, on_row)
+    }
+    fn extend_sample(&mut self, ids: &[u32], params: &RowSampling) -> Result<u32> {
+        Session::extend_sample(self, ids, params)
+    }
+    fn reset(&mut self) {
+        Session::reset(self)
+    }
+    fn max_model_len(&self) -> usize {
+        Session::max_model_len(self)
+    }
+}
+

@@ -10,7 +10,7 @@ use serde_json::json;
 use wick::chat_template::RenderOptions;
 use wick::engine::{Engine, EngineEvent, EngineOptions, Prompt, Request};
 use wick::runtime::{Device, Runtime, RuntimeOptions};
-use wick::sampler::SamplingParams;
+use wick::sampler::{Sampler, SamplingParams};
 
 fn runtime(device: Device) -> Runtime {
     let opts = RuntimeOptions {
@@ -45,6 +45,32 @@ fn greedy(max_tokens: usize) -> SamplingParams {
     }
 }
 
+/// `n` tokens for `prompt` on the runtime's plain session, sampled as the engine would (the
+/// backend draws unless the request needs the logits on the host): a path that shares
+/// neither the engine's scheduler nor its batches.
+fn on_session(rt: &mut Runtime, prompt: &[u32], params: &SamplingParams, n: usize) -> Vec<u32> {
+    let mut sampler = Sampler::new(params, prompt);
+    let runner = rt.runner().unwrap();
+    runner.reset();
+    let mut logits = Vec::new();
+    let mut ids = Vec::new();
+    let mut input = prompt.to_vec();
+    while ids.len() < n {
+        let id = match sampler.device_sampling() {
+            Some(row) => runner.extend_sample(&input, &row).unwrap(),
+            None => {
+                runner.extend_last(&input, &mut logits).unwrap();
+                sampler.sample_with_logprobs(&mut logits).0
+            }
+        };
+        sampler.accept(id);
+        ids.push(id);
+        input = vec![id];
+    }
+    runner.reset();
+    ids
+}
+
 fn wait_idle(engine: &Engine) {
     let t0 = Instant::now();
     loop {
@@ -71,14 +97,17 @@ fn batched_equals_sequential(device: Device) {
     let want: Vec<Vec<u32>> = prompts
         .iter()
         .zip(lens)
-        .map(|(p, n)| {
-            rt.reset();
-            let never = std::sync::atomic::AtomicBool::new(false);
-            rt.generate(p.clone(), false, &greedy(n), &never, &mut |_| {})
-                .unwrap()
-                .token_ids
-        })
+        .map(|(p, n)| on_session(&mut rt, p, &greedy(n), n))
         .collect();
+    // And through `generate`, a batch of one on the runtime's own engine.
+    for (i, (p, n)) in prompts.iter().zip(lens).enumerate() {
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let got = rt
+            .generate(p.clone(), false, &greedy(n), &never, &mut |_| {})
+            .unwrap()
+            .token_ids;
+        assert_eq!(got, want[i], "generate, prompt {i}");
+    }
 
     // Batched: small steps (chunked prefill) and a pool of 8 blocks of 16 tokens for eight
     // sequences, so sequences must be preempted and recomputed.
@@ -365,6 +394,7 @@ fn seeded_sampling_is_the_same_everywhere(device: Device) {
         .generate(prompts[2].clone(), false, &params, &never, &mut |_| {})
         .unwrap()
         .token_ids;
+    assert_eq!(on_session(&mut rt, &prompts[2], &params, 24), want, "session");
     // Another seed draws something else: the seed is what makes it repeat.
     let other = rt
         .generate(
@@ -482,6 +512,9 @@ fn logprobs_and_zero_penalties_do_not_change_the_draw(device: Device) {
     assert_eq!(want.len(), 20);
     for (what, p) in &variants {
         assert_eq!(generate(p), want, "generate, {what}");
+    }
+    for (what, p) in &variants {
+        assert_eq!(on_session(&mut rt, &prompts[4], p, 20), want, "session, {what}");
     }
 
     let engine = default_engine(&rt);

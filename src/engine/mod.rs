@@ -119,7 +119,8 @@ pub enum Prompt {
 #[derive(Clone, Debug)]
 pub struct Prepared {
     ids: Vec<u32>,
-    start_in_reasoning: bool,
+    /// The prompt leaves a `<think>` block open: the reply starts in the reasoning.
+    pub start_in_reasoning: bool,
     chat: Option<(Vec<Value>, RenderOptions)>,
 }
 
@@ -169,6 +170,9 @@ pub struct Completion {
     pub total_time: Duration,
     /// Times the request was preempted and recomputed.
     pub preemptions: usize,
+    /// Log-probabilities of every generated token (a final stop id's included), when
+    /// requested.
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 /// What a [`RequestStream`] yields.
@@ -505,10 +509,12 @@ impl RequestStream {
         self.events.recv().await
     }
 
-    /// The next event, blocking the thread; `None` after the last one. Do not call from
-    /// async code.
+    /// The next event, blocking the thread; `None` after the last one. From async code,
+    /// prefer [`RequestStream::next`]: this one blocks the task's thread.
     pub fn blocking_next(&mut self) -> Option<EngineEvent> {
-        self.events.blocking_recv()
+        // Not `blocking_recv`, which panics inside an async runtime: an app that embeds the
+        // library may well call this from one of its tasks.
+        pollster::block_on(self.events.recv())
     }
 
     /// Asks the engine to stop the request; its stream then ends with `Finished` and

@@ -521,6 +521,7 @@ impl<B: Backend> Worker<B> {
             total_time: now - req.submitted,
             preemptions: seq.as_ref().map_or(0, |s| s.preemptions),
             content: reply.content,
+            logprobs: reply.logprobs,
         };
         self.metrics.e2e_latency.observe(completion.total_time);
         self.metrics.on_finish(Some(reason));

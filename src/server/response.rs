@@ -576,6 +576,7 @@ mod tests {
             time_to_first_token: Duration::ZERO,
             total_time: Duration::ZERO,
             preemptions: 0,
+            logprobs: Vec::new(),
         })
     }
 
