@@ -17,10 +17,10 @@ use std::sync::Arc;
 use anyhow::Result;
 use clap::Parser;
 use serde_json::json;
-use wick::chat_template::RenderOptions;
 use wick::engine::{EngineEvent, EngineOptions, Prompt, Request};
 use wick::loader::hub::HubOptions;
 use wick::runtime::{Device, Runtime, RuntimeOptions};
+use wick::text::chat_template::RenderOptions;
 
 #[derive(Parser)]
 #[command(about = "Chat with a Qwen3 model")]

@@ -1,12 +1,12 @@
 //! What a generation gives back: the per-token [`TokenEvent`]s a caller's callback sees, the
 //! [`Generation`] at the end and its [`FinishReason`]. [`crate::runtime::Runtime::chat`] and
 //! [`crate::runtime::Runtime::generate`] produce them from the engine's events; the engine's
-//! own per-token pipeline is [`crate::reply::Reply`].
+//! own per-token pipeline is [`crate::text::reply::Reply`].
 
 use std::time::Duration;
 
-use crate::reasoning::Delta;
 use crate::sampler::TokenLogprobs;
+use crate::text::reasoning::Delta;
 
 /// Why generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -73,8 +73,8 @@ impl Generation {
 /// its reasoning).
 pub fn prompt_opens_reasoning(prompt: &str) -> bool {
     match (
-        prompt.rfind(crate::reasoning::THINK_START),
-        prompt.rfind(crate::reasoning::THINK_END),
+        prompt.rfind(crate::text::reasoning::THINK_START),
+        prompt.rfind(crate::text::reasoning::THINK_END),
     ) {
         (Some(open), Some(close)) => open > close,
         (Some(_), None) => true,

@@ -13,7 +13,7 @@
 //!   memory-mapped weights as found on disk.
 //! - [`model::Model`]: the forward pass, written once over the [`backend::Backend`] trait and
 //!   run by [`backend::cpu::CpuBackend`] or [`backend::wgpu::WgpuBackend`].
-//! - [`reply::Reply`]: one reply's per-token pipeline (stop conditions, detokenizer,
+//! - [`text::reply::Reply`]: one reply's per-token pipeline (stop conditions, detokenizer,
 //!   reasoning/content split).
 //! - [`session::Session`]: one sequence driven directly, for tools that need every row's
 //!   logits (perplexity, benchmarks); its blocks and batches are the engine's.
@@ -37,7 +37,6 @@
 
 pub mod backend;
 pub mod bench;
-pub mod chat_template;
 pub mod config;
 pub mod convert;
 pub mod engine;
@@ -47,14 +46,11 @@ pub mod loader;
 pub mod model;
 pub mod perplexity;
 pub mod quant;
-pub mod reasoning;
-pub mod reply;
 pub mod runtime;
 pub mod sampler;
 pub mod server;
 pub mod session;
 pub mod synth;
-pub mod tokenizer;
-pub mod tokenizer_gguf;
+pub mod text;
 
 pub use error::{Error, Result};

@@ -10,11 +10,11 @@ use serde_json::json;
 
 use wick::backend::cpu::ActQuant;
 use wick::backend::KvDtype;
-use wick::chat_template::RenderOptions;
 use wick::generate::prompt_opens_reasoning;
 use wick::loader::hub::HubOptions;
 use wick::quant::scheme::QuantScheme;
 use wick::runtime::{Device, Runtime, RuntimeOptions};
+use wick::text::chat_template::RenderOptions;
 
 #[derive(Parser)]
 #[command(

@@ -31,20 +31,20 @@ use serde_json::Value;
 use crate::backend::cpu::{ActQuant, CpuBackend};
 use crate::backend::wgpu::{has_hardware_gpu, GpuStats, WgpuBackend, WgpuOptions};
 use crate::backend::KvDtype;
-use crate::chat_template::RenderOptions;
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::engine::{Engine, EngineEvent, EngineOptions, Prepared, Prompt, TextModel};
 use crate::error::{Error, Result};
 use crate::generate::{Generation, TokenEvent};
-use crate::reasoning::Delta;
-use crate::session::SequenceRunner;
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::hub::HubOptions;
 use crate::model::Model;
 use crate::quant::scheme::{quantize_set, QuantScheme};
 use crate::sampler::SamplingParams;
+use crate::session::SequenceRunner;
 use crate::session::{Session, SessionOptions};
-use crate::tokenizer::Tokenizer;
+use crate::text::chat_template::RenderOptions;
+use crate::text::reasoning::Delta;
+use crate::text::tokenizer::Tokenizer;
 
 /// Where to run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

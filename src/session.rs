@@ -285,4 +285,3 @@ impl<B: Backend> SequenceRunner for Session<B> {
         Session::max_model_len(self)
     }
 }
-

@@ -1,4 +1,4 @@
-//! Golden tests of the tokenizer built from GGUF metadata alone (`wick::tokenizer_gguf`).
+//! Golden tests of the tokenizer built from GGUF metadata alone (`wick::loader::gguf_tokenizer`).
 //!
 //! Oracles: for the Qwen3 fixtures, Hugging Face `tokenizers` on the model's `tokenizer.json`
 //! (`qwen3-tiny/text_oracle.json`, `qwen3-tiny/oracle.json`, and the file itself); for the
@@ -10,8 +10,8 @@ use std::path::Path;
 
 use serde_json::Value;
 use wick::loader::gguf::GgufFile;
-use wick::tokenizer::Tokenizer;
-use wick::tokenizer_gguf::{build_tokenizer, tokenizer_from_gguf, vocab_from_gguf};
+use wick::loader::gguf_tokenizer::{build_tokenizer, tokenizer_from_gguf, vocab_from_gguf};
+use wick::text::tokenizer::Tokenizer;
 
 mod common;
 

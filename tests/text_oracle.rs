@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::Value;
-use wick::chat_template::{ChatTemplate, RenderOptions};
-use wick::tokenizer::Tokenizer;
+use wick::text::chat_template::{ChatTemplate, RenderOptions};
+use wick::text::tokenizer::Tokenizer;
 
 fn fixture_path(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -276,6 +276,6 @@ fn text_types_can_be_shared_with_server_threads() {
     fn sent<T: Send>() {}
     shared::<Tokenizer>();
     shared::<ChatTemplate>();
-    sent::<wick::tokenizer::StreamDecoder>();
-    sent::<wick::reasoning::ReasoningParser>();
+    sent::<wick::text::tokenizer::StreamDecoder>();
+    sent::<wick::text::reasoning::ReasoningParser>();
 }

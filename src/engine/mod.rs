@@ -46,12 +46,12 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::backend::Backend;
-use crate::chat_template::{ChatTemplate, RenderOptions};
 use crate::error::{Error, Result};
 use crate::generate::{prompt_opens_reasoning, FinishReason};
 use crate::model::Model;
 use crate::sampler::{SamplingParams, TokenLogprobs};
-use crate::tokenizer::Tokenizer;
+use crate::text::chat_template::{ChatTemplate, RenderOptions};
+use crate::text::tokenizer::Tokenizer;
 
 pub use metrics::{Histogram, Metrics, MetricsSnapshot};
 

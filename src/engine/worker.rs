@@ -34,12 +34,12 @@ use super::{
 };
 use crate::backend::sample::sample_row;
 use crate::backend::{Backend, Batch, RowSampling};
-use crate::chat_template::RenderOptions;
 use crate::error::{Error, Result};
 use crate::generate::FinishReason;
 use crate::model::{Model, RunState};
-use crate::reply::Reply;
 use crate::sampler::{Sampler, TokenLogprobs};
+use crate::text::chat_template::RenderOptions;
+use crate::text::reply::Reply;
 
 /// Prefix-cache fills kept waiting at most; older ones are dropped.
 const MAX_PENDING_FILLS: usize = 64;

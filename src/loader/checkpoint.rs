@@ -7,11 +7,11 @@ use std::sync::Arc;
 use super::gguf::GgufFile;
 use super::hub::{resolve_model, HubOptions, ModelKind};
 use super::TensorSet;
-use crate::chat_template::ChatTemplate;
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::Result;
-use crate::tokenizer::Tokenizer;
-use crate::tokenizer_gguf::tokenizer_from_gguf;
+use crate::loader::gguf_tokenizer::tokenizer_from_gguf;
+use crate::text::chat_template::ChatTemplate;
+use crate::text::tokenizer::Tokenizer;
 
 /// A model as found on disk (or fetched from the Hub), ready to be put on a backend.
 pub struct Checkpoint {

@@ -14,6 +14,7 @@
 
 pub mod checkpoint;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod gguf_write;
 pub mod hub;
 pub mod names;

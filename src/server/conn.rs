@@ -9,11 +9,11 @@
 //! |---|---|---|
 //! | `max_connections` | 512 | a connection past the cap gets `503` and is closed |
 //! | `header_timeout` | 10 s | headers not complete in time: the connection is closed |
-//! | `body_timeout` | 30 s | body not complete in time: `408` (in [`super::guard`]) |
+//! | `body_timeout` | 30 s | body not complete in time: `408` (in the guard middleware) |
 //! | `idle_timeout` | 60 s | no request and no traffic, or a reply the client has not read for this long: the connection is closed, which cancels its request and frees its KV blocks |
 //! | `shutdown_timeout` | 30 s | after SIGTERM, requests in flight get this long, then every connection is closed |
 //!
-//! A watchdog per connection sees the socket through [`Watched`], which stamps every read
+//! A watchdog per connection sees the socket through `Watched`, which stamps every read
 //! and write that makes progress and notes when a write has been waiting on the client.
 
 use std::future::Future;

@@ -29,7 +29,7 @@
 //!   limits.
 //!
 //! The files: [`request`] checks bodies and maps them to engine requests, [`response`] runs
-//! them and writes JSON or SSE, [`tool_calls`] pulls Qwen3's `<tool_call>` blocks out of the
+//! them and writes JSON or SSE, [`crate::text::tool_calls`] pulls Qwen3's `<tool_call>` blocks out of the
 //! answer, [`error`] is the one error type, [`metrics`] renders `/metrics`, and
 //! [`bench`](mod@bench) is the `wick bench-serve` load generator.
 
@@ -39,7 +39,6 @@ pub mod error;
 pub mod metrics;
 pub mod request;
 pub mod response;
-pub mod tool_calls;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -89,7 +88,7 @@ pub struct ServerOptions {
     /// CORS headers, so browsers keep other sites' pages from reading the answers.
     pub allowed_origins: Vec<axum::http::HeaderValue>,
     /// Let `<|im_start|>` and other added-token strings in messages and tools become
-    /// control tokens (off: they are text; see [`crate::chat_template`]).
+    /// control tokens (off: they are text; see [`crate::text::chat_template`]).
     pub control_tokens_in_content: bool,
     /// JSON field for the reasoning text (`reasoning_content`, or e.g. `reasoning`).
     pub reasoning_field: String,

@@ -11,9 +11,9 @@
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use crate::chat_template::RenderOptions;
 use crate::engine::Prompt;
 use crate::sampler::SamplingParams;
+use crate::text::chat_template::RenderOptions;
 
 /// Most choices per request.
 pub const MAX_N: usize = 16;

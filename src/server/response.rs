@@ -21,12 +21,12 @@ use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::request::Parsed;
-use super::tool_calls::{ToolCall, ToolCallParser};
 use super::{AppState, OverloadPolicy};
 use crate::engine::{Completion, EngineEvent};
 use crate::generate::FinishReason;
 use crate::sampler::TokenLogprobs;
-use crate::tokenizer::Tokenizer;
+use crate::text::tokenizer::Tokenizer;
+use crate::text::tool_calls::{ToolCall, ToolCallParser};
 
 /// Which endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,7 +21,7 @@
 //!   (the answer was cut off by the token limit).
 //!
 //! ```
-//! use wick::reasoning::{split_reasoning, ReasoningParser};
+//! use wick::text::reasoning::{split_reasoning, ReasoningParser};
 //!
 //! let mut parser = ReasoningParser::new(false);
 //! let mut reasoning = String::new();
@@ -40,7 +40,7 @@
 //! assert_eq!(whole, (Some("\nhmm\n".to_string()), "Hi!".to_string()));
 //! ```
 
-use crate::reply::partial_tag_suffix;
+use super::partial_tag_suffix;
 
 /// Opens the reasoning block.
 pub const THINK_START: &str = "<think>";

@@ -7,7 +7,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use wick::tokenizer::Tokenizer;
+//! use wick::text::tokenizer::Tokenizer;
 //!
 //! # fn main() -> wick::Result<()> {
 //! let tokenizer = Arc::new(Tokenizer::from_file("tokenizer.json")?);

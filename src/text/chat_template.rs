@@ -25,7 +25,7 @@
 //!
 //! ```no_run
 //! use serde_json::json;
-//! use wick::chat_template::{ChatTemplate, RenderOptions};
+//! use wick::text::chat_template::{ChatTemplate, RenderOptions};
 //!
 //! # fn main() -> wick::Result<()> {
 //! let template = ChatTemplate::from_tokenizer_config("tokenizer_config.json")?;
@@ -169,7 +169,7 @@ impl ChatTemplate {
     /// characters) unless `opts.control_tokens_in_content` is set.
     pub fn encode(
         &self,
-        tokenizer: &crate::tokenizer::Tokenizer,
+        tokenizer: &crate::text::tokenizer::Tokenizer,
         messages: &[Value],
         opts: &RenderOptions,
     ) -> Result<(Vec<u32>, String)> {
@@ -252,8 +252,8 @@ impl ChatTemplate {
     }
 }
 
-/// Marks every string inside `v` (see [`crate::tokenizer::Tokenizer::mark_literals`]).
-fn mark_strings(tokenizer: &crate::tokenizer::Tokenizer, v: &mut Value, keep: &[&str]) {
+/// Marks every string inside `v` (see [`crate::text::tokenizer::Tokenizer::mark_literals`]).
+fn mark_strings(tokenizer: &crate::text::tokenizer::Tokenizer, v: &mut Value, keep: &[&str]) {
     match v {
         Value::String(s) => {
             if let Some(marked) = tokenizer.mark_literals(s, keep) {
@@ -941,7 +941,7 @@ mod tests {
 #[cfg(test)]
 mod control_token_tests {
     use super::*;
-    use crate::tokenizer::Tokenizer;
+    use crate::text::tokenizer::Tokenizer;
     use serde_json::json;
 
     fn qwen3() -> (ChatTemplate, Tokenizer) {

@@ -42,7 +42,7 @@
 //!
 //! ```no_run
 //! use wick::loader::gguf::GgufFile;
-//! use wick::tokenizer_gguf::tokenizer_from_gguf;
+//! use wick::loader::gguf_tokenizer::tokenizer_from_gguf;
 //!
 //! let file = GgufFile::open("qwen3-0.6b-q4_k_m.gguf")?;
 //! let tokenizer = tokenizer_from_gguf(&file)?;
@@ -62,7 +62,7 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::error::{Error, Result};
 use crate::loader::gguf::GgufFile;
-use crate::tokenizer::Tokenizer;
+use crate::text::tokenizer::Tokenizer;
 
 /// The `tokenizer.ggml.pre` names [`build_tokenizer`] accepts.
 pub const SUPPORTED_PRE_TOKENIZERS: &[&str] =

@@ -1,41 +1,18 @@
 //! One reply as it is generated: token ids in, final text out.
 //!
-//! [`Reply`] is the per-token pipeline every caller runs (the engine for each request,
-//! [`crate::generate::generate`] for one sequence): stop ids → streaming detokenizer → stop
+//! [`Reply`] is the per-token pipeline of every request the engine runs: stop ids → streaming detokenizer → stop
 //! strings → reasoning split, with the reply's accumulators (ids, content, reasoning,
 //! logprobs). [`Reply::on_token`] takes each sampled token and returns the text it made
 //! final and whether the reply ends there; [`Reply::finish`] flushes what the stages still
 //! hold back.
-//!
-//! Three stages hold text back until the next tokens decide it (a stop string, a `<think>`
-//! tag, a `<tool_call>` tag split across tokens); they share [`partial_tag_suffix`].
-//!
-//! ```
-//! use wick::reply::partial_tag_suffix;
-//!
-//! assert_eq!(partial_tag_suffix("answer <thi", "<think>"), 4);
-//! assert_eq!(partial_tag_suffix("answer", "<think>"), 0);
-//! ```
 
 use std::sync::Arc;
 
+use super::reasoning::{Delta, ReasoningParser};
+use super::stops::StopMatcher;
+use super::tokenizer::{StreamDecoder, Tokenizer};
 use crate::generate::FinishReason;
-use crate::reasoning::{Delta, ReasoningParser};
-use crate::sampler::{SamplingParams, StopMatcher, TokenLogprobs};
-use crate::tokenizer::{StreamDecoder, Tokenizer};
-
-/// Length in bytes of the longest suffix of `text` that is a proper prefix of `tag`: text
-/// that could be the start of `tag`, completed by what comes next. Only suffixes starting
-/// at a char boundary count (a tag starts with a whole character).
-pub fn partial_tag_suffix(text: &str, tag: &str) -> usize {
-    (1..tag.len().min(text.len() + 1))
-        .rev()
-        .find(|&n| {
-            let start = text.len() - n;
-            text.is_char_boundary(start) && tag.as_bytes().starts_with(&text.as_bytes()[start..])
-        })
-        .unwrap_or(0)
-}
+use crate::sampler::{SamplingParams, TokenLogprobs};
 
 /// What one token did to the reply.
 #[derive(Debug, Default)]
@@ -224,18 +201,6 @@ mod tests {
         seen.reasoning += &d.reasoning;
         seen.content += &d.content;
         (seen, finish, reply.into_parts())
-    }
-
-    #[test]
-    fn partial_tag_suffix_counts_only_proper_prefixes_at_char_boundaries() {
-        assert_eq!(partial_tag_suffix("a <", "<think>"), 1);
-        assert_eq!(partial_tag_suffix("a <think", "<think>"), 6);
-        // The whole tag is not a partial one.
-        assert_eq!(partial_tag_suffix("a <think>", "<think>"), 0);
-        assert_eq!(partial_tag_suffix("", "<think>"), 0);
-        // "é" and "ã" share their first byte: no suffix starts mid-character.
-        assert_eq!(partial_tag_suffix("xã", "é!"), 0);
-        assert_eq!(partial_tag_suffix("xé", "é!"), "é".len());
     }
 
     #[test]

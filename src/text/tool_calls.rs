@@ -10,7 +10,7 @@
 
 use serde_json::Value;
 
-use crate::reply::partial_tag_suffix;
+use super::partial_tag_suffix;
 
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
