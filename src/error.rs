@@ -112,6 +112,9 @@ pub enum Error {
     /// The requested device is not available.
     #[error("device: {0}")]
     Device(String),
+    /// The model and the smallest KV cache do not fit in the memory the process may use.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
 }
 
 impl Error {

@@ -46,6 +46,7 @@ pub mod loader;
 pub mod model;
 pub mod perplexity;
 pub mod quant;
+pub mod resources;
 pub mod runtime;
 pub mod sampler;
 pub mod server;

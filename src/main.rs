@@ -197,9 +197,14 @@ struct ModelArgs {
     /// Where to run: a GPU if usable (auto), the CPU, or a GPU or fail.
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
-    /// CPU threads (default: one per core).
+    /// CPU threads (default: one per CPU the process may use: the affinity mask, capped by
+    /// the cgroup CPU quota).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Pin to these CPUs (e.g. 0,2-3), as `taskset -c` would; threads default to their
+    /// number.
+    #[arg(long)]
+    cpus: Option<String>,
     /// Never touch the network; use the Hugging Face cache only.
     #[arg(long)]
     offline: bool,
@@ -228,6 +233,11 @@ fn parse_act(s: &str) -> std::result::Result<ActQuant, String> {
 
 impl ModelArgs {
     fn load(&self) -> Result<Runtime> {
+        // Before the CPU threads start: they inherit the mask.
+        if let Some(list) = &self.cpus {
+            let cpus = wick::resources::parse_cpu_list(list).context("--cpus")?;
+            wick::resources::pin(&cpus).context("--cpus")?;
+        }
         let opts = RuntimeOptions {
             device: match self.device {
                 DeviceArg::Auto => Device::Auto,
@@ -489,9 +499,11 @@ fn logits(a: LogitsArgs) -> Result<()> {
 /// `--device auto` choice.
 fn info() -> Result<()> {
     use wick::backend::cpu::isa::Isa;
+    let fences = wick::resources::Fences::detect();
+    println!("limits: {fences}");
     println!(
         "cpu: {} threads, kernels {} (this CPU has: {}; WICK_ISA=<tier> forces a lower one)",
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        fences.default_threads(),
         Isa::current(),
         Isa::supported()
             .iter()
@@ -1094,6 +1106,12 @@ fn serve(a: ServeArgs) -> Result<()> {
                 .clone()
                 .unwrap_or_else(|| rt.name().to_string());
             let info = engine.info();
+            eprintln!(
+                "wick: {}; {}; weights {} MiB",
+                wick::resources::Fences::detect(),
+                rt.device(),
+                rt.weight_bytes() >> 20
+            );
             eprintln!(
                 "wick: serving {name} ({} KV blocks of {} tokens, {} KV cache of {:.0} MiB, \
                  max_model_len {})",

@@ -32,13 +32,16 @@ use crate::backend::cpu::{ActQuant, CpuBackend};
 use crate::backend::wgpu::{has_hardware_gpu, GpuStats, WgpuBackend, WgpuOptions};
 use crate::backend::KvDtype;
 use crate::config::{GenerationConfig, ModelConfig};
-use crate::engine::{Engine, EngineEvent, EngineOptions, Prepared, Prompt, TextModel};
+use crate::engine::{
+    Engine, EngineEvent, EngineOptions, Prepared, Prompt, TextModel, DEFAULT_KV_CACHE_MB,
+};
 use crate::error::{Error, Result};
 use crate::generate::{Generation, TokenEvent};
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::hub::HubOptions;
 use crate::model::Model;
 use crate::quant::scheme::{quantize_set, QuantScheme};
+use crate::resources::Fences;
 use crate::sampler::SamplingParams;
 use crate::session::SequenceRunner;
 use crate::session::{Session, SessionOptions};
@@ -99,6 +102,10 @@ impl Default for RuntimeOptions {
     }
 }
 
+/// The shortest context an engine is started with under a memory limit: below it, chats do
+/// not fit and starting is refused.
+pub const MIN_CONTEXT: usize = 1024;
+
 /// Per-turn chat settings.
 #[derive(Clone, Debug)]
 pub struct ChatOptions {
@@ -112,6 +119,8 @@ pub struct ChatOptions {
 trait LoadedModel: Send + Sync {
     fn session(&self, opts: SessionOptions) -> Result<Box<dyn SequenceRunner>>;
     fn start_engine(&self, text: TextModel, opts: &EngineOptions) -> Result<Engine>;
+    /// Bytes of one KV block of `block_size` tokens (every layer's K and V).
+    fn kv_block_bytes(&self, block_size: usize) -> usize;
 }
 
 impl<B: crate::backend::Backend> LoadedModel for Arc<Model<B>> {
@@ -120,6 +129,9 @@ impl<B: crate::backend::Backend> LoadedModel for Arc<Model<B>> {
     }
     fn start_engine(&self, text: TextModel, opts: &EngineOptions) -> Result<Engine> {
         Engine::start(self.clone(), text, opts)
+    }
+    fn kv_block_bytes(&self, block_size: usize) -> usize {
+        self.kv_layout(1, block_size).bytes()
     }
 }
 
@@ -138,6 +150,10 @@ pub struct Runtime {
     /// first use.
     runner: Option<Box<dyn SequenceRunner>>,
     device: String,
+    /// The model runs on the CPU: its weights and KV cache are in the process's memory.
+    on_cpu: bool,
+    /// Bytes of every weight tensor as loaded.
+    weight_bytes: u64,
     weight_bytes_per_token: u64,
     /// Reads the GPU backend's counters (`None` on the CPU).
     gpu_stats: Option<GpuStatsFn>,
@@ -164,6 +180,27 @@ impl Runtime {
             prefill_chunk: opts.prefill_chunk,
             ..SessionOptions::default()
         };
+        // On the CPU, refuse before loading when the memory limit cannot hold the weights and
+        // the smallest KV cache (loading first would meet the OOM killer instead).
+        let weight_bytes = ckpt.tensors.total_bytes();
+        let to_cpu = match opts.device {
+            Device::Cpu => true,
+            Device::Auto => !has_hardware_gpu(),
+            Device::Gpu => false,
+        };
+        if to_cpu {
+            let c = &ckpt.config;
+            let per_token = (2
+                * c.num_hidden_layers
+                * c.num_key_value_heads
+                * c.head_dim
+                * opts.kv_dtype.size()) as u64;
+            let min_tokens = opts
+                .max_model_len
+                .min(c.max_position_embeddings)
+                .min(MIN_CONTEXT);
+            Fences::detect().kv_budget(weight_bytes, u64::MAX, per_token * min_tokens as u64)?;
+        }
         let mut gpu_stats: Option<GpuStatsFn> = None;
         let mut on_gpu = || -> Result<(Box<dyn LoadedModel>, String)> {
             let backend = WgpuBackend::new(&WgpuOptions {
@@ -197,17 +234,16 @@ impl Runtime {
         };
         // Decode reads every weight once per token, except the embedding, of which it reads one
         // row — unless the embedding doubles as the LM head.
-        let mut weight_bytes_per_token: u64 = ckpt
-            .tensors
-            .names()
-            .map(|n| ckpt.tensors.get(n).map_or(0, |t| t.data.len() as u64))
-            .sum();
+        let mut weight_bytes_per_token = weight_bytes;
         if !ckpt.config.tie_word_embeddings {
             if let Some(e) = ckpt.tensors.try_get("model.embed_tokens.weight") {
                 weight_bytes_per_token -= e.data.len() as u64;
             }
         }
+        let on_cpu = device.starts_with("cpu");
         Ok(Runtime {
+            on_cpu,
+            weight_bytes,
             weight_bytes_per_token,
             name: ckpt.name,
             config: ckpt.config,
@@ -268,8 +304,53 @@ impl Runtime {
 
     /// Starts the batching engine on this runtime's weights (the weights are shared, the
     /// engine has its own KV cache).
+    ///
+    /// On the CPU under a memory limit ([`Fences`]), the KV cache gets at most what the
+    /// limit leaves after the weights; if that holds fewer tokens than `max_model_len`, the
+    /// engine's `max_model_len` shrinks to fit (with a warning). Refused with
+    /// [`Error::OutOfMemory`] when not even [`MIN_CONTEXT`] tokens fit.
     pub fn start_engine(&self, opts: &EngineOptions) -> Result<Engine> {
-        self.model.start_engine(self.text.clone(), opts)
+        let opts = self.fenced(opts, &Fences::detect())?;
+        self.model.start_engine(self.text.clone(), &opts)
+    }
+
+    /// `opts` under the memory fence (see [`Runtime::start_engine`]).
+    fn fenced(&self, opts: &EngineOptions, fences: &Fences) -> Result<EngineOptions> {
+        let mut opts = opts.clone();
+        if !self.on_cpu || opts.num_blocks.is_some() {
+            return Ok(opts);
+        }
+        let bs = opts.block_size.max(1);
+        let block_bytes = self.model.kv_block_bytes(bs) as u64;
+        let max_len = opts
+            .max_model_len
+            .min(self.config.max_position_embeddings)
+            .max(1);
+        let min_kv = max_len.min(MIN_CONTEXT).div_ceil(bs) as u64 * block_bytes;
+        let wanted = (opts.kv_cache_mb.unwrap_or(DEFAULT_KV_CACHE_MB) as u64) << 20;
+        // Never less than one whole sequence, as the engine's own default.
+        let wanted = wanted.max(max_len.div_ceil(bs) as u64 * block_bytes);
+        let Some(budget) = fences.kv_budget(self.weight_bytes, wanted, min_kv)? else {
+            return Ok(opts);
+        };
+        let blocks = (budget / block_bytes) as usize;
+        if blocks * bs < max_len {
+            tracing::warn!(
+                "the memory limit leaves room for {} tokens of KV cache: max_model_len {} \
+                 lowered to {}",
+                blocks * bs,
+                max_len,
+                blocks * bs
+            );
+            opts.max_model_len = blocks * bs;
+        }
+        opts.num_blocks = Some(blocks);
+        Ok(opts)
+    }
+
+    /// Bytes of every weight tensor as loaded (what the weights take in memory once read).
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     /// The end-of-sequence ids generation stops at.
@@ -417,12 +498,14 @@ impl Runtime {
         if self.engine.is_none() {
             let max_model_len = self.max_model_len();
             let block_size = EngineOptions::default().block_size;
+            let one_sequence =
+                max_model_len.div_ceil(block_size) * self.model.kv_block_bytes(block_size);
             let opts = EngineOptions {
                 max_num_seqs: 1,
                 max_num_batched_tokens: self.session_opts.prefill_chunk.max(1),
                 max_model_len,
                 block_size,
-                num_blocks: Some(max_model_len.div_ceil(block_size)),
+                kv_cache_mb: Some(one_sequence.div_ceil(1 << 20)),
                 ..EngineOptions::default()
             };
             self.engine = Some(self.start_engine(&opts)?);

@@ -183,3 +183,157 @@ fn bench_runs_at_depth_with_either_kv_cache() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Starts `wick serve` on the tiny model with `extra` arguments and `env`, and returns its
+/// stderr up to the line that says it serves (then stops it), or all of it if it exits.
+fn serve_startup(extra: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    use std::io::{BufRead, BufReader};
+    let dir = fixture("qwen3-tiny");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wick"));
+    cmd.args(["serve", "--port", "0", "--device", "cpu", "--model"])
+        .arg(&dir)
+        .args(extra)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("run wick serve");
+    let mut text = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        text.push_str(&line);
+        text.push('\n');
+        if line.contains("wick: serving") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (None, text);
+        }
+    }
+    (child.wait().unwrap().code(), text)
+}
+
+/// A fake cgroup (the view from inside a container) with these files.
+fn fake_cgroup(name: &str, files: &[(&str, String)]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wick-cg-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (f, text) in files {
+        std::fs::write(dir.join(f), text).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn serve_fits_its_kv_cache_under_a_memory_limit_or_refuses_with_the_numbers() {
+    const MIB: u64 = 1 << 20;
+    let weights = std::fs::metadata(fixture("qwen3-tiny").join("model.safetensors"))
+        .unwrap()
+        .len();
+    // Room for the weights, the reserve and 1 MiB of KV: 2048 tokens of the tiny model's
+    // 512-byte f16 KV rows, so the default max_model_len (8192) has to shrink.
+    let limit = weights + wick::resources::RESERVE_BYTES + MIB;
+    let cg = fake_cgroup(
+        "fit",
+        &[
+            ("memory.max", format!("{limit}\n")),
+            ("cpu.max", "100000 100000\n".into()),
+        ],
+    );
+    let (code, text) = serve_startup(&[], &[("WICK_CGROUP_ROOT", cg.to_str().unwrap())]);
+    assert_eq!(code, None, "did not start:\n{text}");
+    assert!(
+        text.contains(&format!("memory limit {} MiB", limit / MIB)),
+        "{text}"
+    );
+    assert!(text.contains("CPU quota 1.00"), "{text}");
+    assert!(
+        text.contains("cpu (1 threads"),
+        "threads follow the quota:\n{text}"
+    );
+    let (blocks, max_len) = kv_line(&text);
+    assert!((128..=130).contains(&blocks), "{text}");
+    assert_eq!(
+        max_len,
+        blocks * 16,
+        "max_model_len lowered to what fits:\n{text}"
+    );
+
+    // Not even the weights fit: refused at start, naming the numbers.
+    let cg = fake_cgroup("tight", &[("memory.max", format!("{}\n", 100 * MIB))]);
+    let (code, text) = serve_startup(&[], &[("WICK_CGROUP_ROOT", cg.to_str().unwrap())]);
+    assert!(matches!(code, Some(c) if c != 0), "started:\n{text}");
+    assert!(
+        text.contains("memory limit is 100 MiB") && text.contains("weights take"),
+        "{text}"
+    );
+
+    // v1 files, and an explicit --kv-cache-mb above what the limit leaves: lowered too.
+    let cg = fake_cgroup("v1", &[]);
+    std::fs::create_dir_all(cg.join("memory")).unwrap();
+    std::fs::write(
+        cg.join("memory/memory.limit_in_bytes"),
+        format!("{}\n", limit + 3 * MIB),
+    )
+    .unwrap();
+    let (code, text) = serve_startup(
+        &["--kv-cache-mb", "512"],
+        &[("WICK_CGROUP_ROOT", cg.to_str().unwrap())],
+    );
+    assert_eq!(code, None, "did not start:\n{text}");
+    let (blocks, max_len) = kv_line(&text);
+    assert!((512..=514).contains(&blocks), "{text}");
+    assert_eq!(max_len, 8192, "{text}");
+}
+
+/// The KV blocks and max_model_len of `wick serve`'s startup line.
+fn kv_line(text: &str) -> (usize, usize) {
+    let line = text
+        .lines()
+        .find(|l| l.contains("wick: serving"))
+        .unwrap_or_else(|| panic!("no startup line:\n{text}"));
+    let number_before = |key: &str| -> usize {
+        let at = line
+            .find(key)
+            .unwrap_or_else(|| panic!("{key} missing: {line}"));
+        line[..at]
+            .split(|c: char| !c.is_ascii_digit())
+            .rfind(|w| !w.is_empty())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let after = line.split("max_model_len ").nth(1).unwrap();
+    let max_len = after
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (number_before(" KV blocks"), max_len)
+}
+
+#[test]
+fn threads_follow_the_affinity_mask_and_cpus_pins() {
+    let (code, text) = serve_startup(&["--cpus", "0"], &[]);
+    assert_eq!(code, None, "did not start:\n{text}");
+    assert!(text.contains("CPUs 0,"), "{text}");
+    assert!(text.contains("cpu (1 threads"), "{text}");
+    let (code, text) = serve_startup(&["--cpus", "0-"], &[]);
+    assert!(matches!(code, Some(c) if c != 0), "started:\n{text}");
+    assert!(text.contains("--cpus"), "{text}");
+
+    // A mask set from outside (taskset), where the platform has it.
+    if let Ok(out) = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(env!("CARGO_BIN_EXE_wick"))
+        .arg("info")
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("CPUs 0,") && text.contains("cpu: 1 threads"),
+            "{text}"
+        );
+    }
+}

@@ -161,6 +161,11 @@ impl TensorSet {
         self.tensors.keys().map(|s| s.as_str())
     }
 
+    /// Bytes of every tensor's data.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.values().map(|t| t.data.len() as u64).sum()
+    }
+
     /// Number of tensors.
     pub fn len(&self) -> usize {
         self.tensors.len()

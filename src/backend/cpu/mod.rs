@@ -66,13 +66,19 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// A backend on `threads` threads (0 = one per core) with 8-bit activations.
+    /// A backend on `threads` threads with 8-bit activations; 0 takes one per CPU the
+    /// process may use ([`crate::resources::Fences::default_threads`]: the affinity mask
+    /// and the cgroup CPU quota).
     pub fn new(threads: usize) -> Result<Self> {
         Self::with_act(threads, ActQuant::default())
     }
 
     /// A backend on `threads` threads whose quantized matmuls quantize activations as `act`.
     pub fn with_act(threads: usize, act: ActQuant) -> Result<Self> {
+        let threads = match threads {
+            0 => crate::resources::Fences::detect().default_threads(),
+            n => n,
+        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("wick-cpu-{i}"))
