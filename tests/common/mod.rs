@@ -244,3 +244,61 @@ pub fn check_oracle_cases<B: wick::backend::Backend>(
     }
     worst
 }
+
+/// The CPU backend the model tests run on: two threads.
+pub fn cpu_backend() -> wick::backend::cpu::CpuBackend {
+    wick::backend::cpu::CpuBackend::new(2).unwrap()
+}
+
+/// The GPU backend (lavapipe will do). A machine without an adapter FAILS the test unless
+/// `WICK_SKIP_GPU_TESTS=1` is set explicitly, which skips it (`None`).
+pub fn gpu_backend() -> Option<wick::backend::wgpu::WgpuBackend> {
+    use wick::backend::wgpu::{WgpuBackend, WgpuOptions};
+    if std::env::var_os("WICK_SKIP_GPU_TESTS").is_some_and(|v| v == "1") {
+        eprintln!("WICK_SKIP_GPU_TESTS=1: skipping a GPU test");
+        return None;
+    }
+    let backend = WgpuBackend::new(&WgpuOptions::default()).unwrap_or_else(|e| {
+        panic!(
+            "no usable GPU adapter ({e}); install mesa-vulkan-drivers for lavapipe, or set \
+             WICK_SKIP_GPU_TESTS=1 to skip GPU tests explicitly"
+        )
+    });
+    eprintln!("{}", wick::backend::Backend::describe(&backend));
+    Some(backend)
+}
+
+/// The GPU backend behind `b`, if that is what it is: for the checks only the GPU has
+/// (its work counters) and the coverage lavapipe's slow steps allow.
+pub fn as_gpu<B: wick::backend::Backend + 'static>(
+    b: &B,
+) -> Option<&wick::backend::wgpu::WgpuBackend> {
+    (b as &dyn std::any::Any).downcast_ref()
+}
+
+/// Writes each test once and runs it on every backend: `test_backends!(a, b)` makes
+/// `cpu::a`, `gpu::a`, `cpu::b` and `gpu::b`, each calling the generic `fn a<B: Backend>(B)`
+/// with that backend (GPU tests skip as [`gpu_backend`] says).
+#[macro_export]
+macro_rules! test_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod cpu {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::common::cpu_backend());
+                }
+            )+
+        }
+        mod gpu {
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(b) = $crate::common::gpu_backend() {
+                        super::$name(b);
+                    }
+                }
+            )+
+        }
+    };
+}
