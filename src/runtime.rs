@@ -39,6 +39,7 @@ use crate::error::{Error, Result};
 use crate::generate::{Generation, TokenEvent};
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::hub::HubOptions;
+use crate::loader::{LoadProgress, Progress};
 use crate::model::Model;
 use crate::quant::scheme::{quantize_set, QuantScheme};
 use crate::resources::Fences;
@@ -84,6 +85,9 @@ pub struct RuntimeOptions {
     /// CPU backend: how activations are quantized for quantized weights (8-bit by default,
     /// as llama.cpp; `Q16` or `F32` for exact work).
     pub cpu_act: ActQuant,
+    /// Receives the progress of loading: Hub downloads, load-time quantization, weights put
+    /// on the device ([`LoadProgress`]).
+    pub on_progress: Option<Progress>,
 }
 
 impl Default for RuntimeOptions {
@@ -98,6 +102,7 @@ impl Default for RuntimeOptions {
             quantize: None,
             kv_dtype: KvDtype::default(),
             cpu_act: ActQuant::default(),
+            on_progress: None,
         }
     }
 }
@@ -165,15 +170,45 @@ pub type GpuStatsFn = Arc<dyn Fn() -> GpuStats + Send + Sync>;
 impl Runtime {
     /// Loads `spec` (local directory, `.gguf` file or Hub id) onto `opts.device`.
     pub fn load(spec: &str, opts: &RuntimeOptions) -> Result<Self> {
-        let ckpt = Checkpoint::open(spec, &opts.hub)?;
+        let mut hub = opts.hub.clone();
+        if hub.on_progress.is_none() {
+            hub.on_progress = opts.on_progress.clone();
+        }
+        let ckpt = Checkpoint::open(spec, &hub)?;
         Self::from_checkpoint(ckpt, opts)
+    }
+
+    /// [`Runtime::load`] on a thread of its own, for async code: awaiting it never blocks
+    /// the executor (any executor: the result arrives through a channel).
+    pub async fn load_async(spec: &str, opts: &RuntimeOptions) -> Result<Self> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (spec, opts) = (spec.to_string(), opts.clone());
+        std::thread::Builder::new()
+            .name("wick-load".into())
+            .spawn(move || {
+                let _ = tx.send(Runtime::load(&spec, &opts));
+            })
+            .map_err(|e| Error::Device(format!("cannot start a loading thread: {e}")))?;
+        rx.await
+            .unwrap_or_else(|_| Err(Error::Engine("the loading thread panicked".into())))
     }
 
     /// Puts an opened checkpoint on `opts.device`.
     pub fn from_checkpoint(mut ckpt: Checkpoint, opts: &RuntimeOptions) -> Result<Self> {
         if let Some(scheme) = opts.quantize {
             let n_layers = ckpt.config.num_hidden_layers;
-            ckpt.tensors = quantize_set(&ckpt.tensors, scheme, n_layers, &mut |_| {})?;
+            let (total, mut done) = (ckpt.tensors.len(), 0);
+            let progress = opts.on_progress.clone();
+            // Called before each tensor: it reports the ones finished.
+            ckpt.tensors = quantize_set(&ckpt.tensors, scheme, n_layers, &mut |_| {
+                if let Some(p) = &progress {
+                    p.report(LoadProgress::Quantize { done, total });
+                }
+                done += 1;
+            })?;
+            if let Some(p) = &progress {
+                p.report(LoadProgress::Quantize { done: total, total });
+            }
         }
         let session_opts = SessionOptions {
             max_model_len: opts.max_model_len,
@@ -207,7 +242,12 @@ impl Runtime {
                 adapter: opts.adapter.clone(),
                 ..WgpuOptions::default()
             })?;
-            let model = Model::load(backend, ckpt.config.clone(), &ckpt.tensors)?;
+            let model = Model::load_with_progress(
+                backend,
+                ckpt.config.clone(),
+                &ckpt.tensors,
+                opts.on_progress.as_ref(),
+            )?;
             let model = Arc::new(model.with_kv_dtype(opts.kv_dtype));
             let device = crate::backend::Backend::describe(model.backend());
             let m = model.clone();
@@ -216,7 +256,12 @@ impl Runtime {
         };
         let on_cpu = || -> Result<(Box<dyn LoadedModel>, String)> {
             let backend = CpuBackend::with_act(opts.threads, opts.cpu_act)?;
-            let model = Model::load(backend, ckpt.config.clone(), &ckpt.tensors)?;
+            let model = Model::load_with_progress(
+                backend,
+                ckpt.config.clone(),
+                &ckpt.tensors,
+                opts.on_progress.as_ref(),
+            )?;
             let model = Arc::new(model.with_kv_dtype(opts.kv_dtype));
             let device = crate::backend::Backend::describe(model.backend());
             Ok((Box::new(model), device))

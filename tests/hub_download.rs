@@ -817,3 +817,38 @@ fn missing_local_paths_are_not_looked_up_on_the_hub() {
     }
     assert!(server.requests().is_empty());
 }
+
+#[test]
+fn downloads_report_their_bytes_to_a_progress_callback() {
+    use wick::loader::{LoadProgress, Progress};
+    setup();
+    let server = HubServer::start();
+    let cache = TempDir::new("progress");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let opts = HubOptions {
+        on_progress: Some(Progress::new(move |p| sink.lock().unwrap().push(p.clone()))),
+        ..options(&server.url, &cache.0)
+    };
+    resolve_model(REPO, &opts).unwrap();
+    let seen = seen.lock().unwrap();
+    for name in CHECKPOINT_FILES {
+        let size = fixture(&format!("qwen3-tiny/{name}")).len() as u64;
+        let reports: Vec<(u64, u64)> = seen
+            .iter()
+            .filter_map(|p| match p {
+                LoadProgress::Download { file, done, total }
+                    if file == name || file.ends_with(&format!("/{name}")) =>
+                {
+                    Some((*done, *total))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reports.last(), Some(&(size, size)), "{name}: {reports:?}");
+        assert!(
+            reports.windows(2).all(|w| w[0].0 <= w[1].0),
+            "{name}: {reports:?}"
+        );
+    }
+}

@@ -87,6 +87,8 @@ pub struct HubOptions {
     pub gguf_file: Option<String>,
     /// Draw a progress bar while downloading (only when stderr is a terminal).
     pub progress: bool,
+    /// Report each download's bytes to this callback (instead of the bar).
+    pub on_progress: Option<super::Progress>,
 }
 
 impl Default for HubOptions {
@@ -100,6 +102,7 @@ impl Default for HubOptions {
             token: None,
             gguf_file: None,
             progress: true,
+            on_progress: None,
         }
     }
 }
@@ -445,6 +448,7 @@ struct HubRepo {
     /// `None` when offline.
     api: Option<ApiRepo>,
     progress: bool,
+    on_progress: Option<super::Progress>,
 }
 
 impl HubRepo {
@@ -506,6 +510,7 @@ impl HubRepo {
             repo_dir,
             api,
             progress: opts.progress && std::io::stderr().is_terminal(),
+            on_progress: opts.on_progress.clone(),
         })
     }
 
@@ -559,7 +564,9 @@ impl HubRepo {
         // hf-hub unwraps a few things about the server's answers (a redirect without a
         // Location, for one); a misbehaving server must give an error, not a crash.
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            if self.progress {
+            if let Some(p) = &self.on_progress {
+                api.download_with_progress(file, Reporter::new(p.clone()))
+            } else if self.progress {
                 api.download_with_progress(file, Bar::new())
             } else {
                 api.download_with_progress(file, ())
@@ -734,6 +741,50 @@ impl hf_hub::api::Progress for Bar {
     fn finish(&mut self) {
         self.0.finish();
     }
+}
+
+/// Download progress reported to a [`super::Progress`] callback.
+struct Reporter {
+    to: super::Progress,
+    file: String,
+    done: u64,
+    total: u64,
+}
+
+impl Reporter {
+    fn new(to: super::Progress) -> Self {
+        Reporter {
+            to,
+            file: String::new(),
+            done: 0,
+            total: 0,
+        }
+    }
+
+    fn report(&self) {
+        self.to.report(super::LoadProgress::Download {
+            file: self.file.clone(),
+            done: self.done,
+            total: self.total,
+        });
+    }
+}
+
+impl hf_hub::api::Progress for Reporter {
+    // As for `Bar`: `init` starts (or restarts) a transfer.
+    fn init(&mut self, size: usize, filename: &str) {
+        self.file = filename.to_string();
+        self.total = size as u64;
+        self.done = 0;
+        self.report();
+    }
+
+    fn update(&mut self, size: usize) {
+        self.done += size as u64;
+        self.report();
+    }
+
+    fn finish(&mut self) {}
 }
 
 fn process_env(key: &str) -> Option<String> {

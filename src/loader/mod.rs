@@ -11,6 +11,9 @@
 //! - [`gguf_write`]: writing GGUF files (`wick quantize`).
 //! - [`names`]: the GGUF → Hugging Face tensor name table.
 //! - [`hub`]: resolving `--model` (a local directory or a Hub id) to files on disk.
+//!
+//! Loading reports its progress to a [`Progress`] callback: Hub downloads (bytes), load-time
+//! quantization and putting the weights on the device (tensors).
 
 pub mod checkpoint;
 pub mod gguf;
@@ -113,6 +116,64 @@ impl HostTensor {
 }
 
 /// The tensors of a checkpoint, by Hugging Face name.
+/// What loading has done so far, as a [`Progress`] callback sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadProgress {
+    /// A file is being downloaded from the Hub: bytes of it done and in all.
+    Download {
+        /// The file's path in the repository.
+        file: String,
+        /// Bytes on disk.
+        done: u64,
+        /// The file's size.
+        total: u64,
+    },
+    /// Float weights are being quantized at load: tensors done and in all.
+    Quantize {
+        /// Tensors done.
+        done: usize,
+        /// Tensors in all.
+        total: usize,
+    },
+    /// The weights are being put on the device: tensors done and in all.
+    Load {
+        /// Tensors done.
+        done: usize,
+        /// Tensors in all.
+        total: usize,
+    },
+}
+
+/// A callback that receives [`LoadProgress`], from whichever thread does the work.
+#[derive(Clone)]
+pub struct Progress(pub Arc<dyn Fn(&LoadProgress) + Send + Sync>);
+
+impl Progress {
+    /// Wraps a callback.
+    pub fn new(f: impl Fn(&LoadProgress) + Send + Sync + 'static) -> Self {
+        Progress(Arc::new(f))
+    }
+
+    /// Reports `p`.
+    pub fn report(&self, p: LoadProgress) {
+        (self.0)(&p)
+    }
+}
+
+impl fmt::Debug for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Progress(..)")
+    }
+}
+
+impl PartialEq for Progress {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Progress {}
+
 #[derive(Default, Debug)]
 pub struct TensorSet {
     tensors: BTreeMap<String, HostTensor>,

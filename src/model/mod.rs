@@ -85,7 +85,28 @@ impl<B: Backend> RunState<B> {
 impl<B: Backend> Model<B> {
     /// Builds the model from checkpoint tensors (Hugging Face names), checking every shape.
     pub fn load(backend: B, config: ModelConfig, tensors: &TensorSet) -> Result<Self> {
+        Self::load_with_progress(backend, config, tensors, None)
+    }
+
+    /// [`Model::load`], reporting the tensors put on the device to `progress`.
+    pub fn load_with_progress(
+        backend: B,
+        config: ModelConfig,
+        tensors: &TensorSet,
+        progress: Option<&crate::loader::Progress>,
+    ) -> Result<Self> {
         config.validate()?;
+        // Tensors per layer as the model takes them, plus the embedding, the final norm and
+        // the head.
+        let per_layer = if config.has_qk_norm() { 11 } else { 9 };
+        let total =
+            config.num_hidden_layers * per_layer + 2 + usize::from(!config.tie_word_embeddings);
+        let report = |done: usize| {
+            if let Some(p) = progress {
+                p.report(crate::loader::LoadProgress::Load { done, total });
+            }
+        };
+        report(0);
         let c = config.hidden_size;
         let (q_dim, kv_dim, f) = (config.q_dim(), config.kv_dim(), config.intermediate_size);
         let d = config.head_dim;
@@ -116,6 +137,7 @@ impl<B: Backend> Model<B> {
             } else {
                 (None, None)
             };
+            report(1 + usize::from(!config.tie_word_embeddings) + i * per_layer);
             layers.push(Layer {
                 input_layernorm: backend.weight(&[get("input_layernorm.weight", &[c])?])?,
                 qkv_proj: backend.weight(&[
@@ -136,6 +158,7 @@ impl<B: Backend> Model<B> {
             });
         }
         let norm = backend.weight(&[tensors.get_shaped("model.norm.weight", &[c])?])?;
+        report(total);
         let dims = AttentionDims {
             num_heads: config.num_attention_heads,
             num_kv_heads: config.num_key_value_heads,
