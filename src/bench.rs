@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::wgpu::GpuStats;
+use crate::backend::GpuStats;
 use crate::backend::RowSampling;
 use crate::error::Result;
 use crate::session::SequenceRunner;

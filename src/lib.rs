@@ -49,6 +49,7 @@ pub mod quant;
 pub mod resources;
 pub mod runtime;
 pub mod sampler;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod session;
 pub mod synth;

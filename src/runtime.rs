@@ -29,7 +29,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::backend::cpu::{ActQuant, CpuBackend};
-use crate::backend::wgpu::{has_hardware_gpu, GpuStats, WgpuBackend, WgpuOptions};
+use crate::backend::GpuStats;
 use crate::backend::KvDtype;
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::engine::{
@@ -110,6 +110,18 @@ impl Default for RuntimeOptions {
 /// The shortest context an engine is started with under a memory limit: below it, chats do
 /// not fit and starting is refused.
 pub const MIN_CONTEXT: usize = 1024;
+
+/// What a build without the `gpu` feature answers to `--device gpu`.
+pub const NO_GPU: &str = "this build of wick has no GPU support (it was built without the \
+                          `gpu` feature); use the CPU";
+
+/// Whether a hardware GPU (not a software rasterizer) is usable.
+fn has_hardware_gpu() -> bool {
+    #[cfg(feature = "gpu")]
+    return crate::backend::wgpu::has_hardware_gpu();
+    #[cfg(not(feature = "gpu"))]
+    false
+}
 
 /// Per-turn chat settings.
 #[derive(Clone, Debug)]
@@ -236,8 +248,11 @@ impl Runtime {
                 .min(MIN_CONTEXT);
             Fences::detect().kv_budget(weight_bytes, u64::MAX, per_token * min_tokens as u64)?;
         }
+        #[cfg_attr(not(feature = "gpu"), allow(unused_mut))]
         let mut gpu_stats: Option<GpuStatsFn> = None;
+        #[cfg(feature = "gpu")]
         let mut on_gpu = || -> Result<(Box<dyn LoadedModel>, String)> {
+            use crate::backend::wgpu::{WgpuBackend, WgpuOptions};
             let backend = WgpuBackend::new(&WgpuOptions {
                 adapter: opts.adapter.clone(),
                 ..WgpuOptions::default()
@@ -254,6 +269,9 @@ impl Runtime {
             gpu_stats = Some(Arc::new(move || m.backend().stats()));
             Ok((Box::new(model), device))
         };
+        #[cfg(not(feature = "gpu"))]
+        let on_gpu =
+            || -> Result<(Box<dyn LoadedModel>, String)> { Err(Error::Device(NO_GPU.into())) };
         let on_cpu = || -> Result<(Box<dyn LoadedModel>, String)> {
             let backend = CpuBackend::with_act(opts.threads, opts.cpu_act)?;
             let model = Model::load_with_progress(

@@ -184,6 +184,7 @@ fn bench_runs_at_depth_with_either_kv_cache() {
     );
 }
 
+#[cfg(feature = "server")]
 /// Starts `wick serve` on the tiny model with `extra` arguments and `env`, and returns its
 /// stderr up to the line that says it serves (then stops it), or all of it if it exits.
 fn serve_startup(extra: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
@@ -214,6 +215,7 @@ fn serve_startup(extra: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) 
     (child.wait().unwrap().code(), text)
 }
 
+#[cfg(feature = "server")]
 /// A fake cgroup (the view from inside a container) with these files.
 fn fake_cgroup(name: &str, files: &[(&str, String)]) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("wick-cg-{name}-{}", std::process::id()));
@@ -224,6 +226,7 @@ fn fake_cgroup(name: &str, files: &[(&str, String)]) -> std::path::PathBuf {
     dir
 }
 
+#[cfg(feature = "server")]
 #[test]
 fn serve_fits_its_kv_cache_under_a_memory_limit_or_refuses_with_the_numbers() {
     const MIB: u64 = 1 << 20;
@@ -286,6 +289,7 @@ fn serve_fits_its_kv_cache_under_a_memory_limit_or_refuses_with_the_numbers() {
     assert_eq!(max_len, 8192, "{text}");
 }
 
+#[cfg(feature = "server")]
 /// The KV blocks and max_model_len of `wick serve`'s startup line.
 fn kv_line(text: &str) -> (usize, usize) {
     let line = text
@@ -313,6 +317,7 @@ fn kv_line(text: &str) -> (usize, usize) {
     (number_before(" KV blocks"), max_len)
 }
 
+#[cfg(feature = "server")]
 #[test]
 fn threads_follow_the_affinity_mask_and_cpus_pins() {
     let (code, text) = serve_startup(&["--cpus", "0"], &[]);

@@ -187,6 +187,7 @@ fn batched_greedy_equals_sequential_cpu() {
     batched_equals_sequential(Device::Cpu);
 }
 
+#[cfg(feature = "gpu")]
 #[test]
 fn batched_greedy_equals_sequential_gpu() {
     batched_equals_sequential(Device::Gpu);
@@ -454,6 +455,7 @@ fn a_seeded_request_draws_the_same_tokens_alone_batched_and_in_generate_cpu() {
     seeded_sampling_is_the_same_everywhere(Device::Cpu);
 }
 
+#[cfg(feature = "gpu")]
 #[test]
 fn a_seeded_request_draws_the_same_tokens_alone_batched_and_in_generate_gpu() {
     seeded_sampling_is_the_same_everywhere(Device::Gpu);
@@ -550,6 +552,7 @@ fn logprobs_and_zero_penalties_do_not_change_the_draw_cpu() {
     logprobs_and_zero_penalties_do_not_change_the_draw(Device::Cpu);
 }
 
+#[cfg(feature = "gpu")]
 #[test]
 fn logprobs_and_zero_penalties_do_not_change_the_draw_gpu() {
     logprobs_and_zero_penalties_do_not_change_the_draw(Device::Gpu);

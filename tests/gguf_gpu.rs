@@ -11,6 +11,8 @@
 //! the chat cases and at the first and last 128 positions of the 1500-token one; last logits
 //! and teacher-forced greedy decoding (margin rule) are checked for every case.
 
+#![cfg(feature = "gpu")]
+
 mod common;
 
 use std::sync::Arc;

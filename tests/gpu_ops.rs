@@ -8,6 +8,8 @@
 //! (lavapipe, `apt-get install mesa-vulkan-drivers`) is enough. A test that finds no
 //! adapter FAILS. Set `WICK_SKIP_GPU_TESTS=1` to skip them explicitly instead (CI does not).
 
+#![cfg(feature = "gpu")]
+
 use wick::backend::cpu::{ActQuant, CpuBackend};
 use wick::backend::wgpu::{WgpuBackend, WgpuOptions};
 use wick::backend::{AttentionDims, Backend, Batch, KvDtype, KvLayout, SeqSpan};

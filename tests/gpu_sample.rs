@@ -11,6 +11,8 @@
 //! (lavapipe) is enough. A test that finds no adapter FAILS. Set `WICK_SKIP_GPU_TESTS=1` to
 //! skip them explicitly instead.
 
+#![cfg(feature = "gpu")]
+
 mod common;
 
 use wick::backend::cpu::CpuBackend;

@@ -6,6 +6,8 @@
 //! to a content store carrying `x-linked-etag` (as the Hub does for LFS files), and 404s with
 //! `x-error-code`. It logs every request so tests can check what went over the wire.
 
+#![cfg(feature = "hub")]
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};

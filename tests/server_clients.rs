@@ -2,6 +2,8 @@
 //! `ChatOpenAI`, and the `openai` npm package. The scripts live in `tests/clients/`; a missing
 //! package makes them fail, never skip (`.ci/run` installs them).
 
+#![cfg(feature = "server")]
+
 mod server_common;
 
 use std::path::PathBuf;

@@ -4,6 +4,8 @@
 //! connections; a shutdown with such clients still attached. Each test checks the outcome
 //! (status and error shape, a time bound, and `/metrics` back at zero).
 
+#![cfg(feature = "server")]
+
 mod server_common;
 
 use std::time::{Duration, Instant};

@@ -1,6 +1,8 @@
 //! `wick serve` over real sockets with raw HTTP: every error status and JSON shape, the
 //! endpoints besides completions, streaming framing, cancellation, time limits and draining.
 
+#![cfg(feature = "server")]
+
 mod server_common;
 
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! the rest are refused with 429 and Retry-After, health stays up, and every KV block comes
 //! back. `wick bench-serve` then runs against the same server.
 
+#![cfg(feature = "bench-serve")]
+
 mod server_common;
 
 use std::time::Duration;

@@ -18,9 +18,25 @@
 
 pub mod cpu;
 pub mod sample;
+#[cfg(feature = "gpu")]
 pub mod wgpu;
 
 pub use self::sample::RowSampling;
+
+/// The GPU backend's work counters since it was made (per token = difference / tokens).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuStats {
+    /// Steps begun.
+    pub steps: u64,
+    /// Compute dispatches recorded.
+    pub dispatches: u64,
+    /// Command buffers submitted.
+    pub submits: u64,
+    /// Blocking read-backs (waits for the GPU).
+    pub readbacks: u64,
+    /// Bytes copied back to the host by those read-backs.
+    pub readback_bytes: u64,
+}
 use crate::error::Result;
 use crate::loader::HostTensor;
 

@@ -35,12 +35,17 @@
 //! # Ok::<(), wick::Error>(())
 //! ```
 
+#![cfg_attr(not(feature = "hub"), allow(dead_code))]
+
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
+#[cfg(feature = "hub")]
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Component, Path, PathBuf};
 
+#[cfg(feature = "hub")]
 use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
+#[cfg(feature = "hub")]
 use hf_hub::{Cache, Repo, RepoType};
 
 use crate::error::{Error, Result};
@@ -446,6 +451,7 @@ struct HubRepo {
     /// `cache_dir/models--owner--name`.
     repo_dir: PathBuf,
     /// `None` when offline.
+    #[cfg(feature = "hub")]
     api: Option<ApiRepo>,
     progress: bool,
     on_progress: Option<super::Progress>,
@@ -487,8 +493,9 @@ impl HubRepo {
         // hf-hub links snapshot files to blobs by relative symlinks computed from the two
         // paths; an absolute cache makes the returned directory independent of the cwd.
         let cache_dir = std::path::absolute(&cache_dir).map_err(|e| Error::io(&cache_dir, e))?;
-        let repo = Repo::with_revision(id.to_string(), RepoType::Model, revision.clone());
-        let repo_dir = cache_dir.join(repo.folder_name());
+        // huggingface_hub's folder for a model repository.
+        let repo_dir = cache_dir.join(format!("models--{}", id.replace('/', "--")));
+        #[cfg(feature = "hub")]
         let api = if opts.offline {
             None
         } else {
@@ -500,6 +507,7 @@ impl HubRepo {
                 .with_user_agent("wick", env!("CARGO_PKG_VERSION"))
                 .build()
                 .map_err(|e| error(format!("cannot set up the HTTP client: {e}")))?;
+            let repo = Repo::with_revision(id.to_string(), RepoType::Model, revision.clone());
             Some(api.repo(repo))
         };
         Ok(HubRepo {
@@ -508,6 +516,7 @@ impl HubRepo {
             endpoint,
             cache_dir,
             repo_dir,
+            #[cfg(feature = "hub")]
             api,
             progress: opts.progress && std::io::stderr().is_terminal(),
             on_progress: opts.on_progress.clone(),
@@ -523,6 +532,16 @@ impl HubRepo {
 
     /// The error for a required file that is neither in the cache nor (online) on the Hub.
     fn missing(&self, file: &str) -> Error {
+        #[cfg(not(feature = "hub"))]
+        return self.error(format!(
+            "`{file}` (revision `{}`) is not in the Hub cache {} (looked in {}), and this build \
+             of wick cannot download (it was built without the `hub` feature): download it \
+             with another tool or pass a local path",
+            self.revision,
+            self.cache_dir.display(),
+            self.repo_dir.display(),
+        ));
+        #[cfg(feature = "hub")]
         match &self.api {
             None => self.error(format!(
                 "`{file}` (revision `{}`) is not in the Hub cache {} (looked in {}); offline mode \
@@ -556,6 +575,19 @@ impl HubRepo {
             Cached::KnownMissing => return Ok(None),
             Cached::Unknown => {}
         }
+        self.download(file)
+    }
+
+    /// Not in this build: nothing is downloaded.
+    #[cfg(not(feature = "hub"))]
+    fn download(&self, _file: &str) -> Result<Option<PathBuf>> {
+        Ok(None)
+    }
+
+    /// Downloads `file` into the cache; `None` if the repository does not have it, or when
+    /// offline.
+    #[cfg(feature = "hub")]
+    fn download(&self, file: &str) -> Result<Option<PathBuf>> {
         let Some(api) = &self.api else {
             return Ok(None);
         };
@@ -654,6 +686,7 @@ impl HubRepo {
     }
 
     /// Turns an hf-hub error into a user-facing message.
+    #[cfg(feature = "hub")]
     fn describe(&self, err: ApiError, url: &str) -> Failure {
         let endpoint = &self.endpoint;
         match err {
@@ -725,6 +758,7 @@ impl Bar {
     }
 }
 
+#[cfg(feature = "hub")]
 impl hf_hub::api::Progress for Bar {
     // hf-hub calls `init` again when it (re)starts a transfer, then `update` with the bytes
     // already on disk, so `init` resets the position.
@@ -770,6 +804,7 @@ impl Reporter {
     }
 }
 
+#[cfg(feature = "hub")]
 impl hf_hub::api::Progress for Reporter {
     // As for `Bar`: `init` starts (or restarts) a transfer.
     fn init(&mut self, size: usize, filename: &str) {

@@ -33,6 +33,7 @@
 //! answer, [`error`] is the one error type, [`metrics`] renders `/metrics`, and
 //! [`bench`](mod@bench) is the `wick bench-serve` load generator.
 
+#[cfg(feature = "bench-serve")]
 pub mod bench;
 pub mod conn;
 pub mod error;

@@ -250,6 +250,7 @@ pub fn cpu_backend() -> wick::backend::cpu::CpuBackend {
     wick::backend::cpu::CpuBackend::new(2).unwrap()
 }
 
+#[cfg(feature = "gpu")]
 /// The GPU backend (lavapipe will do). A machine without an adapter FAILS the test unless
 /// `WICK_SKIP_GPU_TESTS=1` is set explicitly, which skips it (`None`).
 pub fn gpu_backend() -> Option<wick::backend::wgpu::WgpuBackend> {
@@ -270,10 +271,28 @@ pub fn gpu_backend() -> Option<wick::backend::wgpu::WgpuBackend> {
 
 /// The GPU backend behind `b`, if that is what it is: for the checks only the GPU has
 /// (its work counters) and the coverage lavapipe's slow steps allow.
+#[cfg(feature = "gpu")]
 pub fn as_gpu<B: wick::backend::Backend + 'static>(
     b: &B,
 ) -> Option<&wick::backend::wgpu::WgpuBackend> {
     (b as &dyn std::any::Any).downcast_ref()
+}
+
+/// Without the `gpu` feature there is no GPU backend to find.
+#[cfg(not(feature = "gpu"))]
+pub fn as_gpu<B: wick::backend::Backend + 'static>(_: &B) -> Option<&NoGpu> {
+    None
+}
+
+/// The GPU backend of a build without one: never made.
+#[cfg(not(feature = "gpu"))]
+pub enum NoGpu {}
+
+#[cfg(not(feature = "gpu"))]
+impl NoGpu {
+    pub fn stats(&self) -> wick::backend::GpuStats {
+        match *self {}
+    }
 }
 
 /// Writes each test once and runs it on every backend: `test_backends!(a, b)` makes
@@ -290,6 +309,7 @@ macro_rules! test_backends {
                 }
             )+
         }
+        #[cfg(feature = "gpu")]
         mod gpu {
             $(
                 #[test]

@@ -107,20 +107,7 @@ impl Default for WgpuOptions {
     }
 }
 
-/// Work counters since the backend was made (per token = difference / tokens).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GpuStats {
-    /// Steps begun.
-    pub steps: u64,
-    /// Compute dispatches recorded.
-    pub dispatches: u64,
-    /// Command buffers submitted.
-    pub submits: u64,
-    /// Blocking read-backs (waits for the GPU).
-    pub readbacks: u64,
-    /// Bytes copied back to the host by those read-backs.
-    pub readback_bytes: u64,
-}
+pub use super::GpuStats;
 
 /// A GPU buffer with an id that bind-group caching can key on (cloning shares the buffer).
 #[derive(Clone)]
