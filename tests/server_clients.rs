@@ -2,7 +2,8 @@
 //! `ChatOpenAI`, and the `openai` npm package. The scripts live in `tests/clients/`; a missing
 //! package makes them fail, never skip (`.ci/run` installs them).
 
-#![cfg(feature = "server")]
+// The HTTP client is the bench-serve feature's.
+#![cfg(feature = "bench-serve")]
 
 mod server_common;
 

@@ -4,7 +4,8 @@
 //! connections; a shutdown with such clients still attached. Each test checks the outcome
 //! (status and error shape, a time bound, and `/metrics` back at zero).
 
-#![cfg(feature = "server")]
+// The HTTP client is the bench-serve feature's.
+#![cfg(feature = "bench-serve")]
 
 mod server_common;
 

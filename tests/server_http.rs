@@ -1,7 +1,8 @@
 //! `wick serve` over real sockets with raw HTTP: every error status and JSON shape, the
 //! endpoints besides completions, streaming framing, cancellation, time limits and draining.
 
-#![cfg(feature = "server")]
+// The HTTP client is the bench-serve feature's.
+#![cfg(feature = "bench-serve")]
 
 mod server_common;
 

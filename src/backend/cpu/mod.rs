@@ -56,6 +56,16 @@ impl ActQuant {
     }
 }
 
+/// `x.round() as i32` (half away from zero) without a call into libm, whose `roundf` is a
+/// slow software routine in musl (static builds) and blocks vectorization everywhere. Exact
+/// for |x| < 2^31: the truncation is exact and so is the fraction it leaves; NaN gives 0.
+#[inline(always)]
+pub(crate) fn round_half_away(x: f32) -> i32 {
+    let t = x as i32;
+    let frac = x - t as f32;
+    t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5)
+}
+
 /// The CPU backend.
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
@@ -412,5 +422,40 @@ impl Backend for CpuBackend {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         super::sample::sample_rows(logits.rows(rows), logits.cols, params, out, &mut scratch);
+    }
+}
+
+#[cfg(test)]
+mod round_tests {
+    use super::round_half_away;
+
+    #[test]
+    fn round_half_away_is_f32_round() {
+        let mut x = -140.0f32;
+        while x <= 140.0 {
+            for v in [
+                x,
+                x + 0.5,
+                x - 0.5,
+                x + 0.499_999_97,
+                f32::from_bits(x.to_bits() + 1),
+            ] {
+                assert_eq!(round_half_away(v), v.round() as i32, "{v}");
+            }
+            x += 0.125;
+        }
+        for v in [
+            0.499_999_97f32,
+            -0.499_999_97,
+            2.5,
+            -2.5,
+            1e9,
+            -1e9,
+            0.0,
+            -0.0,
+        ] {
+            assert_eq!(round_half_away(v), v.round() as i32, "{v}");
+        }
+        assert_eq!(round_half_away(f32::NAN), 0);
     }
 }

@@ -54,7 +54,7 @@ impl Q16Act {
             self.d[b] = d;
             let q = &mut self.qs[32 * b..32 * b + 32];
             for (qi, &v) in q.iter_mut().zip(xb) {
-                *qi = (v * inv).round() as i16;
+                *qi = super::round_half_away(v * inv) as i16;
             }
             for g in 0..2 {
                 self.sum16[2 * b + g] = q[16 * g..16 * g + 16].iter().map(|&v| v as i32).sum();

@@ -71,7 +71,7 @@ impl Q8Act {
             self.d[b] = d;
             let q = &mut self.qs[32 * b..32 * b + 32];
             for (qi, &v) in q.iter_mut().zip(xb) {
-                *qi = (v * inv).round() as i8;
+                *qi = super::round_half_away(v * inv) as i8;
             }
             for g in 0..2 {
                 let s: i32 = q[16 * g..16 * g + 16].iter().map(|&v| v as i32).sum();
