@@ -88,6 +88,10 @@ pub struct RuntimeOptions {
     /// Receives the progress of loading: Hub downloads, load-time quantization, weights put
     /// on the device ([`LoadProgress`]).
     pub on_progress: Option<Progress>,
+    /// Run on the application's own wgpu device instead of opening one (with
+    /// [`Device::Auto`] or [`Device::Gpu`]).
+    #[cfg(feature = "gpu")]
+    pub gpu_device: Option<crate::backend::wgpu::SharedDevice>,
 }
 
 impl Default for RuntimeOptions {
@@ -103,6 +107,8 @@ impl Default for RuntimeOptions {
             kv_dtype: KvDtype::default(),
             cpu_act: ActQuant::default(),
             on_progress: None,
+            #[cfg(feature = "gpu")]
+            gpu_device: None,
         }
     }
 }
@@ -230,9 +236,13 @@ impl Runtime {
         // On the CPU, refuse before loading when the memory limit cannot hold the weights and
         // the smallest KV cache (loading first would meet the OOM killer instead).
         let weight_bytes = ckpt.tensors.total_bytes();
+        #[cfg(feature = "gpu")]
+        let app_gpu = opts.gpu_device.is_some();
+        #[cfg(not(feature = "gpu"))]
+        let app_gpu = false;
         let to_cpu = match opts.device {
             Device::Cpu => true,
-            Device::Auto => !has_hardware_gpu(),
+            Device::Auto => !app_gpu && !has_hardware_gpu(),
             Device::Gpu => false,
         };
         if to_cpu {
@@ -255,6 +265,7 @@ impl Runtime {
             use crate::backend::wgpu::{WgpuBackend, WgpuOptions};
             let backend = WgpuBackend::new(&WgpuOptions {
                 adapter: opts.adapter.clone(),
+                device: opts.gpu_device.clone(),
                 ..WgpuOptions::default()
             })?;
             let model = Model::load_with_progress(
@@ -289,7 +300,7 @@ impl Runtime {
             Device::Cpu => on_cpu()?,
             // A hardware GPU if there is one (a software rasterizer such as lavapipe is slower
             // than the CPU backend); the CPU when there is none or the model cannot run on it.
-            Device::Auto if has_hardware_gpu() => on_gpu().or_else(|e| {
+            Device::Auto if app_gpu || has_hardware_gpu() => on_gpu().or_else(|e| {
                 tracing::warn!("GPU unusable ({e}); running on the CPU");
                 on_cpu()
             })?,

@@ -11,7 +11,7 @@
 #![cfg(feature = "gpu")]
 
 use wick::backend::cpu::{ActQuant, CpuBackend};
-use wick::backend::wgpu::{WgpuBackend, WgpuOptions};
+use wick::backend::wgpu::{SharedDevice, WgpuBackend, WgpuOptions};
 use wick::backend::{AttentionDims, Backend, Batch, KvDtype, KvLayout, SeqSpan};
 use wick::loader::{Bytes, HostTensor};
 use wick::quant::DType;
@@ -914,4 +914,58 @@ fn f16_kv_cache_rounds_to_half_precision() {
         0.0,
         2f32.powi(-11),
     );
+}
+
+/// An application that already has a wgpu device hands it to wick instead of wick opening a
+/// second one; wick's kernels run on it, and the application's own work on the same device
+/// goes on beside them.
+#[test]
+fn runs_on_a_device_the_application_opened() {
+    if gpu().is_none() {
+        return;
+    }
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
+        .into_iter()
+        .next()
+        .expect("the adapter gpu() found");
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("the app's device"),
+        required_limits: adapter.limits(),
+        ..Default::default()
+    }))
+    .unwrap();
+    let g = WgpuBackend::new(&WgpuOptions {
+        device: Some(SharedDevice {
+            adapter,
+            device: device.clone(),
+            queue: queue.clone(),
+        }),
+        ..WgpuOptions::default()
+    })
+    .unwrap();
+    let (t, n, k) = (3, 40, 64);
+    let parts = [host("w", DType::F32, &[n, k], &values(n * k, 9))];
+    assert_close(
+        "matmul on the app's device",
+        &matmul_run(&g, t, &parts, k),
+        &matmul_run(&cpu(), t, &parts, k),
+        1e-4,
+        1e-4,
+    );
+    assert!(g.stats().dispatches > 0);
+    // The application's own buffer on the same device still works.
+    let buf = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("app"),
+        size: 256,
+        usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+        mapped_at_creation: false,
+    });
+    queue.write_buffer(&buf, 0, &[7u8; 256]);
+    queue.submit([]);
+    buf.slice(..).map_async(wgpu::MapMode::Read, |r| r.unwrap());
+    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    let view = buf.slice(..).get_mapped_range().unwrap();
+    assert!(view.iter().all(|&b| b == 7));
 }

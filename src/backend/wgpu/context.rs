@@ -147,6 +147,31 @@ pub fn has_hardware_gpu() -> bool {
 }
 
 impl GpuContext {
+    /// Uses a device the application opened (see [`super::WgpuOptions::device`]): the
+    /// kernels follow the features and limits it was opened with.
+    pub fn from_device(
+        shared: &super::SharedDevice,
+        allow_subgroup: bool,
+        allow_f16: bool,
+    ) -> Self {
+        let info = shared.adapter.get_info();
+        let downlevel = shared.adapter.get_downlevel_capabilities().flags;
+        let features = shared.device.features();
+        let subgroup = allow_subgroup && features.contains(wgpu::Features::SUBGROUP);
+        let shader_f16 = allow_f16 && features.contains(wgpu::Features::SHADER_F16);
+        let f16_in_f32 = downlevel.contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32)
+            && (shader_f16 || info.driver.to_lowercase() != "llvmpipe");
+        GpuContext {
+            device: shared.device.clone(),
+            queue: shared.queue.clone(),
+            info,
+            limits: shared.device.limits(),
+            subgroup,
+            shader_f16,
+            f16_in_f32,
+        }
+    }
+
     /// Opens the adapter chosen by `choice` (see the module doc) with its own limits.
     pub fn open(choice: Option<&str>, allow_subgroup: bool, allow_f16: bool) -> Result<Self> {
         let adapters = ranked_adapters();

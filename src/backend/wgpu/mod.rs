@@ -93,6 +93,22 @@ pub struct WgpuOptions {
     /// each (token, head) of the attention is spread over one workgroup per this many
     /// positions (rounded up to a multiple of 64), and a second pass combines them. 0 = never.
     pub decode_split: usize,
+    /// Run on a device the application already has (a wgpu app need not open a second
+    /// one); `adapter` is then ignored. wick uses the features and limits the device was
+    /// opened with: request the adapter's own limits (`adapter.limits()`) and, where the
+    /// adapter has them, `SHADER_F16` and `SUBGROUP` for the fastest kernels.
+    pub device: Option<SharedDevice>,
+}
+
+/// An application's wgpu device for [`WgpuOptions::device`].
+#[derive(Clone, Debug)]
+pub struct SharedDevice {
+    /// The adapter the device was opened on.
+    pub adapter: wgpu::Adapter,
+    /// The device.
+    pub device: wgpu::Device,
+    /// Its queue.
+    pub queue: wgpu::Queue,
 }
 
 impl Default for WgpuOptions {
@@ -103,6 +119,7 @@ impl Default for WgpuOptions {
             allow_f16: true,
             max_segment_bytes: None,
             decode_split: DECODE_SPLIT,
+            device: None,
         }
     }
 }
@@ -260,11 +277,14 @@ pub struct WgpuBackend {
 impl WgpuBackend {
     /// Opens the adapter chosen by `opts` (see [`context`] for the order).
     pub fn new(opts: &WgpuOptions) -> Result<Self> {
-        let ctx = GpuContext::open(
-            opts.adapter.as_deref(),
-            opts.allow_subgroups,
-            opts.allow_f16,
-        )?;
+        let ctx = match &opts.device {
+            Some(shared) => GpuContext::from_device(shared, opts.allow_subgroups, opts.allow_f16),
+            None => GpuContext::open(
+                opts.adapter.as_deref(),
+                opts.allow_subgroups,
+                opts.allow_f16,
+            )?,
+        };
         // Indices inside a binding are u32 elements; stay well inside that too.
         let mut segment_limit = ctx
             .limits
