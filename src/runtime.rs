@@ -258,6 +258,20 @@ impl Runtime {
                 .min(MIN_CONTEXT);
             Fences::detect().kv_budget(weight_bytes, u64::MAX, per_token * min_tokens as u64)?;
         }
+        // The weights on a backend, with the KV dtype asked for.
+        fn place_on<B: crate::backend::Backend>(
+            backend: B,
+            ckpt: &Checkpoint,
+            opts: &RuntimeOptions,
+        ) -> Result<Arc<Model<B>>> {
+            let model = Model::load_with_progress(
+                backend,
+                ckpt.config.clone(),
+                &ckpt.tensors,
+                opts.on_progress.as_ref(),
+            )?;
+            Ok(Arc::new(model.with_kv_dtype(opts.kv_dtype)))
+        }
         #[cfg_attr(not(feature = "gpu"), allow(unused_mut))]
         let mut gpu_stats: Option<GpuStatsFn> = None;
         #[cfg(feature = "gpu")]
@@ -268,13 +282,7 @@ impl Runtime {
                 device: opts.gpu_device.clone(),
                 ..WgpuOptions::default()
             })?;
-            let model = Model::load_with_progress(
-                backend,
-                ckpt.config.clone(),
-                &ckpt.tensors,
-                opts.on_progress.as_ref(),
-            )?;
-            let model = Arc::new(model.with_kv_dtype(opts.kv_dtype));
+            let model = place_on(backend, &ckpt, opts)?;
             let device = crate::backend::Backend::describe(model.backend());
             let m = model.clone();
             gpu_stats = Some(Arc::new(move || m.backend().stats()));
@@ -284,14 +292,11 @@ impl Runtime {
         let on_gpu =
             || -> Result<(Box<dyn LoadedModel>, String)> { Err(Error::Device(NO_GPU.into())) };
         let on_cpu = || -> Result<(Box<dyn LoadedModel>, String)> {
-            let backend = CpuBackend::with_act(opts.threads, opts.cpu_act)?;
-            let model = Model::load_with_progress(
-                backend,
-                ckpt.config.clone(),
-                &ckpt.tensors,
-                opts.on_progress.as_ref(),
+            let model = place_on(
+                CpuBackend::with_act(opts.threads, opts.cpu_act)?,
+                &ckpt,
+                opts,
             )?;
-            let model = Arc::new(model.with_kv_dtype(opts.kv_dtype));
             let device = crate::backend::Backend::describe(model.backend());
             Ok((Box::new(model), device))
         };

@@ -18,7 +18,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use wick::backend::wgpu::{WgpuBackend, WgpuOptions};
+use wick::backend::wgpu::WgpuBackend;
 use wick::backend::{Backend, KvDtype};
 use wick::loader::checkpoint::Checkpoint;
 use wick::model::Model;
@@ -30,16 +30,7 @@ const LONG: usize = 256;
 const SPOT: usize = 128;
 
 fn model(file: &str) -> Option<Arc<Model<WgpuBackend>>> {
-    if std::env::var_os("WICK_SKIP_GPU_TESTS").is_some_and(|v| v == "1") {
-        eprintln!("WICK_SKIP_GPU_TESTS=1: skipping a GPU test");
-        return None;
-    }
-    let backend = WgpuBackend::new(&WgpuOptions::default()).unwrap_or_else(|e| {
-        panic!(
-            "no usable GPU adapter ({e}); install mesa-vulkan-drivers for lavapipe, or set \
-             WICK_SKIP_GPU_TESTS=1 to skip GPU tests explicitly"
-        )
-    });
+    let backend = gpu_backend()?;
     let ckpt = Checkpoint::open_gguf(&fixture(file), file.into()).unwrap();
     Some(Arc::new(
         Model::load(backend, ckpt.config.clone(), &ckpt.tensors)
