@@ -27,6 +27,9 @@ mod bench_serve;
 #[cfg(feature = "server")]
 #[path = "cli/serve.rs"]
 mod serve;
+#[cfg(feature = "server")]
+#[path = "cli/vllm.rs"]
+mod vllm;
 
 #[derive(Parser)]
 #[command(
@@ -57,7 +60,7 @@ enum Command {
     Info,
     /// Serve the model over an OpenAI-compatible HTTP API.
     #[cfg(feature = "server")]
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Load-test an OpenAI-compatible server: QPS, latency and TTFT percentiles, tok/s.
     #[cfg(feature = "bench-serve")]
     BenchServe(bench_serve::BenchServeArgs),
@@ -99,7 +102,7 @@ struct PerplexityArgs {
     json: bool,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 enum QuantArg {
     #[value(name = "q8_0")]
     Q8_0,
@@ -153,17 +156,26 @@ struct BenchArgs {
 #[derive(Args, Clone)]
 pub struct EngineArgs {
     /// Most sequences decoding at once.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, env = "WICK_MAX_NUM_SEQS")]
     max_num_seqs: usize,
     /// Most tokens per forward step (long prompts are prefilled in chunks of this size).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, env = "WICK_MAX_NUM_BATCHED_TOKENS")]
     max_num_batched_tokens: usize,
     /// KV cache budget in MiB (default 1024, and never less than one max-model-len sequence).
-    #[arg(long)]
+    #[arg(long, env = "WICK_KV_CACHE_MB")]
     kv_cache_mb: Option<usize>,
-    /// Do not reuse cached KV blocks across requests.
-    #[arg(long)]
+    /// Do not reuse cached KV blocks across requests (also --no-enable-prefix-caching).
+    #[arg(
+        long,
+        alias = "no-enable-prefix-caching",
+        overrides_with = "enable_prefix_caching",
+        env = "WICK_NO_PREFIX_CACHING",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     no_prefix_caching: bool,
+    /// Reuse cached KV blocks across requests (the default).
+    #[arg(long, overrides_with = "no_prefix_caching", hide_short_help = true)]
+    enable_prefix_caching: bool,
 }
 
 impl EngineArgs {
@@ -197,48 +209,115 @@ struct SynthArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DeviceArg {
+    /// A GPU if usable, else the CPU.
     Auto,
+    /// The CPU.
     Cpu,
+    /// A GPU, or fail (also spelled `cuda`, as vLLM command lines say).
+    #[value(alias = "cuda")]
     Gpu,
 }
 
-/// Options every command that loads a model shares.
+/// Options every command that loads a model shares. Every one can also be set from the
+/// environment (`WICK_` and the flag's name), as containers do.
 #[derive(Args)]
 pub struct ModelArgs {
-    /// A local model directory, a .gguf file, or a Hub id such as Qwen/Qwen3-0.6B.
-    #[arg(long, short)]
-    model: String,
-    /// Where to run: a GPU if usable (auto), the CPU, or a GPU or fail.
-    #[arg(long, value_enum, default_value = "auto")]
+    /// A local model directory, a .gguf file, or a Hub id such as Qwen/Qwen3-0.6B (or as
+    /// --model).
+    #[arg(
+        value_name = "MODEL",
+        required_unless_present = "model",
+        conflicts_with = "model"
+    )]
+    model_pos: Option<String>,
+    /// The model, as a flag (vLLM's api_server spelling).
+    #[arg(long, short, env = "WICK_MODEL", hide_short_help = true)]
+    model: Option<String>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "auto", env = "WICK_DEVICE")]
     device: DeviceArg,
     /// CPU threads (default: one per CPU the process may use: the affinity mask, capped by
     /// the cgroup CPU quota).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "WICK_THREADS")]
     threads: usize,
     /// Pin to these CPUs (e.g. 0,2-3), as `taskset -c` would; threads default to their
     /// number.
-    #[arg(long)]
+    #[arg(long, env = "WICK_CPUS")]
     cpus: Option<String>,
     /// Never touch the network; use the Hugging Face cache only.
-    #[arg(long)]
+    #[arg(long, env = "WICK_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
     offline: bool,
-    /// Longest sequence (prompt + reply) to hold in the KV cache.
-    #[arg(long, default_value_t = 8192)]
+    /// Longest sequence (prompt + reply) to hold in the KV cache: a number of tokens, or
+    /// with a suffix as vLLM reads it (8k = 8000, 8K = 8192).
+    #[arg(long, default_value = "8192", value_parser = parse_len, env = "WICK_MAX_MODEL_LEN")]
     max_model_len: usize,
     /// Quantize float weights at load: q8_0, q4_0 or q4_k (llama-quantize's Q4_K_M mix).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, env = "WICK_QUANTIZE")]
     quantize: Option<QuantArg>,
     /// GPU adapter: an index or part of a name, as listed by `wick info` (default: the first).
-    #[arg(long)]
+    #[arg(long, env = "WICK_ADAPTER")]
     adapter: Option<String>,
-    /// How the KV cache stores keys and values: f16 (half the memory, twice the tokens) or
-    /// f32 (exact).
-    #[arg(long, default_value_t = KvDtype::F16)]
+    /// How the KV cache stores keys and values: f16 (half the memory, twice the tokens; also
+    /// `auto`) or f32 (exact).
+    #[arg(long, default_value = "auto", value_parser = parse_kv_dtype, env = "WICK_KV_CACHE_DTYPE")]
     kv_cache_dtype: KvDtype,
     /// CPU: precision of the activations that meet quantized weights: q8 (8-bit, as
     /// llama.cpp: fastest), q16 (16-bit: within about 1e-4 of f32) or f32 (exact).
-    #[arg(long, default_value = "q8", value_parser = parse_act)]
+    #[arg(long, default_value = "q8", value_parser = parse_act, env = "WICK_ACTIVATIONS")]
     activations: ActQuant,
+    /// A chat template to use instead of the model's: a file, or the template itself.
+    #[arg(long, env = "WICK_CHAT_TEMPLATE")]
+    chat_template: Option<String>,
+    /// Hub: the branch, tag or commit to fetch (default: main).
+    #[arg(long, env = "WICK_REVISION")]
+    revision: Option<String>,
+    /// Hub: the cache directory to download to and load from (default: HF_HUB_CACHE, else
+    /// ~/.cache/huggingface/hub).
+    #[arg(long, env = "WICK_DOWNLOAD_DIR")]
+    download_dir: Option<std::path::PathBuf>,
+    /// Hub: the access token for gated or private repositories (default: HF_TOKEN, else the
+    /// token file).
+    #[arg(long, env = "WICK_HF_TOKEN", hide_env_values = true)]
+    hf_token: Option<String>,
+}
+
+/// A length as vLLM's `--max-model-len` takes it: digits, optionally with a decimal part
+/// and a suffix (k, m, g: powers of 1000; K, M, G: powers of 1024).
+fn parse_len(s: &str) -> std::result::Result<usize, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1e3),
+        Some('m') => (&t[..t.len() - 1], 1e6),
+        Some('g') => (&t[..t.len() - 1], 1e9),
+        Some('K') => (&t[..t.len() - 1], 1024.0),
+        Some('M') => (&t[..t.len() - 1], 1024.0 * 1024.0),
+        Some('G') => (&t[..t.len() - 1], 1024.0 * 1024.0 * 1024.0),
+        _ => (t, 1.0),
+    };
+    let bad = || {
+        format!(
+            "`{s}` is not a length: give a number of tokens such as 8192, 8k or 8K \
+             (`auto` and -1 are not supported: wick does not size the context from free memory)"
+        )
+    };
+    let x: f64 = num.parse().map_err(|_| bad())?;
+    let n = x * mult;
+    if !((1.0..=1e9).contains(&n) && n.fract() == 0.0) {
+        return Err(bad());
+    }
+    Ok(n as usize)
+}
+
+/// `--kv-cache-dtype` as vLLM spells it: `auto` is f16, the default.
+fn parse_kv_dtype(s: &str) -> std::result::Result<KvDtype, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "auto" | "fp16" => Ok(KvDtype::F16),
+        "fp32" => Ok(KvDtype::F32),
+        l if l.starts_with("fp8") || l == "bfloat16" || l == "bf16" => Err(format!(
+            "wick stores the KV cache as f16 or f32, not {s} (use auto, f16 or f32)"
+        )),
+        _ => s.parse(),
+    }
 }
 
 fn parse_act(s: &str) -> std::result::Result<ActQuant, String> {
@@ -246,6 +325,14 @@ fn parse_act(s: &str) -> std::result::Result<ActQuant, String> {
 }
 
 impl ModelArgs {
+    /// The model, as given positionally or by --model.
+    fn model(&self) -> &str {
+        self.model_pos
+            .as_deref()
+            .or(self.model.as_deref())
+            .unwrap_or_default()
+    }
+
     fn load(&self) -> Result<Runtime> {
         // Before the CPU threads start: they inherit the mask.
         if let Some(list) = &self.cpus {
@@ -266,15 +353,37 @@ impl ModelArgs {
             cpu_act: self.activations,
             hub: HubOptions {
                 offline: self.offline,
+                revision: self.revision.clone(),
+                cache_dir: self.download_dir.clone(),
+                token: self.hf_token.clone(),
                 ..HubOptions::default()
             },
             ..RuntimeOptions::default()
         };
-        let rt =
-            Runtime::load(&self.model, &opts).with_context(|| format!("loading {}", self.model))?;
+        let model = self.model();
+        let mut rt = Runtime::load(model, &opts).with_context(|| format!("loading {model}"))?;
+        if let Some(t) = &self.chat_template {
+            let source = chat_template_source(t)?;
+            rt.set_chat_template(&source).context("--chat-template")?;
+        }
         eprintln!("wick: {} on {}", rt.name(), rt.device());
         Ok(rt)
     }
+}
+
+/// `--chat-template`'s value: a file's contents, or the template itself (vLLM reads it the
+/// same way).
+fn chat_template_source(value: &str) -> Result<String> {
+    let path = std::path::Path::new(value);
+    if path.is_file() {
+        return std::fs::read_to_string(path)
+            .with_context(|| format!("--chat-template: reading {}", path.display()));
+    }
+    anyhow::ensure!(
+        value.contains("{{") || value.contains("{%"),
+        "--chat-template: `{value}` is neither a file nor a Jinja template"
+    );
+    Ok(value.to_string())
 }
 
 #[derive(Args)]
@@ -341,7 +450,15 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    // vLLM's two-letter short flags (-tp, -pp, -dp), which clap's one-letter shorts cannot
+    // spell.
+    let args = std::env::args_os().map(|a| match a.to_str() {
+        Some("-tp") => "--tensor-parallel-size".into(),
+        Some("-pp") => "--pipeline-parallel-size".into(),
+        Some("-dp") => "--data-parallel-size".into(),
+        _ => a,
+    });
+    match Cli::parse_from(args).command {
         Command::Run(a) => run(a),
         Command::Logits(a) => logits(a),
         Command::Bench(a) => bench(a),
@@ -349,7 +466,7 @@ fn main() -> Result<()> {
         Command::Perplexity(a) => perplexity(a),
         Command::Info => info(),
         #[cfg(feature = "server")]
-        Command::Serve(a) => serve::serve(a),
+        Command::Serve(a) => serve::serve(*a),
         #[cfg(feature = "bench-serve")]
         Command::BenchServe(a) => bench_serve::bench_serve(a),
         Command::Synth(a) => {
@@ -974,4 +1091,34 @@ fn kl_divergence(a: PerplexityArgs) -> Result<()> {
         pct(s.same_top_p_err)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_read_as_vllm_reads_them() {
+        for (s, n) in [
+            ("8192", 8192),
+            ("8k", 8000),
+            ("8K", 8192),
+            ("25.6k", 25600),
+            ("1m", 1_000_000),
+        ] {
+            assert_eq!(parse_len(s), Ok(n), "{s}");
+        }
+        for s in ["auto", "-1", "0", "1.5", "k", "NaN", "8q"] {
+            assert!(parse_len(s).is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn kv_cache_dtypes_as_vllm_spells_them() {
+        assert_eq!(parse_kv_dtype("auto"), Ok(KvDtype::F16));
+        assert_eq!(parse_kv_dtype("f32"), Ok(KvDtype::F32));
+        assert!(parse_kv_dtype("fp8_e4m3")
+            .unwrap_err()
+            .contains("f16 or f32"));
+    }
 }

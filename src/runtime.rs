@@ -437,6 +437,36 @@ impl Runtime {
         &self.text.eos_token_ids
     }
 
+    /// The sampling defaults' source: the model's `generation_config.json`, unless replaced.
+    pub fn generation_config(&self) -> &GenerationConfig {
+        &self.generation
+    }
+
+    /// Replaces the sampling defaults (vLLM's `--generation-config` and
+    /// `--override-generation-config`); the end-of-sequence ids stay the model's. Engines
+    /// started before keep the old defaults.
+    pub fn set_generation_config(&mut self, g: GenerationConfig) {
+        self.generation = GenerationConfig {
+            eos_token_ids: self.generation.eos_token_ids.clone(),
+            ..g
+        };
+    }
+
+    /// Replaces the model's chat template with `source` (vLLM's `--chat-template`), keeping
+    /// the BOS/EOS strings the template sees. Engines started before keep the old template.
+    pub fn set_chat_template(&mut self, source: &str) -> Result<()> {
+        let (bos, eos) = match &self.text.chat_template {
+            Some(t) => (
+                t.bos_token().map(str::to_string),
+                t.eos_token().map(str::to_string),
+            ),
+            None => (None, None),
+        };
+        let t = crate::text::chat_template::ChatTemplate::new(source, bos, eos)?;
+        self.text.chat_template = Some(Arc::new(t));
+        Ok(())
+    }
+
     /// Sampling defaults from the model's `generation_config.json`.
     pub fn default_params(&self) -> SamplingParams {
         let g = &self.generation;

@@ -67,3 +67,89 @@ async fn node_openai_package_streaming() {
         "qwen3-tiny",
     );
 }
+
+/// The command line of a vLLM deployment guide, with the program name replaced and the model
+/// a fixture, serves the client libraries; flags that do not apply are accepted with a notice.
+#[tokio::test]
+async fn a_vllm_command_line_serves_the_client_libraries() {
+    let model = server_common::tiny_model();
+    let s = Server::start_with(
+        &[
+            "--model",
+            &model,
+            "--tensor-parallel-size",
+            "1",
+            "--dtype",
+            "half",
+            "--max-model-len",
+            "8192",
+            "--gpu-memory-utilization",
+            "0.85",
+            "--enforce-eager",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        &[],
+    )
+    .await;
+    let log = s.log.lock().unwrap().clone();
+    for flag in [
+        "--tensor-parallel-size 1",
+        "--dtype half",
+        "--enforce-eager",
+    ] {
+        assert!(
+            log.contains(&format!("wick: note: {flag}")),
+            "{flag}: {log}"
+        );
+    }
+    run(
+        "python3",
+        clients_dir().join("openai_client.py"),
+        &s,
+        "qwen3-tiny",
+    );
+    run(
+        "python3",
+        clients_dir().join("langchain_client.py"),
+        &s,
+        "qwen3-tiny",
+    );
+}
+
+/// `vllm serve MODEL` with thinking off for the whole server: LangChain without extra_body
+/// gets no reasoning, and a request can switch thinking back on.
+#[tokio::test]
+async fn thinking_off_for_the_whole_server() {
+    let model = server_common::tiny_model();
+    let s = Server::start_with(
+        &[
+            &model,
+            "--served-model-name",
+            "qwen3",
+            "--reasoning-parser",
+            "qwen3",
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            "hermes",
+            "--default-chat-template-kwargs",
+            r#"{"enable_thinking": false}"#,
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        &[],
+    )
+    .await;
+    run(
+        "python3",
+        clients_dir().join("langchain_thinking_default.py"),
+        &s,
+        "qwen3",
+    );
+}

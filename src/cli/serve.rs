@@ -1,4 +1,8 @@
 //! `wick serve`: the OpenAI-compatible server's command line, bootstrap and startup report.
+//!
+//! The command line is vLLM's where the two mean the same (see [`crate::vllm`] for the
+//! vLLM flags without a wick counterpart), and every flag can be set from the environment as
+//! `WICK_` and its name in capitals (`--max-model-len` is `WICK_MAX_MODEL_LEN`).
 
 use std::sync::Arc;
 
@@ -6,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 
 use crate::{EngineArgs, ModelArgs};
+use wick::config::GenerationConfig;
 use wick::runtime::Runtime;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -24,76 +29,250 @@ pub struct ServeArgs {
     #[command(flatten)]
     engine: EngineArgs,
     /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, default_value = "127.0.0.1", env = "WICK_HOST")]
     host: String,
     /// Port to listen on (0: any free port; the address is printed on stderr).
-    #[arg(long, default_value_t = 8000)]
+    #[arg(long, default_value_t = 8000, env = "WICK_PORT")]
     port: u16,
-    /// The model name clients send (default: the Hub id or the directory's name).
-    #[arg(long)]
-    served_model_name: Option<String>,
+    /// The model names clients may send (default: the Hub id or the directory's name); the
+    /// first is the one replies carry.
+    #[arg(long, num_args = 1.., value_delimiter = ',', env = "WICK_SERVED_MODEL_NAME")]
+    served_model_name: Vec<String>,
+    /// Template variables for requests that do not set them, as JSON, e.g.
+    /// '{"enable_thinking": false}' to switch Qwen3's thinking off by default.
+    #[arg(long, env = "WICK_DEFAULT_CHAT_TEMPLATE_KWARGS")]
+    default_chat_template_kwargs: Option<String>,
+    /// Sampling defaults: auto (the model's generation_config.json), vllm (temperature 1,
+    /// no top-k/top-p) or a directory holding a generation_config.json.
+    #[arg(long, default_value = "auto", env = "WICK_GENERATION_CONFIG")]
+    generation_config: String,
+    /// Sampling defaults over the generation config, as JSON, e.g. '{"temperature": 0.6}'
+    /// (temperature, top_k, top_p, min_p, repetition_penalty).
+    #[arg(long, env = "WICK_OVERRIDE_GENERATION_CONFIG")]
+    override_generation_config: Option<String>,
+    /// Seed for requests that send none: a server restarted with the same seed answers the
+    /// same requests in the same order with the same tokens (default: unseeded).
+    #[arg(long, env = "WICK_SEED")]
+    seed: Option<u64>,
     /// Require `Authorization: Bearer KEY` on every route but /health (also read from
     /// WICK_API_KEY).
     #[arg(long, env = "WICK_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Most requests waiting for a slot; more are refused with 429 and Retry-After.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, env = "WICK_MAX_QUEUE")]
     max_queue: usize,
     /// Fraction (0, 1] of the --kv-cache-mb budget (default 1024 MiB) given to the KV cache.
     /// Not a share of GPU memory: wgpu cannot query how much is free.
-    #[arg(long)]
+    #[arg(long, env = "WICK_GPU_MEMORY_UTILIZATION")]
     gpu_memory_utilization: Option<f64>,
-    /// JSON field for the model's thinking in replies (vLLM's default; some clients want
-    /// `reasoning`).
-    #[arg(long, default_value = "reasoning_content")]
-    reasoning_field: String,
+    /// JSON fields the model's thinking is sent in: `reasoning` (current vLLM) and
+    /// `reasoning_content` (DeepSeek's name, which many clients read), comma-separated.
+    #[arg(
+        long,
+        default_value = "reasoning,reasoning_content",
+        value_delimiter = ',',
+        env = "WICK_REASONING_FIELD"
+    )]
+    reasoning_field: Vec<String>,
     /// What to do when the queue fills up.
-    #[arg(long, value_enum, default_value = "refuse")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "refuse",
+        env = "WICK_OVERLOAD_POLICY"
+    )]
     overload_policy: OverloadArg,
     /// With --overload-policy degrade: waiting requests at which degrading starts
     /// (default: half of --max-queue).
-    #[arg(long)]
+    #[arg(long, env = "WICK_DEGRADE_THRESHOLD")]
     degrade_threshold: Option<usize>,
     /// With --overload-policy degrade: the max_tokens degraded requests are clamped to.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, env = "WICK_DEGRADE_MAX_TOKENS")]
     degrade_max_tokens: usize,
     /// Longest a request may run, in seconds: then it is cancelled and answered with 504
     /// (or, once a stream has started, an error event that ends the stream).
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, env = "WICK_REQUEST_TIMEOUT")]
     request_timeout: u64,
     /// Serve /metrics without the API key (it needs the key when one is set).
-    #[arg(long)]
+    #[arg(long, env = "WICK_METRICS_PUBLIC", value_parser = clap::builder::BoolishValueParser::new())]
     metrics_public: bool,
     /// Web origins (e.g. https://app.example.com, or *) whose pages may call the API from a
-    /// browser (CORS). None by default.
-    #[arg(long, value_delimiter = ',')]
+    /// browser (CORS): comma-separated, or a JSON list as vLLM takes it. None by default.
+    #[arg(long, env = "WICK_ALLOWED_ORIGINS")]
     allowed_origins: Vec<String>,
     /// Let `<|im_start|>`, `<think>` and other special-token strings inside messages and
     /// tool definitions become control tokens (by default they are encoded as text, so a
     /// user cannot forge turns).
-    #[arg(long)]
+    #[arg(long, env = "WICK_CONTROL_TOKENS_IN_CONTENT", value_parser = clap::builder::BoolishValueParser::new())]
     control_tokens_in_content: bool,
     /// Most open connections; past it a connection is answered 503 and closed.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, env = "WICK_MAX_CONNECTIONS")]
     max_connections: usize,
     /// Seconds a client may take to send a request's headers; then the connection closes.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, env = "WICK_HEADER_TIMEOUT")]
     header_timeout: u64,
     /// Seconds a client may take to send a request's body; then it is answered 408.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "WICK_BODY_TIMEOUT")]
     body_timeout: u64,
     /// Seconds a connection may stay open without a request, or with a reply the client does
     /// not read; then it is closed (which cancels its request and frees its KV blocks).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, env = "WICK_IDLE_TIMEOUT")]
     idle_timeout: u64,
     /// Seconds SIGTERM or Ctrl-C waits for requests in flight before closing them and exiting.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "WICK_SHUTDOWN_TIMEOUT")]
     shutdown_timeout: u64,
+    #[command(flatten)]
+    vllm: crate::vllm::VllmArgs,
 }
 
-pub fn serve(a: ServeArgs) -> Result<()> {
+/// `--allowed-origins` values: each comma-separated or a JSON list.
+fn origins(values: &[String]) -> Result<Vec<axum::http::HeaderValue>> {
+    let mut out = Vec::new();
+    for v in values {
+        let list: Vec<String> = if v.trim_start().starts_with('[') {
+            serde_json::from_str(v).with_context(|| {
+                format!("--allowed-origins: `{v}` is not a JSON list of strings")
+            })?
+        } else {
+            v.split(',').map(str::to_string).collect()
+        };
+        for o in list {
+            let o = o.trim();
+            if o.is_empty() {
+                continue;
+            }
+            out.push(
+                axum::http::HeaderValue::from_str(o)
+                    .with_context(|| format!("--allowed-origins: `{o}` is not an origin"))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// A JSON object flag.
+fn json_object(flag: &str, v: &str) -> Result<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::from_str(v) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        _ => anyhow::bail!(
+            "{flag}: expected a JSON object such as '{{\"enable_thinking\": false}}', got `{v}`"
+        ),
+    }
+}
+
+/// `--generation-config` and `--override-generation-config`, read and checked before the
+/// model loads.
+struct GenerationFlags {
+    /// `None`: the model's own (`auto`).
+    base: Option<GenerationConfig>,
+    /// The fields the override sets.
+    over: GenerationConfig,
+}
+
+impl GenerationFlags {
+    fn parse(spec: &str, overrides: Option<&str>) -> Result<Self> {
+        let base = match spec {
+            "auto" => None,
+            "vllm" => Some(GenerationConfig::default()),
+            dir => {
+                let path = std::path::Path::new(dir).join("generation_config.json");
+                Some(
+                    GenerationConfig::from_file(&path)
+                        .with_context(|| format!("--generation-config {dir}"))?,
+                )
+            }
+        };
+        let mut over = GenerationConfig::default();
+        if let Some(o) = overrides {
+            let m = json_object("--override-generation-config", o)?;
+            const KNOWN: [&str; 5] = [
+                "temperature",
+                "top_k",
+                "top_p",
+                "min_p",
+                "repetition_penalty",
+            ];
+            if let Some(k) = m.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+                anyhow::bail!(
+                    "--override-generation-config: `{k}` is not one wick applies ({})",
+                    KNOWN.join(", ")
+                );
+            }
+            over = GenerationConfig::from_value(&serde_json::Value::Object(m.clone()));
+            for (k, v) in &m {
+                let read = match k.as_str() {
+                    "temperature" => over.temperature.is_some(),
+                    "top_k" => over.top_k.is_some(),
+                    "top_p" => over.top_p.is_some(),
+                    "min_p" => over.min_p.is_some(),
+                    _ => over.repetition_penalty.is_some(),
+                };
+                anyhow::ensure!(
+                    read,
+                    "--override-generation-config: `{k}` must be a number{}, got {v}",
+                    if k == "top_k" { " (a whole one)" } else { "" },
+                );
+            }
+        }
+        Ok(GenerationFlags { base, over })
+    }
+
+    /// The sampling defaults over the model's generation config.
+    fn resolve(&self, model: &GenerationConfig) -> GenerationConfig {
+        let g = self.base.clone().unwrap_or_else(|| model.clone());
+        let o = &self.over;
+        GenerationConfig {
+            temperature: o.temperature.or(g.temperature),
+            top_k: o.top_k.or(g.top_k),
+            top_p: o.top_p.or(g.top_p),
+            min_p: o.min_p.or(g.min_p),
+            repetition_penalty: o.repetition_penalty.or(g.repetition_penalty),
+            ..g
+        }
+    }
+}
+
+pub fn serve(mut a: ServeArgs) -> Result<()> {
     use wick::server::{AppState, Loaded, OverloadPolicy, ServerOptions};
     let secs = |s: u64| std::time::Duration::from_secs(s.max(1));
+
+    // Every flag is checked before the model loads, so a mistake costs no loading time.
+    let vllm = a.vllm.apply(a.model.model())?;
+    for n in &vllm.notices {
+        eprintln!("wick: note: {n}");
+    }
+    if vllm.quantize.is_some() {
+        a.model.quantize = vllm.quantize;
+    }
+    let default_kwargs = match &a.default_chat_template_kwargs {
+        Some(v) => json_object("--default-chat-template-kwargs", v)?,
+        None => serde_json::Map::new(),
+    };
+    if let Some(v) = default_kwargs.get("enable_thinking") {
+        anyhow::ensure!(
+            v.is_boolean(),
+            "--default-chat-template-kwargs: enable_thinking must be true or false"
+        );
+    }
+    let reasoning_fields: Vec<String> = a
+        .reasoning_field
+        .iter()
+        .map(|f| f.trim().to_string())
+        .filter(|f| !f.is_empty())
+        .collect();
+    anyhow::ensure!(
+        !reasoning_fields.is_empty(),
+        "--reasoning-field: give at least one field name"
+    );
+    let allowed_origins = origins(&a.allowed_origins)?;
+    let generation = GenerationFlags::parse(
+        &a.generation_config,
+        a.override_generation_config.as_deref(),
+    )?;
+    if let Some(t) = &a.model.chat_template {
+        wick::text::chat_template::ChatTemplate::new(&crate::chat_template_source(t)?, None, None)
+            .context("--chat-template")?;
+    }
 
     let mut engine_opts = a.engine.options(a.model.max_model_len);
     engine_opts.max_waiting = Some(a.max_queue);
@@ -107,6 +286,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .kv_cache_mb
             .unwrap_or(wick::engine::DEFAULT_KV_CACHE_MB) as f64;
         engine_opts.kv_cache_mb = Some(((budget * f) as usize).max(1));
+        eprintln!(
+            "wick: note: --gpu-memory-utilization {f}: taken as {f} of the {budget} MiB KV cache \
+             budget (--kv-cache-mb), not of the device's memory, which wgpu cannot tell"
+        );
     }
     let overload = match a.overload_policy {
         OverloadArg::Refuse => OverloadPolicy::Refuse,
@@ -116,20 +299,20 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         },
     };
     let state = AppState::new(ServerOptions {
-        served_model_name: a.served_model_name.clone(),
+        served_model_names: a
+            .served_model_name
+            .iter()
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect(),
         api_key: a.api_key.clone().filter(|k| !k.is_empty()),
-        reasoning_field: a.reasoning_field.clone(),
+        reasoning_fields,
+        default_chat_template_kwargs: default_kwargs,
+        seed: a.seed,
         overload,
         request_timeout: secs(a.request_timeout),
         metrics_public: a.metrics_public,
-        allowed_origins: a
-            .allowed_origins
-            .iter()
-            .map(|o| {
-                axum::http::HeaderValue::from_str(o.trim())
-                    .with_context(|| format!("--allowed-origins: `{o}` is not an origin"))
-            })
-            .collect::<Result<_>>()?,
+        allowed_origins,
         control_tokens_in_content: a.control_tokens_in_content,
         limits: wick::server::conn::Limits {
             max_connections: a.max_connections.max(1),
@@ -155,12 +338,19 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         let st = state.clone();
         let model = a.model;
         let loading = tokio::task::spawn_blocking(move || -> Result<Runtime> {
-            let rt = model.load()?;
+            let mut rt = model.load()?;
+            let g = generation.resolve(rt.generation_config());
+            rt.set_generation_config(g);
+            let defaults = rt.default_params();
+            defaults.validate().context(
+                "the sampling defaults (--generation-config / --override-generation-config)",
+            )?;
             let engine = rt.start_engine(&engine_opts)?;
             let name = st
                 .opts
-                .served_model_name
-                .clone()
+                .served_model_names
+                .first()
+                .cloned()
                 .unwrap_or_else(|| rt.name().to_string());
             let info = engine.info();
             eprintln!(
@@ -180,7 +370,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             );
             st.set_loaded(Loaded {
                 engine: Arc::new(engine),
-                defaults: rt.default_params(),
+                defaults,
                 model_name: name,
             });
             Ok(rt)

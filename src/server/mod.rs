@@ -78,8 +78,10 @@ pub enum OverloadPolicy {
 /// How the server behaves.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
-    /// The model name clients use; `None`: the name the model was loaded under.
-    pub served_model_name: Option<String>,
+    /// The model names clients may use (vLLM's `--served-model-name`): the first is the one
+    /// replies carry, every one is accepted in requests and listed by `/v1/models`. Empty: the
+    /// name the model was loaded under.
+    pub served_model_names: Vec<String>,
     /// Required bearer token, if any: every route but `/health` (and `/metrics` when
     /// `metrics_public`) needs it.
     pub api_key: Option<String>,
@@ -91,8 +93,12 @@ pub struct ServerOptions {
     /// Let `<|im_start|>` and other added-token strings in messages and tools become
     /// control tokens (off: they are text; see [`crate::text::chat_template`]).
     pub control_tokens_in_content: bool,
-    /// JSON field for the reasoning text (`reasoning_content`, or e.g. `reasoning`).
-    pub reasoning_field: String,
+    /// JSON fields the reasoning text is sent in: `reasoning` (current vLLM and OpenAI's
+    /// guidance) and `reasoning_content` (DeepSeek's name, which many clients read) by default.
+    pub reasoning_fields: Vec<String>,
+    /// Template variables for chat requests that do not set them (vLLM's
+    /// `--default-chat-template-kwargs`), e.g. `{"enable_thinking": false}`.
+    pub default_chat_template_kwargs: serde_json::Map<String, Value>,
     /// Overload behaviour.
     pub overload: OverloadPolicy,
     /// Longest a request may run.
@@ -101,21 +107,27 @@ pub struct ServerOptions {
     pub max_body_bytes: usize,
     /// Connection limits and timeouts, including how long draining may take.
     pub limits: conn::Limits,
+    /// vLLM's `--seed`: requests without a seed get one from a stream seeded with this, so a
+    /// server restarted with the same seed answers the same requests, in the same order, with
+    /// the same tokens. `None`: unseeded requests draw from the OS.
+    pub seed: Option<u64>,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
-            served_model_name: None,
+            served_model_names: Vec::new(),
             api_key: None,
             metrics_public: false,
             allowed_origins: Vec::new(),
             control_tokens_in_content: false,
-            reasoning_field: "reasoning_content".into(),
+            reasoning_fields: vec!["reasoning".into(), "reasoning_content".into()],
+            default_chat_template_kwargs: serde_json::Map::new(),
             overload: OverloadPolicy::Refuse,
             request_timeout: Duration::from_secs(600),
             max_body_bytes: 8 << 20,
             limits: conn::Limits::default(),
+            seed: None,
         }
     }
 }
@@ -141,6 +153,8 @@ pub struct AppState {
     /// Responses by status code.
     statuses: Mutex<BTreeMap<u16, u64>>,
     created: u64,
+    /// Requests seeded from `opts.seed` so far.
+    seeded: std::sync::atomic::AtomicU64,
 }
 
 impl AppState {
@@ -153,6 +167,7 @@ impl AppState {
             in_flight: AtomicUsize::new(0),
             statuses: Mutex::new(BTreeMap::new()),
             created: unix_now(),
+            seeded: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -204,19 +219,52 @@ impl AppState {
         Ok(l)
     }
 
-    /// The server's rule for control tokens in message text, on every chat prompt.
+    /// The server's rules on every chat prompt: control tokens in message text, and the
+    /// default template variables where the request set none.
     fn apply_render_policy(&self, prompts: &mut [crate::engine::Prompt]) {
         for p in prompts {
             if let crate::engine::Prompt::Chat { render, .. } = p {
                 render.control_tokens_in_content = self.opts.control_tokens_in_content;
+                for (k, v) in &self.opts.default_chat_template_kwargs {
+                    if k == "enable_thinking" {
+                        if render.enable_thinking.is_none() {
+                            render.enable_thinking = v.as_bool();
+                        }
+                    } else if !render.extra.contains_key(k) {
+                        render.extra.insert(k.clone(), v.clone());
+                    }
+                }
             }
         }
     }
 
+    /// Gives a request without a seed the next one of the server's seed stream, if
+    /// `--seed` was set.
+    fn fill_seed(&self, params: &mut SamplingParams) {
+        if let (None, Some(base)) = (params.seed, self.opts.seed) {
+            let i = self.seeded.fetch_add(1, Ordering::Relaxed);
+            params.seed = Some(splitmix64(
+                base.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            ));
+        }
+    }
+
+    /// The names clients may use for the model: `--served-model-name`'s, or the loaded name.
+    pub fn model_names(&self) -> Vec<String> {
+        if !self.opts.served_model_names.is_empty() {
+            return self.opts.served_model_names.clone();
+        }
+        self.loaded()
+            .map(|l| vec![l.model_name.clone()])
+            .unwrap_or_default()
+    }
+
     fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
-        let served = self.loaded().map_or("", |l| l.model_name.as_str());
+        let names = self.model_names();
         match model {
-            Some(m) if m != served => Err(ApiError::unknown_model(m, served)),
+            Some(m) if !names.iter().any(|n| n == m) => {
+                Err(ApiError::unknown_model(m, &names.join(", ")))
+            }
             _ => Ok(()),
         }
     }
@@ -229,6 +277,13 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// SplitMix64's output function: consecutive inputs give unrelated seeds.
+fn splitmix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Seconds since the epoch.
@@ -399,17 +454,21 @@ async fn models(State(st): State<Arc<AppState>>) -> Response {
     let data: Vec<Value> = st
         .loaded()
         .map(|l| {
-            json!({
-                "id": l.model_name,
-                "object": "model",
-                "created": st.created,
-                "owned_by": "wick",
-                "root": l.model_name,
-                "max_model_len": l.engine.info().max_model_len,
-            })
+            st.model_names()
+                .into_iter()
+                .map(|name| {
+                    json!({
+                        "id": name,
+                        "object": "model",
+                        "created": st.created,
+                        "owned_by": "wick",
+                        "root": l.model_name,
+                        "max_model_len": l.engine.info().max_model_len,
+                    })
+                })
+                .collect()
         })
-        .into_iter()
-        .collect();
+        .unwrap_or_default();
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -512,6 +571,7 @@ async fn chat_completions(
     let mut parsed = request::chat(&body, &l.defaults)?;
     st.check_model(parsed.model.as_deref())?;
     st.apply_render_policy(&mut parsed.prompts);
+    st.fill_seed(&mut parsed.params);
     response::run(st.clone(), parsed, response::Kind::Chat).await
 }
 
@@ -521,8 +581,9 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let body = json_body(body, st.opts.max_body_bytes)?;
     let l = st.ready()?;
-    let parsed = request::completion(&body, &l.defaults)?;
+    let mut parsed = request::completion(&body, &l.defaults)?;
     st.check_model(parsed.model.as_deref())?;
+    st.fill_seed(&mut parsed.params);
     response::run(st.clone(), parsed, response::Kind::Completion).await
 }
 

@@ -110,6 +110,8 @@ pub struct Parsed {
     /// `tool_choice` forces a call: the reply starts with this text (already in the prompt),
     /// which the tool-call parser must see first.
     pub forced_tool_prefix: Option<String>,
+    /// Send the reasoning (`include_reasoning` / `return_reasoning`, true by default).
+    pub include_reasoning: bool,
 }
 
 struct Fields<'a>(&'a Map<String, Value>);
@@ -413,6 +415,13 @@ fn messages(f: &Fields) -> Result<Vec<Value>, ApiError> {
                 content
             },
         );
+        // A reply's reasoning sent back under vLLM's current name reaches the template under
+        // the name it reads.
+        if !msg.contains_key("reasoning_content") {
+            if let Some(r @ Value::String(_)) = obj.get("reasoning") {
+                msg.insert("reasoning_content".into(), r.clone());
+            }
+        }
         // The template expects tool-call arguments as objects; OpenAI sends JSON strings.
         if let Some(Value::Array(calls)) = msg.get_mut("tool_calls") {
             for c in calls.iter_mut() {
@@ -519,6 +528,7 @@ pub fn chat(body: &Value, defaults: &SamplingParams) -> Result<Parsed, ApiError>
         }
     }
     let forced_tool_prefix = tool_choice(&f, render.tools.as_deref().unwrap_or(&[]))?;
+    let include_reasoning = include_reasoning(&f)?;
     if let Some(prefix) = &forced_tool_prefix {
         // The call follows an empty thinking block, as the template writes it for
         // `enable_thinking: false`; a forced reply has no room for reasoning.
@@ -538,9 +548,24 @@ pub fn chat(body: &Value, defaults: &SamplingParams) -> Result<Parsed, ApiError>
         logprobs,
         tools,
         forced_tool_prefix,
+        include_reasoning,
     };
     n_stream(&f, &mut parsed)?;
     Ok(parsed)
+}
+
+/// `include_reasoning` (vLLM) or `return_reasoning`, at the top level or in a literal
+/// `extra_body`: whether the reply carries the reasoning.
+fn include_reasoning(f: &Fields) -> Result<bool, ApiError> {
+    let extra = f.object("extra_body")?.map(Fields);
+    for src in std::iter::once(f).chain(extra.as_ref()) {
+        for name in ["include_reasoning", "return_reasoning"] {
+            if let Some(b) = src.bool(name)? {
+                return Ok(b);
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Checks `tool_choice` against the usable `tools` and returns the text a forced call starts
@@ -638,6 +663,7 @@ pub fn completion(body: &Value, defaults: &SamplingParams) -> Result<Parsed, Api
         logprobs: top.is_some(),
         tools: false,
         forced_tool_prefix: None,
+        include_reasoning: true,
     };
     n_stream(&f, &mut parsed)?;
     if parsed.prompts.len() * parsed.n > MAX_N {
@@ -656,6 +682,43 @@ mod tests {
 
     fn d() -> SamplingParams {
         SamplingParams::default()
+    }
+
+    #[test]
+    fn reasoning_is_dropped_on_request_and_read_back_under_either_name() {
+        let base = json!({"messages": [{"role": "user", "content": "hi"}]});
+        assert!(chat(&base, &d()).unwrap().include_reasoning);
+        for body in [
+            json!({"include_reasoning": false}),
+            json!({"return_reasoning": false}),
+            json!({"extra_body": {"include_reasoning": false}}),
+        ] {
+            let mut b = base.clone();
+            for (k, v) in body.as_object().unwrap() {
+                b[k] = v.clone();
+            }
+            assert!(!chat(&b, &d()).unwrap().include_reasoning, "{body}");
+        }
+        let mut b = base.clone();
+        b["include_reasoning"] = json!("no");
+        assert_eq!(
+            chat(&b, &d()).unwrap_err().param.as_deref(),
+            Some("include_reasoning")
+        );
+
+        // A previous reply's reasoning, sent back as `reasoning`, reaches the template as
+        // `reasoning_content`; an explicit `reasoning_content` wins.
+        let turns = json!({"messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello", "reasoning": "greet back"},
+            {"role": "assistant", "content": "x", "reasoning": "a", "reasoning_content": "b"},
+        ]});
+        let p = chat(&turns, &d()).unwrap();
+        let Prompt::Chat { messages, .. } = &p.prompts[0] else {
+            unreachable!()
+        };
+        assert_eq!(messages[1]["reasoning_content"], "greet back");
+        assert_eq!(messages[2]["reasoning_content"], "b");
     }
 
     #[test]

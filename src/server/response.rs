@@ -170,7 +170,12 @@ pub async fn run(st: Arc<AppState>, mut p: Parsed, kind: Kind) -> Result<Respons
         id,
         created: super::unix_now(),
         model: loaded.model_name.clone(),
-        reasoning_field: st.opts.reasoning_field.clone(),
+        // `include_reasoning: false` drops the reasoning from the reply.
+        reasoning_fields: if p.include_reasoning {
+            st.opts.reasoning_fields.clone()
+        } else {
+            Vec::new()
+        },
         kind,
         tokenizer: engine.text().tokenizer.clone(),
         choices: p.prompts.len() * p.n,
@@ -200,7 +205,8 @@ struct Ctx {
     id: String,
     created: u64,
     model: String,
-    reasoning_field: String,
+    /// Fields the reasoning goes in; none: it is dropped.
+    reasoning_fields: Vec<String>,
     kind: Kind,
     tokenizer: Arc<Tokenizer>,
     choices: usize,
@@ -254,6 +260,17 @@ impl Ctx {
                     }
                     None => (content, Vec::new()),
                 };
+                let dropped = self.kind == Kind::Chat && self.reasoning_fields.is_empty();
+                let reasoning = if dropped { String::new() } else { reasoning };
+                // A delta of dropped reasoning alone has nothing to send.
+                if dropped
+                    && reasoning.is_empty()
+                    && content.is_empty()
+                    && calls.is_empty()
+                    && (!self.logprobs || logprobs.is_empty())
+                {
+                    return Ok(None);
+                }
                 Ok(Some(self.delta(
                     c, index, &token_ids, reasoning, content, calls, &logprobs,
                 )))
@@ -323,7 +340,9 @@ impl Ctx {
             Kind::Chat => {
                 let mut delta = Map::new();
                 if !reasoning.is_empty() {
-                    delta.insert(self.reasoning_field.clone(), json!(reasoning));
+                    for f in &self.reasoning_fields {
+                        delta.insert(f.clone(), json!(reasoning));
+                    }
                 }
                 if !content.is_empty() {
                     delta.insert("content".into(), json!(content));
@@ -408,7 +427,9 @@ async fn whole_response(ctx: Ctx, mut merged: Merged) -> Result<Response, ApiErr
                 };
                 msg.insert("content".into(), content);
                 if !c.reasoning.is_empty() {
-                    msg.insert(ctx.reasoning_field.clone(), json!(c.reasoning));
+                    for f in &ctx.reasoning_fields {
+                        msg.insert(f.clone(), json!(c.reasoning));
+                    }
                 }
                 if !c.calls.is_empty() {
                     msg.insert("tool_calls".into(), json!(tool_call_json(&c.calls, 0)));
@@ -544,7 +565,7 @@ mod tests {
             id: "chatcmpl-test".into(),
             created: 0,
             model: "m".into(),
-            reasoning_field: "reasoning_content".into(),
+            reasoning_fields: vec!["reasoning".into(), "reasoning_content".into()],
             kind: Kind::Chat,
             tokenizer: tokenizer.clone(),
             choices: 1,

@@ -35,19 +35,27 @@ impl Server {
 
     /// [`Server::start`] on another model.
     pub async fn start_model(model: &str, extra: &[&str]) -> Server {
+        let mut args = vec![
+            "--model",
+            model,
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        Self::start_with(&args, &[]).await
+    }
+
+    /// `wick serve ARGS` with these environment variables set, as given (the arguments must
+    /// choose the model and `--port 0`, here or through the environment).
+    pub async fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wick"))
-            .args([
-                "serve",
-                "--model",
-                model,
-                "--port",
-                "0",
-                "--device",
-                "cpu",
-                "--threads",
-                "1",
-            ])
-            .args(extra)
+            .arg("serve")
+            .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "wick=info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
