@@ -736,10 +736,13 @@ fn bench(a: BenchArgs) -> Result<()> {
     } else {
         None
     };
+    // Every GPU buffer wick holds after the run: weights, KV cache, activations.
+    let gpu_memory = rt.gpu_stats().map(|g| g.memory_bytes);
     if a.json {
         let mut v = serde_json::to_value(&report)?;
         v["model"] = json!(rt.name());
         v["device"] = json!(rt.device());
+        v["gpu_memory_bytes"] = json!(gpu_memory);
         v["cpu_isa"] = json!(wick::backend::cpu::isa::Isa::current().name());
         if let Some(bw) = bandwidth {
             v["memory_bandwidth_gb_s"] = json!(bw);
@@ -790,6 +793,12 @@ fn bench(a: BenchArgs) -> Result<()> {
                 report.tg_submits_per_tok.unwrap_or(0.0)
             );
         }
+        if let Some(m) = gpu_memory {
+            println!(
+                "gpu memory {:.1} MiB (every buffer wick created: weights, KV cache, activations)",
+                m as f64 / (1 << 20) as f64
+            );
+        }
     }
     Ok(())
 }
@@ -815,10 +824,13 @@ fn bench_concurrency(a: BenchArgs, n: usize) -> Result<()> {
             seed: 1,
         },
     )?;
+    // Every GPU buffer wick holds after the run: weights, KV cache, activations.
+    let gpu_memory = rt.gpu_stats().map(|g| g.memory_bytes);
     if a.json {
         let mut v = serde_json::to_value(&report)?;
         v["model"] = json!(rt.name());
         v["device"] = json!(rt.device());
+        v["gpu_memory_bytes"] = json!(gpu_memory);
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }

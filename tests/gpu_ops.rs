@@ -969,3 +969,92 @@ fn runs_on_a_device_the_application_opened() {
     let view = buf.slice(..).get_mapped_range().unwrap();
     assert!(view.iter().all(|&b| b == 7));
 }
+
+/// `GpuStats::memory_bytes` (what `/metrics` reports as `wick_gpu_memory_bytes`) is every
+/// byte of the buffers wick holds: on a device only wick uses, it matches the device
+/// allocator's own count of live allocations, and it rises with the KV cache and falls when
+/// the engine goes.
+#[test]
+fn gpu_memory_counts_every_buffer_wick_holds() {
+    if gpu().is_none() {
+        return;
+    }
+    use std::sync::atomic::AtomicBool;
+    use wick::runtime::{Device, Runtime, RuntimeOptions};
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
+        .into_iter()
+        .next()
+        .expect("the adapter gpu() found");
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: adapter.limits(),
+        ..Default::default()
+    }))
+    .unwrap();
+    let allocated = |device: &wgpu::Device| {
+        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+        let r = device
+            .generate_allocator_report()
+            .expect("the Vulkan backend reports its allocations");
+        // wgpu's own buffers (staging for buffers filled at creation, zero-initialisation)
+        // are named so; the rest are the buffers wick created, named by their labels.
+        r.allocations
+            .iter()
+            .filter(|a| !a.name.starts_with("(wgpu internal)"))
+            .map(|a| a.size)
+            .sum::<u64>()
+    };
+    let model =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/qwen3-tiny");
+    let mut rt = Runtime::load(
+        model.to_str().unwrap(),
+        &RuntimeOptions {
+            device: Device::Gpu,
+            gpu_device: Some(SharedDevice {
+                adapter,
+                device: device.clone(),
+                queue,
+            }),
+            max_model_len: 256,
+            ..RuntimeOptions::default()
+        },
+    )
+    .unwrap();
+    let weights_only = rt.gpu_stats().unwrap().memory_bytes;
+    assert!(
+        weights_only >= rt.weight_bytes(),
+        "{weights_only} < {}",
+        rt.weight_bytes()
+    );
+    let within = |ours: u64, theirs: u64, what: &str| {
+        // The allocator rounds each allocation up to its alignment.
+        let slack = theirs / 100 + (64 << 10);
+        assert!(
+            ours <= theirs && theirs - ours <= slack,
+            "{what}: wick counts {ours} bytes, the allocator holds {theirs}"
+        );
+    };
+    within(weights_only, allocated(&device), "after loading");
+
+    let params = wick::sampler::SamplingParams::greedy();
+    rt.generate(
+        vec![1, 2, 3, 4],
+        false,
+        &params,
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap();
+    let running = rt.gpu_stats().unwrap().memory_bytes;
+    assert!(running > weights_only, "the KV cache and activations count");
+    within(running, allocated(&device), "with an engine running");
+
+    rt.reset();
+    let after = rt.gpu_stats().unwrap().memory_bytes;
+    assert!(
+        after < running,
+        "the engine's buffers are given back: {after} ≥ {running}"
+    );
+    within(after, allocated(&device), "after reset");
+}

@@ -36,6 +36,9 @@ pub struct GpuStats {
     pub readbacks: u64,
     /// Bytes copied back to the host by those read-backs.
     pub readback_bytes: u64,
+    /// Bytes of every GPU buffer wick holds now: weights, KV cache, activations, parameters
+    /// and the read-back staging buffer (a level, not a counter).
+    pub memory_bytes: u64,
 }
 use crate::error::Result;
 use crate::loader::HostTensor;

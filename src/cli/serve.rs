@@ -353,8 +353,12 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
                 .cloned()
                 .unwrap_or_else(|| rt.name().to_string());
             let info = engine.info();
+            let gpu = rt
+                .gpu_stats()
+                .map(|g| format!("; GPU buffers {} MiB", g.memory_bytes >> 20))
+                .unwrap_or_default();
             eprintln!(
-                "wick: {}; {}; weights {} MiB",
+                "wick: {}; {}; weights {} MiB{gpu}",
                 wick::resources::Fences::detect(),
                 rt.device(),
                 rt.weight_bytes() >> 20
@@ -372,6 +376,7 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
                 engine: Arc::new(engine),
                 defaults,
                 model_name: name,
+                gpu_stats: rt.gpu_stats_reader(),
             });
             Ok(rt)
         });

@@ -55,8 +55,13 @@ pub fn swap_bytes() -> u64 {
     status_kb("VmSwap").unwrap_or(0)
 }
 
-/// Renders every metric.
-pub fn render(engine: Option<&Engine>, statuses: &BTreeMap<u16, u64>) -> String {
+/// Renders every metric; `gpu_memory` is the bytes of the GPU buffers wick holds, when the
+/// model runs on a GPU.
+pub fn render(
+    engine: Option<&Engine>,
+    gpu_memory: Option<u64>,
+    statuses: &BTreeMap<u16, u64>,
+) -> String {
     let mut out = String::new();
     head(
         &mut out,
@@ -81,6 +86,15 @@ pub fn render(engine: Option<&Engine>, statuses: &BTreeMap<u16, u64>) -> String 
         "Memory of the server process swapped out (resident + swap is what it holds).",
         swap_bytes() as f64,
     );
+    if let Some(bytes) = gpu_memory {
+        scalar(
+            &mut out,
+            "wick_gpu_memory_bytes",
+            "gauge",
+            "GPU memory wick holds: every buffer it created (weights, KV cache, activations).",
+            bytes as f64,
+        );
+    }
     let Some(engine) = engine else {
         return out;
     };
@@ -230,6 +244,23 @@ pub fn render(engine: Option<&Engine>, statuses: &BTreeMap<u16, u64>) -> String 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn gpu_memory_is_reported_only_on_a_gpu() {
+        let statuses = Default::default();
+        let on_gpu = super::render(None, Some(123 << 20), &statuses);
+        assert!(
+            on_gpu.contains("# TYPE wick_gpu_memory_bytes gauge"),
+            "{on_gpu}"
+        );
+        assert!(
+            on_gpu
+                .lines()
+                .any(|l| l == format!("wick_gpu_memory_bytes {}", 123u64 << 20)),
+            "{on_gpu}"
+        );
+        assert!(!super::render(None, None, &statuses).contains("wick_gpu_memory_bytes"));
+    }
+
     #[test]
     fn resident_memory_is_read_in_bytes() {
         let rss = super::resident_bytes();

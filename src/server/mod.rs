@@ -140,6 +140,8 @@ pub struct Loaded {
     pub defaults: SamplingParams,
     /// The model name clients use.
     pub model_name: String,
+    /// The GPU backend's counters (`None` on the CPU), for `wick_gpu_memory_bytes`.
+    pub gpu_stats: Option<crate::runtime::GpuStatsFn>,
 }
 
 /// Shared state of the handlers.
@@ -474,7 +476,11 @@ async fn models(State(st): State<Arc<AppState>>) -> Response {
 
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
     let statuses = st.statuses.lock().map(|s| s.clone()).unwrap_or_default();
-    let body = metrics::render(st.loaded().map(|l| &*l.engine), &statuses);
+    let loaded = st.loaded();
+    let gpu_memory = loaded
+        .and_then(|l| l.gpu_stats.as_ref())
+        .map(|f| f().memory_bytes);
+    let body = metrics::render(loaded.map(|l| &*l.engine), gpu_memory, &statuses);
     (
         [(
             header::CONTENT_TYPE,

@@ -47,6 +47,7 @@ pub mod repack;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard};
 
 use bytemuck::Pod;
@@ -127,10 +128,63 @@ impl Default for WgpuOptions {
 pub use super::GpuStats;
 
 /// A GPU buffer with an id that bind-group caching can key on (cloning shares the buffer).
+/// Its bytes count in [`GpuStats::memory_bytes`] until the last clone is dropped.
 #[derive(Clone)]
 struct GpuBuffer {
     id: u64,
     buf: wgpu::Buffer,
+    _mem: Arc<MemShare>,
+}
+
+/// Cached bind groups by the buffers they bind. A bind group keeps its buffers alive, so
+/// the entries that bind a buffer go when the buffer's last handle does.
+type BindCache = Mutex<HashMap<BindKey, wgpu::BindGroup>>;
+
+/// A buffer's share of the backend's bookkeeping, given back when its last handle drops:
+/// its bytes in the count of live GPU memory, and the cached bind groups that bind it
+/// (which would otherwise keep the buffer, and its memory, alive).
+struct MemShare {
+    id: u64,
+    bytes: u64,
+    live: Arc<AtomicU64>,
+    bind_groups: std::sync::Weak<BindCache>,
+}
+
+impl Drop for MemShare {
+    fn drop(&mut self) {
+        self.live.fetch_sub(self.bytes, Ordering::Relaxed);
+        if let Some(cache) = self.bind_groups.upgrade() {
+            // Never reached with the cache locked: nothing drops a buffer while holding it.
+            let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.retain(|k, _| !k.ids.contains(&self.id));
+        }
+    }
+}
+
+/// Where buffers get their ids and their bytes counted: every GPU buffer wick makes is made
+/// here, so the count is every byte wick holds on the device.
+struct Allocator {
+    next_id: AtomicU64,
+    live: Arc<AtomicU64>,
+    bind_groups: Arc<BindCache>,
+}
+
+impl Allocator {
+    fn create(&self, device: &wgpu::Device, desc: &wgpu::BufferDescriptor) -> GpuBuffer {
+        let buf = device.create_buffer(desc);
+        self.live.fetch_add(desc.size, Ordering::Relaxed);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        GpuBuffer {
+            id,
+            buf,
+            _mem: Arc::new(MemShare {
+                id,
+                bytes: desc.size,
+                live: self.live.clone(),
+                bind_groups: Arc::downgrade(&self.bind_groups),
+            }),
+        }
+    }
 }
 
 /// An f32 activation matrix `[rows, cols]` in a storage buffer.
@@ -217,7 +271,7 @@ struct StepLayout {
 
 /// One page of parameter slots and its bind group.
 struct ParamsPage {
-    buf: wgpu::Buffer,
+    buf: GpuBuffer,
     bind_group: wgpu::BindGroup,
     host: Vec<u8>,
 }
@@ -240,14 +294,13 @@ struct BindKey {
 /// Everything the `&self` ops mutate.
 struct Inner {
     pipelines: Pipelines,
-    bind_groups: HashMap<BindKey, wgpu::BindGroup>,
     encoder: Option<wgpu::CommandEncoder>,
     pages: Vec<ParamsPage>,
     slots_used: usize,
     batch_buf: GpuBuffer,
     batch_words: Vec<u32>,
     step: StepLayout,
-    staging: Option<wgpu::Buffer>,
+    staging: Option<GpuBuffer>,
     /// `[R]` [`RowSampling`] of the current sample op.
     sampling: Option<GpuBuffer>,
     /// `[R]` u32 token ids the sample op writes.
@@ -261,7 +314,7 @@ struct Inner {
 /// The GPU backend.
 pub struct WgpuBackend {
     ctx: GpuContext,
-    next_id: AtomicU64,
+    alloc: Allocator,
     /// Largest weight segment / KV pool, bytes.
     segment_limit: u64,
     /// Bytes between parameter slots (≥ the uniform offset alignment).
@@ -295,15 +348,21 @@ impl WgpuBackend {
             segment_limit = segment_limit.min(m.max(16));
         }
         let slot_bytes = (ctx.limits.min_uniform_buffer_offset_alignment as usize).max(256);
-        let next_id = AtomicU64::new(0);
-        let make = |size: u64, label: &str| GpuBuffer {
-            id: next_id.fetch_add(1, Ordering::Relaxed),
-            buf: ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            }),
+        let alloc = Allocator {
+            next_id: AtomicU64::new(0),
+            live: Arc::new(AtomicU64::new(0)),
+            bind_groups: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let make = |size: u64, label: &str| {
+            alloc.create(
+                &ctx.device,
+                &wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                },
+            )
         };
         let dummy = make(16, "wick dummy");
         let batch_buf = make(4096, "wick batch");
@@ -311,7 +370,6 @@ impl WgpuBackend {
         Ok(WgpuBackend {
             inner: Mutex::new(Inner {
                 pipelines,
-                bind_groups: HashMap::new(),
                 encoder: None,
                 pages: Vec::new(),
                 slots_used: 0,
@@ -326,7 +384,7 @@ impl WgpuBackend {
                 stats: GpuStats::default(),
             }),
             ctx,
-            next_id,
+            alloc,
             segment_limit,
             slot_bytes,
             dummy,
@@ -336,7 +394,10 @@ impl WgpuBackend {
 
     /// Counters of dispatches, submits and read-backs so far.
     pub fn stats(&self) -> GpuStats {
-        self.lock().stats
+        GpuStats {
+            memory_bytes: self.alloc.live.load(Ordering::Relaxed),
+            ..self.lock().stats
+        }
     }
 
     /// The adapter this backend runs on.
@@ -369,36 +430,37 @@ impl WgpuBackend {
     }
 
     fn buffer(&self, size: u64, usage: wgpu::BufferUsages, label: &str) -> GpuBuffer {
-        GpuBuffer {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            buf: self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        self.alloc.create(
+            &self.ctx.device,
+            &wgpu::BufferDescriptor {
                 label: Some(label),
                 size: size.max(16).next_multiple_of(4),
                 usage,
                 mapped_at_creation: false,
-            }),
-        }
+            },
+        )
     }
 
     /// A storage buffer filled with `bytes` (padded to 4).
     fn upload(&self, bytes: &[u8], label: &str) -> GpuBuffer {
         let size = (bytes.len() as u64).max(16).next_multiple_of(4);
-        let buf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: true,
-        });
-        buf.slice(..)
+        let b = self.alloc.create(
+            &self.ctx.device,
+            &wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: true,
+            },
+        );
+        b.buf
+            .slice(..)
             .get_mapped_range_mut()
             .expect("freshly mapped")
             .slice(..bytes.len())
             .copy_from_slice(bytes);
-        buf.unmap();
-        GpuBuffer {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            buf,
-        }
+        b.buf.unmap();
+        b
     }
 
     /// Workgroup grid for `n` workgroups: x up to the per-dimension limit, the rest in y.
@@ -424,7 +486,6 @@ impl WgpuBackend {
         let device = &self.ctx.device;
         let Inner {
             pipelines,
-            bind_groups,
             encoder,
             pages,
             slots_used,
@@ -437,40 +498,52 @@ impl WgpuBackend {
             ids: buffers.iter().map(|b| b.id).collect(),
         };
         debug_assert_eq!(buffers.len(), key.kernel.bindings().len());
-        let group0 = bind_groups.entry(bind_key).or_insert_with(|| {
-            let entries: Vec<wgpu::BindGroupEntry> = buffers
-                .iter()
-                .enumerate()
-                .map(|(i, b)| wgpu::BindGroupEntry {
-                    binding: i as u32,
-                    resource: b.buf.as_entire_binding(),
+        let mut cache = self
+            .alloc
+            .bind_groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let group0 = cache
+            .entry(bind_key)
+            .or_insert_with(|| {
+                let entries: Vec<wgpu::BindGroupEntry> = buffers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| wgpu::BindGroupEntry {
+                        binding: i as u32,
+                        resource: b.buf.as_entire_binding(),
+                    })
+                    .collect();
+                device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &pipe.group0,
+                    entries: &entries,
                 })
-                .collect();
-            device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &pipe.group0,
-                entries: &entries,
             })
-        });
+            .clone();
+        drop(cache);
         // A slot for the parameters; a new page only when a step needs more than ever before.
         let slot = *slots_used;
         *slots_used += 1;
         let (page, index) = (slot / SLOTS_PER_PAGE, slot % SLOTS_PER_PAGE);
         if page == pages.len() {
             let size = (SLOTS_PER_PAGE * self.slot_bytes) as u64;
-            let buf = device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("wick params"),
-                size,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
+            let buf = self.alloc.create(
+                device,
+                &wgpu::BufferDescriptor {
+                    label: Some("wick params"),
+                    size,
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                },
+            );
             let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("wick params"),
                 layout: &pipelines.params_layout,
                 entries: &[wgpu::BindGroupEntry {
                     binding: 0,
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer: &buf,
+                        buffer: &buf.buf,
                         offset: 0,
                         size: wgpu::BufferSize::new(self.slot_bytes as u64),
                     }),
@@ -494,7 +567,7 @@ impl WgpuBackend {
             timestamp_writes: None,
         });
         pass.set_pipeline(&pipe.pipeline);
-        pass.set_bind_group(0, &*group0, &[]);
+        pass.set_bind_group(0, &group0, &[]);
         pass.set_bind_group(1, &pages[page].bind_group, &[offset as u32]);
         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
         stats.dispatches += 1;
@@ -514,7 +587,7 @@ impl WgpuBackend {
             let n = (used - first).min(SLOTS_PER_PAGE);
             self.ctx
                 .queue
-                .write_buffer(&page.buf, 0, &page.host[..n * self.slot_bytes]);
+                .write_buffer(&page.buf.buf, 0, &page.host[..n * self.slot_bytes]);
         }
         inner.slots_used = 0;
         self.ctx.queue.submit([encoder.finish()]);
@@ -591,9 +664,8 @@ impl WgpuBackend {
         {
             let usage = wgpu::BufferUsages::STORAGE;
             let new = self.buffer(bytes.next_power_of_two(), usage, "wick attention parts");
-            if let Some(old) = inner.attn_part.replace(new) {
-                Self::forget_bind_groups(inner, old.id);
-            }
+            // The old buffer's bind groups go with it.
+            inner.attn_part = Some(new);
         }
         inner.attn_part.clone().expect("made above")
     }
@@ -633,15 +705,20 @@ impl WgpuBackend {
             self.submit(inner);
             return;
         }
-        if inner.staging.as_ref().is_none_or(|s| s.size() < bytes) {
-            inner.staging = Some(self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("wick staging"),
-                size: bytes.next_power_of_two().max(1 << 16),
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            }));
+        if inner.staging.as_ref().is_none_or(|s| s.buf.size() < bytes) {
+            // The old one (if any) is dropped first, so the count never holds both.
+            inner.staging = None;
+            inner.staging = Some(self.alloc.create(
+                &self.ctx.device,
+                &wgpu::BufferDescriptor {
+                    label: Some("wick staging"),
+                    size: bytes.next_power_of_two().max(1 << 16),
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                },
+            ));
         }
-        let staging = inner.staging.clone().expect("made above");
+        let staging = inner.staging.as_ref().expect("made above").buf.clone();
         let device = &self.ctx.device;
         inner
             .encoder
@@ -670,11 +747,6 @@ impl WgpuBackend {
         inner.stats.readback_bytes += bytes;
     }
 
-    /// Replaces a cached buffer: bind groups that bound the old one are dropped.
-    fn forget_bind_groups(inner: &mut Inner, old_id: u64) {
-        inner.bind_groups.retain(|k, _| !k.ids.contains(&old_id));
-    }
-
     /// Makes sure the RoPE table covers positions up to `inner.step.max_position`.
     fn ensure_rope(&self, inner: &mut Inner, theta: f32, d: usize) {
         let need = inner.step.max_position as usize + 1;
@@ -699,9 +771,6 @@ impl WgpuBackend {
             }
         }
         let buf = self.upload(bytemuck::cast_slice(&table), "wick rope");
-        if let Some(old) = inner.rope.take() {
-            Self::forget_bind_groups(inner, old.buf.id);
-        }
         inner.rope = Some(RopeTable {
             theta_bits: theta.to_bits(),
             head_dim: d,
@@ -832,12 +901,16 @@ impl WgpuBackend {
         while done < total {
             let rows = max_rows.min(total - done);
             let size = (rows * row_bytes) as u64;
-            let buf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(&parts[part].name),
-                size: size.max(16).next_multiple_of(4),
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: true,
-            });
+            let gbuf = self.alloc.create(
+                &self.ctx.device,
+                &wgpu::BufferDescriptor {
+                    label: Some(&parts[part].name),
+                    size: size.max(16).next_multiple_of(4),
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: true,
+                },
+            );
+            let buf = &gbuf.buf;
             {
                 let mut view = buf
                     .slice(..)
@@ -882,10 +955,7 @@ impl WgpuBackend {
             buf.unmap();
             segments.push(Segment {
                 dtype,
-                buf: GpuBuffer {
-                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
-                    buf,
-                },
+                buf: gbuf,
                 row0: row0 + done,
                 rows,
                 ks,
@@ -1081,8 +1151,8 @@ impl Backend for WgpuBackend {
                 wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
                 "wick batch",
             );
-            let old = std::mem::replace(&mut inner.batch_buf, new);
-            Self::forget_bind_groups(inner, old.id);
+            // The old buffer's bind groups go with it.
+            inner.batch_buf = new;
         }
         if !inner.batch_words.is_empty() {
             self.ctx.queue.write_buffer(
@@ -1563,9 +1633,8 @@ impl Backend for WgpuBackend {
             .is_none_or(|b| b.buf.size() < choice_bytes)
         {
             let new = self.buffer(choice_bytes.next_power_of_two(), usage, "wick sampling");
-            if let Some(old) = inner.sampling.replace(new) {
-                Self::forget_bind_groups(inner, old.id);
-            }
+            // The old buffer's bind groups go with it.
+            inner.sampling = Some(new);
         }
         let id_bytes = (rows * 4) as u64;
         if inner
@@ -1578,9 +1647,8 @@ impl Backend for WgpuBackend {
                 usage | wgpu::BufferUsages::COPY_SRC,
                 "wick sampled ids",
             );
-            if let Some(old) = inner.sample_ids.replace(new) {
-                Self::forget_bind_groups(inner, old.id);
-            }
+            // The old buffer's bind groups go with it.
+            inner.sample_ids = Some(new);
         }
         let sampling = inner.sampling.clone().expect("made above");
         let ids = inner.sample_ids.clone().expect("made above");
