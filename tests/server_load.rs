@@ -148,3 +148,106 @@ async fn overload_refuses_with_429_and_recovers() {
     assert!(ttft["p50"].as_f64().unwrap() <= lat["p50"].as_f64().unwrap());
     assert!(r["output_tok_s"].as_f64().unwrap() > 0.0);
 }
+
+fn bench_serve(args: &[&str]) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+        .arg("bench-serve")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The open loop (Poisson arrivals) on both endpoints, a replayed dataset, and the search for
+/// the highest rate under a P95 target.
+#[tokio::test]
+async fn bench_serve_open_loop_dataset_and_slo_search() {
+    let s = Server::start(&["--max-num-seqs", "4"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &dataset,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}\n{\"prompt\": \"Once upon\"}\n",
+    )
+    .unwrap();
+    let dataset = dataset.to_str().unwrap();
+    for endpoint in ["chat", "completions"] {
+        let r = bench_serve(&[
+            "--url",
+            &s.base,
+            "--request-rate",
+            "20",
+            "--requests",
+            "8",
+            "--stream",
+            "--max-tokens",
+            "6",
+            "--ignore-eos",
+            "--endpoint",
+            endpoint,
+            "--dataset",
+            dataset,
+        ]);
+        assert_eq!(
+            (r["ok"].as_u64(), r["failed"].as_u64()),
+            (Some(8), Some(0)),
+            "{r}"
+        );
+        assert_eq!(r["request_rate"], 20.0);
+        assert_eq!(r["output_tokens"], 8 * 6);
+        // Two prompts, replayed in turn.
+        let prompt_tokens = r["prompt_tokens"].as_u64().unwrap();
+        assert!(prompt_tokens > 0 && prompt_tokens % 4 == 0, "{r}");
+        let itl = r["itl_s"]["p50"].as_f64().unwrap();
+        assert!(
+            itl > 0.0 && itl <= r["latency_s"]["p50"].as_f64().unwrap(),
+            "{r}"
+        );
+    }
+
+    // A generous target is met at every rate the search doubles to; a tiny one at none.
+    let found = bench_serve(&[
+        "--url",
+        &s.base,
+        "--slo-p95",
+        "60",
+        "--request-rate",
+        "64",
+        "--requests",
+        "3",
+        "--max-tokens",
+        "2",
+        "--endpoint",
+        "completions",
+    ]);
+    let steps = found["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["rate"], 64.0);
+    assert!(steps.iter().all(|s| s["met"] == true), "{found}");
+    assert_eq!(found["best_rate"], steps.last().unwrap()["rate"]);
+    let found = bench_serve(&[
+        "--url",
+        &s.base,
+        "--slo-p95",
+        "0.000001",
+        "--request-rate",
+        "64",
+        "--requests",
+        "2",
+        "--max-tokens",
+        "2",
+        "--endpoint",
+        "completions",
+    ]);
+    assert!(found["best_rate"].is_null(), "{found}");
+    assert!(found["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["met"] == false));
+}

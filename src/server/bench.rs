@@ -13,6 +13,19 @@
 //!
 //! Without `--stream` the time to first token is not observable and equals the latency.
 //!
+//! `request_rate`: an open loop instead, as vLLM's `benchmark_serving --request-rate`: request
+//! `i` is sent at the `i`-th arrival of a Poisson process of that rate (exponential gaps from
+//! a seeded generator, so runs are repeatable), whether or not earlier ones have finished
+//! (`max_concurrency` caps the requests in flight, if set). This is how a server meets real
+//! traffic: a closed loop slows its own arrivals when the server slows, an open loop does not.
+//! [`search_slo`] finds the highest such rate whose P95 end-to-end latency stays under a target,
+//! by doubling from a start rate until the target is missed, then bisecting.
+//!
+//! `endpoint` chooses `/v1/chat/completions` or `/v1/completions` (the latter for servers whose
+//! chat endpoint cannot answer a random-weight model: llama-server answers 500 when the
+//! output does not parse as its chat format). `dataset` replays prompts from a JSONL file
+//! (`{"messages": [...]}` or `{"prompt": "..."}` per line), in order and round again.
+//!
 //! `soak`: instead of a number of requests, the workers keep sending for a duration while
 //! a sampler reads the server's resident memory from `/metrics` (wick's
 //! `wick_process_resident_memory_bytes`) every few seconds; the report gives the samples and
@@ -55,6 +68,90 @@ pub struct BenchOptions {
     pub shared_prompt: bool,
     /// Keep sending for this long (ignoring `requests`) and track the server's memory.
     pub soak: Option<Duration>,
+    /// Open loop: Poisson arrivals at this many requests per second (`concurrency` is then
+    /// unused).
+    pub request_rate: Option<f64>,
+    /// Open loop: most requests in flight (`None`: no cap).
+    pub max_concurrency: Option<usize>,
+    /// Seed of the arrival times.
+    pub seed: u64,
+    /// Which API to call.
+    pub endpoint: Endpoint,
+    /// Prompts to replay instead of generated ones.
+    pub dataset: Option<Vec<DatasetEntry>>,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            url: "http://127.0.0.1:8000".into(),
+            model: None,
+            api_key: None,
+            concurrency: 8,
+            requests: 64,
+            stream: false,
+            max_tokens: 64,
+            prompt_len: 128,
+            ignore_eos: false,
+            timeout: Duration::from_secs(600),
+            shared_prompt: false,
+            soak: None,
+            request_rate: None,
+            max_concurrency: None,
+            seed: 0,
+            endpoint: Endpoint::Chat,
+            dataset: None,
+        }
+    }
+}
+
+/// The API a benchmark calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Endpoint {
+    /// `/v1/chat/completions` (thinking switched off in every request).
+    #[default]
+    Chat,
+    /// `/v1/completions` with the prompt as raw text.
+    Completions,
+}
+
+/// One prompt of a dataset.
+#[derive(Clone, Debug)]
+pub enum DatasetEntry {
+    /// Chat messages (for `/v1/completions`, their contents joined by newlines).
+    Messages(Vec<Value>),
+    /// A raw prompt (for `/v1/chat/completions`, one user message).
+    Prompt(String),
+}
+
+/// Reads a JSONL dataset: one `{"messages": [...]}` or `{"prompt": "..."}` object per line
+/// (blank lines skipped).
+pub fn read_dataset(text: &str) -> Result<Vec<DatasetEntry>, BenchError> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |m: &str| BenchError::Options(format!("dataset line {}: {m}", n + 1));
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
+        if let Some(Value::Array(m)) = v.get("messages") {
+            if m.is_empty() {
+                return Err(bad("`messages` is empty"));
+            }
+            out.push(DatasetEntry::Messages(m.clone()));
+        } else if let Some(Value::String(p)) = v.get("prompt") {
+            out.push(DatasetEntry::Prompt(p.clone()));
+        } else {
+            return Err(bad(
+                "expected an object with `messages` (a list) or `prompt` (a string)",
+            ));
+        }
+    }
+    if out.is_empty() {
+        return Err(BenchError::Options("the dataset has no prompts".into()));
+    }
+    Ok(out)
 }
 
 /// The prompt of request `i`: about `len` tokens, identical for every `i` if `shared`.
@@ -138,6 +235,11 @@ pub struct BenchReport {
     pub latency_s: Percentiles,
     /// Time to the first content (streaming) or to the answer (otherwise).
     pub ttft_s: Percentiles,
+    /// Inter-token latency: each streamed request's time after its first token divided by
+    /// its other tokens (zeros without `--stream`).
+    pub itl_s: Percentiles,
+    /// Open loop: the arrival rate asked for, requests per second.
+    pub request_rate: Option<f64>,
     /// Prompt tokens of completed requests (from `usage`).
     pub prompt_tokens: usize,
     /// Output tokens of completed requests (from `usage`).
@@ -226,18 +328,35 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     };
     let mut body = json!({
         "model": model,
-        "messages": [{"role": "user", "content": ""}],
         "max_tokens": opts.max_tokens,
         "stream": opts.stream,
-        "chat_template_kwargs": {"enable_thinking": false},
     });
+    if opts.endpoint == Endpoint::Chat {
+        body["chat_template_kwargs"] = json!({"enable_thinking": false});
+    }
     if opts.stream {
         body["stream_options"] = json!({"include_usage": true});
     }
     if opts.ignore_eos {
         body["ignore_eos"] = json!(true);
     }
-    let body = Arc::new(body);
+    let work = Arc::new(Work {
+        body,
+        endpoint: opts.endpoint,
+        dataset: opts.dataset.clone(),
+        prompt_len: opts.prompt_len,
+        shared: opts.shared_prompt,
+    });
+    let url = format!(
+        "{base}/v1/{}",
+        match opts.endpoint {
+            Endpoint::Chat => "chat/completions",
+            Endpoint::Completions => "completions",
+        }
+    );
+    if let Some(rate) = opts.request_rate {
+        return open_loop(opts, rate, client, url, work, model).await;
+    }
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let soak = opts.soak;
@@ -262,10 +381,8 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     };
     let mut workers = Vec::new();
     for _ in 0..workers_n {
-        let (client, body, next) = (client.clone(), body.clone(), next.clone());
-        let url = format!("{base}/v1/chat/completions");
+        let (client, work, next, url) = (client.clone(), work.clone(), next.clone(), url.clone());
         let (key, total, stream) = (opts.api_key.clone(), opts.requests, opts.stream);
-        let (len, shared) = (opts.prompt_len, opts.shared_prompt);
         workers.push(tokio::spawn(async move {
             let mut outcomes = Vec::new();
             loop {
@@ -277,8 +394,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 if done {
                     break;
                 }
-                let mut body = (*body).clone();
-                body["messages"][0]["content"] = json!(prompt(i, len, shared));
+                let body = work.body(i);
                 outcomes.push(one(&client, &url, &key, &body, stream).await);
             }
             outcomes
@@ -289,33 +405,11 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         requests: opts.requests,
         ..BenchReport::default()
     };
-    let (mut latency, mut ttft) = (Vec::new(), Vec::new());
+    let mut outcomes = Vec::new();
     for w in workers {
-        let outcomes = w.await.unwrap_or_default();
-        for o in outcomes {
-            match o {
-                Outcome::Ok {
-                    latency: l,
-                    ttft: t,
-                    prompt_tokens,
-                    output_tokens,
-                } => {
-                    report.ok += 1;
-                    latency.push(l);
-                    ttft.push(t);
-                    report.prompt_tokens += prompt_tokens;
-                    report.output_tokens += output_tokens;
-                }
-                Outcome::Rejected => report.rejected += 1,
-                Outcome::Failed(e) => {
-                    report.failed += 1;
-                    if report.errors.len() < 5 {
-                        report.errors.push(e);
-                    }
-                }
-            }
-        }
+        outcomes.extend(w.await.unwrap_or_default());
     }
+    let samples = report.count(outcomes, opts.stream);
     if let Some(sampler) = sampler {
         report.requests = report.ok + report.rejected + report.failed;
         if let Some(mb) = resident_mb(&client, &base, &opts.api_key).await {
@@ -331,12 +425,274 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             .collect();
         report.rss_slope_mb_per_hour = slope(&settled);
     }
-    report.duration_s = start.elapsed().as_secs_f64();
-    report.qps = report.ok as f64 / report.duration_s.max(1e-9);
-    report.output_tok_s = report.output_tokens as f64 / report.duration_s.max(1e-9);
-    report.latency_s = Percentiles::of(&latency);
-    report.ttft_s = Percentiles::of(&ttft);
+    report.finish(start, samples);
     Ok(report)
+}
+
+/// What every request of a run shares, and how request `i` differs.
+struct Work {
+    body: Value,
+    endpoint: Endpoint,
+    dataset: Option<Vec<DatasetEntry>>,
+    prompt_len: usize,
+    shared: bool,
+}
+
+impl Work {
+    /// The body of request `i`.
+    fn body(&self, i: usize) -> Value {
+        let entry = match &self.dataset {
+            Some(d) => d[i % d.len()].clone(),
+            None => DatasetEntry::Prompt(prompt(i, self.prompt_len, self.shared)),
+        };
+        let mut body = self.body.clone();
+        match (self.endpoint, entry) {
+            (Endpoint::Chat, DatasetEntry::Messages(m)) => body["messages"] = Value::Array(m),
+            (Endpoint::Chat, DatasetEntry::Prompt(p)) => {
+                body["messages"] = json!([{"role": "user", "content": p}])
+            }
+            (Endpoint::Completions, DatasetEntry::Prompt(p)) => body["prompt"] = json!(p),
+            (Endpoint::Completions, DatasetEntry::Messages(m)) => {
+                let text: Vec<&str> = m
+                    .iter()
+                    .filter_map(|x| x.get("content").and_then(Value::as_str))
+                    .collect();
+                body["prompt"] = json!(text.join("\n"));
+            }
+        }
+        body
+    }
+}
+
+/// Per-request samples of a run: latency, time to first token, inter-token latency.
+#[derive(Default)]
+struct Samples {
+    latency: Vec<f64>,
+    ttft: Vec<f64>,
+    itl: Vec<f64>,
+}
+
+impl BenchReport {
+    /// Counts outcomes into the report; returns the timing samples of the completed ones.
+    fn count(&mut self, outcomes: Vec<Outcome>, stream: bool) -> Samples {
+        let mut s = Samples::default();
+        for o in outcomes {
+            match o {
+                Outcome::Ok {
+                    latency,
+                    ttft,
+                    prompt_tokens,
+                    output_tokens,
+                } => {
+                    self.ok += 1;
+                    s.latency.push(latency);
+                    s.ttft.push(ttft);
+                    if stream && output_tokens > 1 {
+                        s.itl.push((latency - ttft) / (output_tokens - 1) as f64);
+                    }
+                    self.prompt_tokens += prompt_tokens;
+                    self.output_tokens += output_tokens;
+                }
+                Outcome::Rejected => self.rejected += 1,
+                Outcome::Failed(e) => {
+                    self.failed += 1;
+                    if self.errors.len() < 5 {
+                        self.errors.push(e);
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    /// Rates and percentiles of a run that began at `start`.
+    fn finish(&mut self, start: Instant, s: Samples) {
+        self.duration_s = start.elapsed().as_secs_f64();
+        self.qps = self.ok as f64 / self.duration_s.max(1e-9);
+        self.output_tok_s = self.output_tokens as f64 / self.duration_s.max(1e-9);
+        self.latency_s = Percentiles::of(&s.latency);
+        self.ttft_s = Percentiles::of(&s.ttft);
+        self.itl_s = Percentiles::of(&s.itl);
+    }
+}
+
+/// Gaps between Poisson arrivals at `rate` per second: exponential, from a seeded generator.
+fn arrival_gaps(rate: f64, n: usize, seed: u64) -> Vec<f64> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let u: f64 = rng.random();
+            -(1.0 - u).ln() / rate
+        })
+        .collect()
+}
+
+/// The open loop: request `i` leaves at the `i`-th Poisson arrival.
+async fn open_loop(
+    opts: &BenchOptions,
+    rate: f64,
+    client: reqwest::Client,
+    url: String,
+    work: Arc<Work>,
+    model: String,
+) -> Result<BenchReport, BenchError> {
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(BenchError::Options(format!(
+            "--request-rate must be a positive number, not {rate}"
+        )));
+    }
+    let cap = Arc::new(tokio::sync::Semaphore::new(
+        opts.max_concurrency
+            .unwrap_or(tokio::sync::Semaphore::MAX_PERMITS)
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+    ));
+    let start = Instant::now();
+    let mut at = 0.0;
+    let mut tasks = Vec::with_capacity(opts.requests);
+    for (i, gap) in arrival_gaps(rate, opts.requests, opts.seed)
+        .into_iter()
+        .enumerate()
+    {
+        at += gap;
+        tokio::time::sleep_until((start + Duration::from_secs_f64(at)).into()).await;
+        let Ok(permit) = cap.clone().acquire_owned().await else {
+            break;
+        };
+        let (client, url, key, work) = (
+            client.clone(),
+            url.clone(),
+            opts.api_key.clone(),
+            work.clone(),
+        );
+        let stream = opts.stream;
+        tasks.push(tokio::spawn(async move {
+            let o = one(&client, &url, &key, &work.body(i), stream).await;
+            drop(permit);
+            o
+        }));
+    }
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        outcomes.push(
+            t.await
+                .unwrap_or_else(|e| Outcome::Failed(format!("request task: {e}"))),
+        );
+    }
+    let mut report = BenchReport {
+        model,
+        requests: opts.requests,
+        request_rate: Some(rate),
+        ..BenchReport::default()
+    };
+    let samples = report.count(outcomes, opts.stream);
+    report.finish(start, samples);
+    Ok(report)
+}
+
+/// One rate tried by [`search_slo`].
+#[derive(Clone, Debug, Serialize)]
+pub struct SloStep {
+    /// Requests per second asked for.
+    pub rate: f64,
+    /// Whether every request completed and the P95 latency met the target.
+    pub met: bool,
+    /// The run.
+    pub report: BenchReport,
+}
+
+/// What [`search_slo`] found.
+#[derive(Clone, Debug, Serialize)]
+pub struct SloReport {
+    /// The P95 end-to-end latency target, seconds.
+    pub slo_p95_s: f64,
+    /// The highest rate tried that met the target (`None`: not even the first).
+    pub best_rate: Option<f64>,
+    /// Every rate tried, in order.
+    pub steps: Vec<SloStep>,
+}
+
+/// Finds the highest Poisson arrival rate whose P95 end-to-end latency stays at or under
+/// `slo_p95` seconds with every request completed: from `opts.request_rate` (or 1 req/s),
+/// doubling until the target is missed (at most 12 times), then `bisections` halvings of the
+/// gap between the best rate that met it and the first that did not.
+pub async fn search_slo(
+    opts: &BenchOptions,
+    slo_p95: f64,
+    bisections: usize,
+    mut on_step: impl FnMut(&SloStep),
+) -> Result<SloReport, BenchError> {
+    if !(slo_p95.is_finite() && slo_p95 > 0.0) {
+        return Err(BenchError::Options(format!(
+            "--slo-p95 must be a positive number of seconds, not {slo_p95}"
+        )));
+    }
+    let mut steps = Vec::new();
+    let try_rate = |rate: f64| {
+        let o = BenchOptions {
+            request_rate: Some(rate),
+            ..opts.clone()
+        };
+        async move {
+            let report = run(&o).await?;
+            let met = report.ok == report.requests && report.latency_s.p95 <= slo_p95;
+            Ok::<_, BenchError>(SloStep { rate, met, report })
+        }
+    };
+    let (mut good, mut bad): (Option<f64>, Option<f64>) = (None, None);
+    let mut rate = opts.request_rate.unwrap_or(1.0);
+    for _ in 0..13 {
+        let step = try_rate(rate).await?;
+        on_step(&step);
+        let met = step.met;
+        steps.push(step);
+        if met {
+            good = Some(rate);
+            rate *= 2.0;
+        } else {
+            bad = Some(rate);
+            break;
+        }
+    }
+    if let Some(mut hi) = bad {
+        let mut lo = good.unwrap_or(0.0);
+        // Below the start rate: halve until one meets the target (or give up).
+        if good.is_none() {
+            for _ in 0..6 {
+                let r = hi / 2.0;
+                let step = try_rate(r).await?;
+                on_step(&step);
+                let met = step.met;
+                steps.push(step);
+                if met {
+                    lo = r;
+                    good = Some(r);
+                    break;
+                }
+                hi = r;
+            }
+        }
+        if good.is_some() {
+            for _ in 0..bisections {
+                let r = (lo + hi) / 2.0;
+                let step = try_rate(r).await?;
+                on_step(&step);
+                let met = step.met;
+                steps.push(step);
+                if met {
+                    lo = r;
+                    good = Some(r);
+                } else {
+                    hi = r;
+                }
+            }
+        }
+    }
+    Ok(SloReport {
+        slo_p95_s: slo_p95,
+        best_rate: good,
+        steps,
+    })
 }
 
 async fn first_model(
@@ -436,7 +792,10 @@ async fn one(
                 ["content", "reasoning_content", "reasoning", "tool_calls"]
                     .iter()
                     .any(|k| d.get(k).is_some_and(|x| x.as_str() != Some("")))
-            });
+            }) || v
+                .pointer("/choices/0/text")
+                .and_then(Value::as_str)
+                .is_some_and(|t| !t.is_empty());
             if has_text && ttft.is_none() {
                 ttft = Some(t0.elapsed().as_secs_f64());
             }
@@ -474,7 +833,8 @@ impl BenchReport {
             "model {}: {} requests, {} ok, {} refused (429), {} failed in {:.2} s\n\
              throughput   {:.2} req/s, {:.1} output tok/s ({} prompt + {} output tokens)\n\
              latency      {}\n\
-             first token  {}\n",
+             first token  {}\n\
+             inter-token  {}\n",
             self.model,
             self.requests,
             self.ok,
@@ -487,7 +847,11 @@ impl BenchReport {
             self.output_tokens,
             ms(&self.latency_s),
             ms(&self.ttft_s),
+            ms(&self.itl_s),
         );
+        if let Some(r) = self.request_rate {
+            s = format!("arrivals     Poisson at {r:.3} req/s\n{s}");
+        }
         if let (Some(first), Some(last)) = (self.rss_mb.first(), self.rss_mb.last()) {
             s.push_str(&format!(
                 "server RSS   {:.1} MB at the start, {:.1} MB at the end ({} samples)",
@@ -510,6 +874,50 @@ impl BenchReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arrivals_are_poisson_and_repeatable() {
+        let gaps = arrival_gaps(4.0, 20_000, 7);
+        assert_eq!(gaps, arrival_gaps(4.0, 20_000, 7));
+        assert_ne!(gaps, arrival_gaps(4.0, 20_000, 8));
+        let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+        assert!((mean - 0.25).abs() < 0.01, "mean gap {mean}");
+        // Exponential: the share of gaps above the mean is e^-1.
+        let above = gaps.iter().filter(|&&g| g > 0.25).count() as f64 / gaps.len() as f64;
+        assert!((above - (-1f64).exp()).abs() < 0.02, "{above}");
+        assert!(gaps.iter().all(|g| g.is_finite() && *g >= 0.0));
+    }
+
+    #[test]
+    fn datasets_replay_in_order_on_either_endpoint() {
+        let d = read_dataset(
+            "{\"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, \
+             {\"role\": \"user\", \"content\": \"Hi\"}]}\n\n{\"prompt\": \"Once\"}\n",
+        )
+        .unwrap();
+        assert_eq!(d.len(), 2);
+        let work = |endpoint| Work {
+            body: json!({"max_tokens": 4}),
+            endpoint,
+            dataset: Some(d.clone()),
+            prompt_len: 8,
+            shared: false,
+        };
+        let chat = work(Endpoint::Chat);
+        assert_eq!(chat.body(0)["messages"][1]["content"], "Hi");
+        assert_eq!(
+            chat.body(1)["messages"],
+            json!([{"role": "user", "content": "Once"}])
+        );
+        assert_eq!(chat.body(2)["messages"], chat.body(0)["messages"]);
+        let completions = work(Endpoint::Completions);
+        assert_eq!(completions.body(0)["prompt"], "Be brief.\nHi");
+        assert_eq!(completions.body(1)["prompt"], "Once");
+        assert_eq!(completions.body(1)["max_tokens"], 4);
+        for bad in ["", "{\"messages\": []}", "{\"text\": \"x\"}", "not json"] {
+            assert!(read_dataset(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn slope_is_least_squares() {
