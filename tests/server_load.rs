@@ -203,7 +203,7 @@ async fn bench_serve_open_loop_dataset_and_slo_search() {
         assert_eq!(r["output_tokens"], 8 * 6);
         // Two prompts, replayed in turn.
         let prompt_tokens = r["prompt_tokens"].as_u64().unwrap();
-        assert!(prompt_tokens > 0 && prompt_tokens % 4 == 0, "{r}");
+        assert!(prompt_tokens > 0 && prompt_tokens.is_multiple_of(4), "{r}");
         let itl = r["itl_s"]["p50"].as_f64().unwrap();
         assert!(
             itl > 0.0 && itl <= r["latency_s"]["p50"].as_f64().unwrap(),
