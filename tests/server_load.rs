@@ -245,9 +245,10 @@ async fn bench_serve_open_loop_dataset_and_slo_search() {
         "completions",
     ]);
     assert!(found["best_rate"].is_null(), "{found}");
-    assert!(found["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|s| s["met"] == false));
+    // One request alone already misses the target: the search stops after the first rate.
+    assert_eq!(found["steps"].as_array().unwrap().len(), 1, "{found}");
+    assert!(
+        found["unloaded_p95_s"].as_f64().unwrap() > 0.000001,
+        "{found}"
+    );
 }

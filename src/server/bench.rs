@@ -606,8 +606,11 @@ pub struct SloStep {
 pub struct SloReport {
     /// The P95 end-to-end latency target, seconds.
     pub slo_p95_s: f64,
-    /// The highest rate tried that met the target (`None`: not even the first).
+    /// The highest rate tried that met the target (`None`: none did).
     pub best_rate: Option<f64>,
+    /// When the start rate missed the target: P95 latency of requests sent one at a time
+    /// (no load). Above the target, no rate can meet it and the search stops there.
+    pub unloaded_p95_s: Option<f64>,
     /// Every rate tried, in order.
     pub steps: Vec<SloStep>,
 }
@@ -654,8 +657,29 @@ pub async fn search_slo(
             break;
         }
     }
+    let mut unloaded_p95_s = None;
     if let Some(mut hi) = bad {
         let mut lo = good.unwrap_or(0.0);
+        if good.is_none() {
+            // Without load at all: if one request at a time misses the target, so does every
+            // rate.
+            let alone = run(&BenchOptions {
+                request_rate: None,
+                concurrency: 1,
+                requests: opts.requests.clamp(1, 4),
+                ..opts.clone()
+            })
+            .await?;
+            unloaded_p95_s = Some(alone.latency_s.p95);
+            if alone.ok < alone.requests || alone.latency_s.p95 > slo_p95 {
+                return Ok(SloReport {
+                    slo_p95_s: slo_p95,
+                    best_rate: None,
+                    unloaded_p95_s,
+                    steps,
+                });
+            }
+        }
         // Below the start rate: halve until one meets the target (or give up).
         if good.is_none() {
             for _ in 0..6 {
@@ -691,6 +715,7 @@ pub async fn search_slo(
     Ok(SloReport {
         slo_p95_s: slo_p95,
         best_rate: good,
+        unloaded_p95_s,
         steps,
     })
 }
