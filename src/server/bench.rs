@@ -318,8 +318,11 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         ));
     }
     let base = base_url(&opts.url);
+    // A connection per request: servers that close kept-alive connections after a streamed
+    // reply (llama-server does) would otherwise fail the next request sent on one.
     let client = reqwest::Client::builder()
         .timeout(opts.timeout)
+        .pool_max_idle_per_host(0)
         .build()
         .map_err(|e| BenchError::Options(format!("cannot build an HTTP client: {e}")))?;
     let model = match &opts.model {
@@ -616,9 +619,13 @@ pub struct SloReport {
 }
 
 /// Finds the highest Poisson arrival rate whose P95 end-to-end latency stays at or under
-/// `slo_p95` seconds with every request completed: from `opts.request_rate` (or 1 req/s),
-/// doubling until the target is missed (at most 12 times), then `bisections` halvings of the
-/// gap between the best rate that met it and the first that did not.
+/// `slo_p95` seconds with every request completed. First a few requests one at a time: they
+/// warm the server up (mapped weights paged in, lazy allocations made) so that the first rate
+/// does not pay for it, and give the latency without load, which no rate can beat — above
+/// the target, the search stops there. Then from `opts.request_rate` (or 1 req/s), doubling
+/// until the target is missed (at most 12 times) or halving until it is met (at most 6
+/// times), then `bisections` halvings of the gap between the best rate that met it and the
+/// lowest that did not.
 pub async fn search_slo(
     opts: &BenchOptions,
     slo_p95: f64,
@@ -630,7 +637,23 @@ pub async fn search_slo(
             "--slo-p95 must be a positive number of seconds, not {slo_p95}"
         )));
     }
+    let alone = run(&BenchOptions {
+        request_rate: None,
+        concurrency: 1,
+        requests: opts.requests.clamp(1, 4),
+        ..opts.clone()
+    })
+    .await?;
+    let unloaded_p95_s = Some(alone.latency_s.p95);
     let mut steps = Vec::new();
+    if alone.ok < alone.requests || alone.latency_s.p95 > slo_p95 {
+        return Ok(SloReport {
+            slo_p95_s: slo_p95,
+            best_rate: None,
+            unloaded_p95_s,
+            steps,
+        });
+    }
     let try_rate = |rate: f64| {
         let o = BenchOptions {
             request_rate: Some(rate),
@@ -642,6 +665,7 @@ pub async fn search_slo(
             Ok::<_, BenchError>(SloStep { rate, met, report })
         }
     };
+    // The bracket: the best rate that met the target and the lowest that missed it.
     let (mut good, mut bad): (Option<f64>, Option<f64>) = (None, None);
     let mut rate = opts.request_rate.unwrap_or(1.0);
     for _ in 0..13 {
@@ -651,64 +675,30 @@ pub async fn search_slo(
         steps.push(step);
         if met {
             good = Some(rate);
+            if bad.is_some() {
+                break;
+            }
             rate *= 2.0;
         } else {
             bad = Some(rate);
-            break;
+            if good.is_some() || steps.len() > 6 {
+                break;
+            }
+            rate /= 2.0;
         }
     }
-    let mut unloaded_p95_s = None;
-    if let Some(mut hi) = bad {
-        let mut lo = good.unwrap_or(0.0);
-        if good.is_none() {
-            // Without load at all: if one request at a time misses the target, so does every
-            // rate.
-            let alone = run(&BenchOptions {
-                request_rate: None,
-                concurrency: 1,
-                requests: opts.requests.clamp(1, 4),
-                ..opts.clone()
-            })
-            .await?;
-            unloaded_p95_s = Some(alone.latency_s.p95);
-            if alone.ok < alone.requests || alone.latency_s.p95 > slo_p95 {
-                return Ok(SloReport {
-                    slo_p95_s: slo_p95,
-                    best_rate: None,
-                    unloaded_p95_s,
-                    steps,
-                });
-            }
-        }
-        // Below the start rate: halve until one meets the target (or give up).
-        if good.is_none() {
-            for _ in 0..6 {
-                let r = hi / 2.0;
-                let step = try_rate(r).await?;
-                on_step(&step);
-                let met = step.met;
-                steps.push(step);
-                if met {
-                    lo = r;
-                    good = Some(r);
-                    break;
-                }
+    if let (Some(mut lo), Some(mut hi)) = (good, bad) {
+        for _ in 0..bisections {
+            let r = (lo + hi) / 2.0;
+            let step = try_rate(r).await?;
+            on_step(&step);
+            let met = step.met;
+            steps.push(step);
+            if met {
+                lo = r;
+                good = Some(r);
+            } else {
                 hi = r;
-            }
-        }
-        if good.is_some() {
-            for _ in 0..bisections {
-                let r = (lo + hi) / 2.0;
-                let step = try_rate(r).await?;
-                on_step(&step);
-                let met = step.met;
-                steps.push(step);
-                if met {
-                    lo = r;
-                    good = Some(r);
-                } else {
-                    hi = r;
-                }
             }
         }
     }
