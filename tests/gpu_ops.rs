@@ -916,14 +916,8 @@ fn f16_kv_cache_rounds_to_half_precision() {
     );
 }
 
-/// An application that already has a wgpu device hands it to wick instead of wick opening a
-/// second one; wick's kernels run on it, and the application's own work on the same device
-/// goes on beside them.
-#[test]
-fn runs_on_a_device_the_application_opened() {
-    if gpu().is_none() {
-        return;
-    }
+/// A device opened as an application would, on the adapter `gpu()` found.
+fn app_device() -> (wgpu::Adapter, wgpu::Device, wgpu::Queue) {
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
@@ -936,6 +930,18 @@ fn runs_on_a_device_the_application_opened() {
         ..Default::default()
     }))
     .unwrap();
+    (adapter, device, queue)
+}
+
+/// An application that already has a wgpu device hands it to wick instead of wick opening a
+/// second one; wick's kernels run on it, and the application's own work on the same device
+/// goes on beside them.
+#[test]
+fn runs_on_a_device_the_application_opened() {
+    if gpu().is_none() {
+        return;
+    }
+    let (adapter, device, queue) = app_device();
     let g = WgpuBackend::new(&WgpuOptions {
         device: Some(SharedDevice {
             adapter,
@@ -981,17 +987,7 @@ fn gpu_memory_counts_every_buffer_wick_holds() {
     }
     use std::sync::atomic::AtomicBool;
     use wick::runtime::{Device, Runtime, RuntimeOptions};
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
-        .into_iter()
-        .next()
-        .expect("the adapter gpu() found");
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        required_limits: adapter.limits(),
-        ..Default::default()
-    }))
-    .unwrap();
+    let (adapter, device, queue) = app_device();
     let allocated = |device: &wgpu::Device| {
         device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
         let r = device

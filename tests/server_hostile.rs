@@ -123,18 +123,6 @@ async fn health_ok(s: &Server) -> Duration {
     t.elapsed()
 }
 
-/// POSTs `body` as JSON; the status and the JSON answer.
-async fn post_json(s: &Server, path: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(s.url(path))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let st = r.status().as_u16();
-    (st, r.json::<Value>().await.unwrap())
-}
-
 const CHAT: &str = r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}"#;
 
 #[tokio::test]
@@ -433,7 +421,7 @@ async fn sigterm_with_stalled_clients_exits_zero_within_the_shutdown_timeout() {
 #[tokio::test]
 async fn unimplemented_fields_are_refused_and_logit_bias_is_applied() {
     let s = Server::start(&[]).await;
-    let post = |path: &'static str, body: Value| post_json(&s, path, body);
+    let post = |path: &'static str, body: Value| s.post_json(path, body);
     let msgs = json!([{"role": "user", "content": "Hi"}]);
     for (field, value) in [
         ("response_format", json!({"type": "json_object"})),
@@ -666,7 +654,7 @@ async fn token_ids_past_the_embedding_are_refused_and_the_engine_lives_on() {
     // Qwen3's tokenizer has 151669 entries; ids 151660.. (`<think>` is 151667) have no row.
     let dir = narrow_vocab_model(151660);
     let s = Server::start_model(dir.to_str().unwrap(), &[]).await;
-    let post = |path: &'static str, body: Value| post_json(&s, path, body);
+    let post = |path: &'static str, body: Value| s.post_json(path, body);
     for body in [
         json!({"prompt": [1, 151667], "max_tokens": 2}),
         json!({"prompt": "<think>", "max_tokens": 2}),

@@ -111,31 +111,20 @@ async fn overload_refuses_with_429_and_recovers() {
     assert_eq!(reqwest::get(s.url("/health")).await.unwrap().status(), 200);
 
     // The load tool against the same server.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
-        .args([
-            "bench-serve",
-            "--url",
-            &s.base,
-            "--concurrency",
-            "4",
-            "--requests",
-            "12",
-            "--stream",
-            "--max-tokens",
-            "8",
-            "--prompt-len",
-            "16",
-            "--ignore-eos",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = bench_serve(&[
+        "--url",
+        &s.base,
+        "--concurrency",
+        "4",
+        "--requests",
+        "12",
+        "--stream",
+        "--max-tokens",
+        "8",
+        "--prompt-len",
+        "16",
+        "--ignore-eos",
+    ]);
     assert_eq!(
         (r["ok"].as_u64(), r["failed"].as_u64()),
         (Some(12), Some(0)),
@@ -149,6 +138,7 @@ async fn overload_refuses_with_429_and_recovers() {
     assert!(r["output_tok_s"].as_f64().unwrap() > 0.0);
 }
 
+/// `wick bench-serve ARGS --json`, which must succeed; its report.
 fn bench_serve(args: &[&str]) -> Value {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
         .arg("bench-serve")

@@ -13,17 +13,6 @@ use std::process::Command;
 use serde_json::{json, Value};
 use server_common::{sse_json, tiny_model, Server};
 
-async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(s.url(path))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 async fn chat(s: &Server, extra: Value) -> Value {
     let mut body = json!({
         "messages": [{"role": "user", "content": "Tell me a story."}],
@@ -32,7 +21,7 @@ async fn chat(s: &Server, extra: Value) -> Value {
     for (k, v) in extra.as_object().unwrap() {
         body[k] = v.clone();
     }
-    let (status, v) = post(s, "/v1/chat/completions", body).await;
+    let (status, v) = s.post_json("/v1/chat/completions", body).await;
     assert_eq!(status, 200, "{v}");
     v
 }
@@ -51,12 +40,7 @@ async fn every_served_model_name_is_accepted_and_the_first_is_answered() {
         &[],
     )
     .await;
-    let models: Value = reqwest::get(s.url("/v1/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = s.models().await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()
@@ -66,12 +50,12 @@ async fn every_served_model_name_is_accepted_and_the_first_is_answered() {
     assert_eq!(ids, ["qwen3", "Qwen/Qwen3-0.6B"]);
     let r = chat(&s, json!({"model": "Qwen/Qwen3-0.6B"})).await;
     assert_eq!(r["model"], "qwen3");
-    let (status, e) = post(
-        &s,
-        "/v1/chat/completions",
-        json!({"model": "qwen3-tiny", "messages": [{"role": "user", "content": "hi"}]}),
-    )
-    .await;
+    let (status, e) = s
+        .post_json(
+            "/v1/chat/completions",
+            json!({"model": "qwen3-tiny", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
     assert_eq!(status, 404, "{e}");
 }
 
@@ -90,12 +74,7 @@ async fn every_flag_can_come_from_the_environment() {
         ],
     )
     .await;
-    let models: Value = reqwest::get(s.url("/v1/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = s.models().await;
     assert_eq!(models["data"][0]["id"], "a");
     assert_eq!(models["data"][1]["id"], "b");
     assert_eq!(models["data"][0]["max_model_len"], 2000);
@@ -247,13 +226,15 @@ async fn chat_template_from_a_file_or_inline() {
         "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}",
     ] {
         let s = Server::start_with(&serve_args(&model, &["--chat-template", template]), &[]).await;
-        let (_, t) = post(
-            &s,
-            "/tokenize",
-            json!({"messages": [{"role": "user", "content": "hi there"}]}),
-        )
-        .await;
-        let (_, d) = post(&s, "/detokenize", json!({"tokens": t["tokens"]})).await;
+        let (_, t) = s
+            .post_json(
+                "/tokenize",
+                json!({"messages": [{"role": "user", "content": "hi there"}]}),
+            )
+            .await;
+        let (_, d) = s
+            .post_json("/detokenize", json!({"tokens": t["tokens"]}))
+            .await;
         assert_eq!(d["prompt"], "[user] hi there\n");
     }
 }

@@ -234,91 +234,94 @@ impl VllmArgs {
             }
         }
 
-        let mut accepted = |given: bool, flag: &str, why: &str| {
+        // Flags accepted without effect, each with why nothing changes.
+        let accepted = [
+            (
+                self.tensor_parallel_size.is_some(),
+                "--tensor-parallel-size 1",
+                "accepted; wick runs on one device",
+            ),
+            (
+                self.pipeline_parallel_size.is_some(),
+                "--pipeline-parallel-size 1",
+                "accepted; wick runs on one device",
+            ),
+            (
+                self.data_parallel_size.is_some(),
+                "--data-parallel-size 1",
+                "accepted; one server runs one engine",
+            ),
+            (
+                self.enforce_eager,
+                "--enforce-eager",
+                "accepted; wick has no CUDA graphs to turn off",
+            ),
+            (
+                self.uvicorn_log_level.is_some(),
+                "--uvicorn-log-level",
+                "accepted; set RUST_LOG (e.g. RUST_LOG=wick=info) for wick's logs",
+            ),
+            (
+                self.disable_log_requests,
+                "--disable-log-requests",
+                "accepted; wick does not log requests",
+            ),
+            (
+                self.disable_log_stats,
+                "--disable-log-stats",
+                "accepted; statistics are at /metrics",
+            ),
+            (
+                self.trust_remote_code,
+                "--trust-remote-code",
+                "accepted; wick runs no code from model repositories",
+            ),
+            (
+                self.swap_space.is_some(),
+                "--swap-space",
+                "accepted; wick preempts and recomputes instead of swapping KV blocks",
+            ),
+            (
+                self.cpu_offload_gb.is_some(),
+                "--cpu-offload-gb 0",
+                "accepted; wick does not offload weights",
+            ),
+            (
+                self.block_size.is_some(),
+                "--block-size",
+                "accepted; wick's KV blocks have a fixed size of 16 tokens",
+            ),
+            (
+                self.max_seq_len_to_capture.is_some(),
+                "--max-seq-len-to-capture",
+                "accepted; wick has no CUDA graphs",
+            ),
+            (
+                self.enable_chunked_prefill,
+                "--enable-chunked-prefill",
+                "accepted; wick always prefills in chunks of --max-num-batched-tokens",
+            ),
+            (
+                self.max_logprobs.is_some(),
+                "--max-logprobs",
+                "accepted; wick returns at most 20 top logprobs per token",
+            ),
+            (
+                self.disable_frontend_multiprocessing,
+                "--disable-frontend-multiprocessing",
+                "accepted; wick serves from one process",
+            ),
+            (
+                self.enable_auto_tool_choice,
+                "--enable-auto-tool-choice",
+                "accepted; wick parses tool calls whenever a request has tools",
+            ),
+        ];
+        for (given, flag, why) in accepted {
             if given {
                 note(flag, why);
             }
-        };
-        accepted(
-            self.tensor_parallel_size.is_some(),
-            "--tensor-parallel-size 1",
-            "accepted; wick runs on one device",
-        );
-        accepted(
-            self.pipeline_parallel_size.is_some(),
-            "--pipeline-parallel-size 1",
-            "accepted; wick runs on one device",
-        );
-        accepted(
-            self.data_parallel_size.is_some(),
-            "--data-parallel-size 1",
-            "accepted; one server runs one engine",
-        );
-        accepted(
-            self.enforce_eager,
-            "--enforce-eager",
-            "accepted; wick has no CUDA graphs to turn off",
-        );
-        accepted(
-            self.uvicorn_log_level.is_some(),
-            "--uvicorn-log-level",
-            "accepted; set RUST_LOG (e.g. RUST_LOG=wick=info) for wick's logs",
-        );
-        accepted(
-            self.disable_log_requests,
-            "--disable-log-requests",
-            "accepted; wick does not log requests",
-        );
-        accepted(
-            self.disable_log_stats,
-            "--disable-log-stats",
-            "accepted; statistics are at /metrics",
-        );
-        accepted(
-            self.trust_remote_code,
-            "--trust-remote-code",
-            "accepted; wick runs no code from model repositories",
-        );
-        accepted(
-            self.swap_space.is_some(),
-            "--swap-space",
-            "accepted; wick preempts and recomputes instead of swapping KV blocks",
-        );
-        accepted(
-            self.cpu_offload_gb.is_some(),
-            "--cpu-offload-gb 0",
-            "accepted; wick does not offload weights",
-        );
-        accepted(
-            self.block_size.is_some(),
-            "--block-size",
-            "accepted; wick's KV blocks have a fixed size of 16 tokens",
-        );
-        accepted(
-            self.max_seq_len_to_capture.is_some(),
-            "--max-seq-len-to-capture",
-            "accepted; wick has no CUDA graphs",
-        );
-        accepted(
-            self.enable_chunked_prefill,
-            "--enable-chunked-prefill",
-            "accepted; wick always prefills in chunks of --max-num-batched-tokens",
-        );
-        accepted(
-            self.max_logprobs.is_some(),
-            "--max-logprobs",
-            "accepted; wick returns at most 20 top logprobs per token",
-        );
-        accepted(
-            self.disable_frontend_multiprocessing,
-            "--disable-frontend-multiprocessing",
-            "accepted; wick serves from one process",
-        );
-        accepted(
-            self.enable_auto_tool_choice,
-            "--enable-auto-tool-choice",
-            "accepted; wick parses tool calls whenever a request has tools",
-        );
+        }
         Ok(out)
     }
 }

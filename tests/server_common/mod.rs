@@ -104,6 +104,28 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// POSTs `body` as JSON; the status and the JSON answer (which must be JSON).
+    pub async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        (st, r.json::<Value>().await.unwrap())
+    }
+
+    /// `GET /v1/models`.
+    pub async fn models(&self) -> Value {
+        reqwest::get(self.url("/v1/models"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The process id (for signals).
     pub fn pid(&self) -> u32 {
         self.child.id()
