@@ -42,6 +42,7 @@ pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod grammar;
 pub mod loader;
 pub mod model;
 pub mod perplexity;

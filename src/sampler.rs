@@ -90,6 +90,9 @@ pub struct SamplingParams {
     /// Added to the logits of these token ids before sampling (OpenAI's `logit_bias`):
     /// each in [-100, 100]; -100 bans a token, 100 all but forces it.
     pub logit_bias: Vec<(u32, f32)>,
+    /// What the reply must match (a JSON schema, a regular expression, choices, a grammar):
+    /// tokens that would break it are banned before sampling ([`crate::grammar`]).
+    pub grammar: Option<crate::grammar::Grammar>,
 }
 
 impl Default for SamplingParams {
@@ -109,6 +112,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             logprobs: None,
             logit_bias: Vec::new(),
+            grammar: None,
         }
     }
 }

@@ -153,3 +153,17 @@ async fn thinking_off_for_the_whole_server() {
         "qwen3",
     );
 }
+
+/// Structured outputs as applications use them: 24 schemas (streamed and not, thinking on and
+/// off) validated with Python's `jsonschema`, forced tool calls, vLLM's guided fields, the
+/// OpenAI SDK's `parse()` and LangChain's `with_structured_output`.
+#[tokio::test]
+async fn structured_outputs_validate_in_the_client_libraries() {
+    let s = Server::start(&[]).await;
+    run(
+        "python3",
+        clients_dir().join("structured_outputs.py"),
+        &s,
+        "qwen3-tiny",
+    );
+}

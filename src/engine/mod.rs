@@ -48,6 +48,7 @@ use tokio::sync::mpsc;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::generate::{prompt_opens_reasoning, FinishReason};
+use crate::grammar::{Constraint, Grammars, ReplyStart};
 use crate::model::Model;
 use crate::sampler::{SamplingParams, TokenLogprobs};
 use crate::text::chat_template::{ChatTemplate, RenderOptions};
@@ -121,6 +122,8 @@ pub struct Prepared {
     ids: Vec<u32>,
     /// The prompt leaves a `<think>` block open: the reply starts in the reasoning.
     pub start_in_reasoning: bool,
+    /// Where the reply begins (for a grammar, which holds after the reasoning).
+    reply_start: ReplyStart,
     chat: Option<(Vec<Value>, RenderOptions)>,
 }
 
@@ -226,6 +229,8 @@ pub(crate) struct Admitted {
     pub params: SamplingParams,
     pub eos_token_ids: Vec<u32>,
     pub start_in_reasoning: bool,
+    /// The compiled grammar, when the request has one.
+    pub constraint: Option<Constraint>,
     /// For chat prompts: the token ids of the conversation as the next turn will render it
     /// is computed after the reply (the messages and render options are kept for that).
     pub chat: Option<(Vec<Value>, RenderOptions)>,
@@ -264,15 +269,31 @@ impl TextModel {
     /// Renders and tokenizes a prompt, returning its ids and whether it leaves a `<think>`
     /// block open.
     pub fn tokenize_prompt(&self, prompt: &Prompt) -> Result<(Vec<u32>, bool)> {
+        let (ids, start) = self.tokenize_with_start(prompt)?;
+        Ok((ids, start == ReplyStart::InReasoning))
+    }
+
+    /// Renders and tokenizes a prompt, returning its ids and where its reply begins: inside
+    /// an open `<think>` block, after a closed one (thinking off), or free to open one.
+    fn tokenize_with_start(&self, prompt: &Prompt) -> Result<(Vec<u32>, ReplyStart)> {
         match prompt {
-            Prompt::Ids(ids) => Ok((ids.clone(), false)),
-            Prompt::Text(text) => Ok((self.tokenizer.encode(text, true)?, false)),
+            Prompt::Ids(ids) => Ok((ids.clone(), ReplyStart::Answer)),
+            Prompt::Text(text) => Ok((self.tokenizer.encode(text, true)?, ReplyStart::Answer)),
             Prompt::Chat { messages, render } => {
                 let t = self.chat_template.as_ref().ok_or_else(|| {
                     Error::Template("the model has no chat template; use a raw prompt".into())
                 })?;
                 let (ids, text) = t.encode(&self.tokenizer, messages, render)?;
-                Ok((ids, prompt_opens_reasoning(&text)))
+                let start = if prompt_opens_reasoning(&text) {
+                    ReplyStart::InReasoning
+                } else if render.assistant_prefix.is_some()
+                    || text.trim_end().ends_with(crate::text::reasoning::THINK_END)
+                {
+                    ReplyStart::Answer
+                } else {
+                    ReplyStart::MayReason
+                };
+                Ok((ids, start))
             }
         }
     }
@@ -281,6 +302,7 @@ impl TextModel {
 /// A running engine. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Engine {
     text: TextModel,
+    grammars: Grammars,
     info: EngineInfo,
     metrics: Arc<Metrics>,
     commands: std::sync::mpsc::Sender<Command>,
@@ -304,8 +326,12 @@ impl Engine {
         }
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = std::sync::mpsc::channel();
+        // Masks cover the logits, which are as wide as the embedding.
+        let logits_width = model.config.vocab_size;
         let (info, thread) = worker::spawn(model, text.clone(), opts, metrics.clone(), rx)?;
+        let grammars = Grammars::new(text.tokenizer.clone(), logits_width, &text.eos_token_ids);
         Ok(Engine {
+            grammars,
             text,
             info,
             metrics,
@@ -374,7 +400,7 @@ impl Engine {
     /// Renders and tokenizes a prompt and checks it, once for any number of
     /// [`Engine::submit_prepared`] calls (the `n` choices of a request).
     pub fn prepare(&self, prompt: Prompt) -> Result<Prepared> {
-        let (ids, start_in_reasoning) = self.tokenize_prompt(&prompt)?;
+        let (ids, reply_start) = self.text.tokenize_with_start(&prompt)?;
         self.check_prompt(&ids)?;
         let chat = match prompt {
             Prompt::Chat { messages, render } => Some((messages, render)),
@@ -382,7 +408,8 @@ impl Engine {
         };
         Ok(Prepared {
             ids,
-            start_in_reasoning,
+            start_in_reasoning: reply_start == ReplyStart::InReasoning,
+            reply_start,
             chat,
         })
     }
@@ -398,6 +425,10 @@ impl Engine {
         self.check_ids(&params.stop_token_ids, "stop_token_ids: token id")?;
         let biased: Vec<u32> = params.logit_bias.iter().map(|&(id, _)| id).collect();
         self.check_ids(&biased, "logit_bias: token id")?;
+        let constraint = match &params.grammar {
+            Some(g) => Some(self.grammars.compile(g, prepared.reply_start)?),
+            None => None,
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let cancelled = Arc::new(AtomicBool::new(false));
@@ -407,6 +438,7 @@ impl Engine {
             params,
             eos_token_ids: self.text.eos_token_ids.clone(),
             start_in_reasoning: prepared.start_in_reasoning,
+            constraint,
             chat: prepared.chat.clone(),
             events: tx,
             cancelled: cancelled.clone(),

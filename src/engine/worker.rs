@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use rayon::prelude::*;
 use serde_json::json;
 
 use super::kv_manager::KvManager;
@@ -36,6 +37,7 @@ use crate::backend::sample::sample_row;
 use crate::backend::{Backend, Batch, RowSampling};
 use crate::error::{Error, Result};
 use crate::generate::FinishReason;
+use crate::grammar::Constraint;
 use crate::model::{Model, RunState};
 use crate::sampler::{Sampler, TokenLogprobs};
 use crate::text::chat_template::RenderOptions;
@@ -140,6 +142,11 @@ struct ReqState {
     req: Box<Admitted>,
     sampler: Sampler,
     reply: Reply,
+    /// The request's grammar (taken out of `req`).
+    constraint: Option<Constraint>,
+    /// Most tokens the reply may have, and how many it has.
+    max_new: usize,
+    generated: usize,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
     scheduled: bool,
@@ -225,7 +232,7 @@ impl<B: Backend> Worker<B> {
                 self.shutting_down = true;
                 self.fills.clear();
             }
-            Command::Add(req) => {
+            Command::Add(mut req) => {
                 self.metrics.in_channel.fetch_sub(1, Ordering::Relaxed);
                 let id = req.id;
                 let prompt_len = req.prompt_ids.len();
@@ -239,6 +246,9 @@ impl<B: Backend> Worker<B> {
                 debug_assert!(prompt_len > 0 && max_new > 0);
                 Metrics::add(&self.metrics.prompt_tokens, prompt_len);
                 let state = ReqState {
+                    constraint: req.constraint.take(),
+                    max_new,
+                    generated: 0,
                     sampler: Sampler::new(&req.params, &req.prompt_ids),
                     reply: Reply::new(
                         &self.text.tokenizer,
@@ -357,11 +367,15 @@ impl<B: Backend> Worker<B> {
         let rows: Vec<Option<RowSampling>> = sampled
             .iter()
             .map(|id| match self.reqs.get_mut(id) {
+                // A grammar's mask is applied on the host.
+                Some(r) if r.constraint.is_some() => None,
                 Some(r) => r.sampler.device_sampling(),
                 None => Some(RowSampling::greedy()),
             })
             .collect();
         let mut chosen: Vec<(u32, Option<TokenLogprobs>)> = Vec::with_capacity(rows.len());
+        // Requests whose grammar failed: they get an error instead of a token.
+        let mut broken: Vec<(u64, String)> = Vec::new();
         if rows.iter().all(Option::is_some) {
             // The backend samples every row: on the GPU the step reads back R ids.
             let params: Vec<RowSampling> = rows.into_iter().flatten().collect();
@@ -376,13 +390,43 @@ impl<B: Backend> Worker<B> {
             chosen.extend(ids.iter().map(|&t| (t, None)));
             self.ids = ids;
         } else {
-            self.model.forward(
+            // Grammar masks are computed while the model runs: they depend only on the
+            // tokens so far.
+            let mut constrained: Vec<(usize, u64, &mut Constraint, usize)> = Vec::new();
+            let mut by_id: HashMap<u64, &mut ReqState> =
+                self.reqs.iter_mut().map(|(&id, r)| (id, r)).collect();
+            for (row, id) in sampled.iter().enumerate() {
+                if let Some(r) = by_id.remove(id) {
+                    if let Some(c) = r.constraint.as_mut() {
+                        constrained.push((row, *id, c, r.max_new - r.generated));
+                    }
+                }
+            }
+            let (model, state, cache, batch, logits) = (
+                &self.model,
                 &mut self.state,
                 &mut self.cache,
                 &self.batch,
                 &mut self.logits,
             );
+            let ((), masks) = rayon::join(
+                || model.forward(state, cache, batch, logits),
+                || {
+                    constrained
+                        .par_iter_mut()
+                        .map(|(row, id, c, left)| (*row, *id, c.next(Some(*left))))
+                        .collect::<Vec<_>>()
+                },
+            );
+            drop(constrained);
             let vocab = self.model.config.vocab_size;
+            for (row, id, next) in masks {
+                let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
+                match next {
+                    Ok(next) => Constraint::apply(&next, logits),
+                    Err(e) => broken.push((id, e.to_string())),
+                }
+            }
             for (row, (id, params)) in sampled.iter().zip(&rows).enumerate() {
                 let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
                 chosen.push(match (params, self.reqs.get_mut(id)) {
@@ -396,7 +440,12 @@ impl<B: Backend> Worker<B> {
         Metrics::add(&self.metrics.steps, 1);
         self.sched.commit(&plan);
         for (id, (tok, lp)) in sampled.into_iter().zip(chosen) {
-            self.on_token(id, tok, lp);
+            if !broken.iter().any(|(b, _)| *b == id) {
+                self.on_token(id, tok, lp);
+            }
+        }
+        for (id, e) in broken {
+            self.fail(id, &e);
         }
         // Fills whose tokens are all computed are done: their blocks go to the prefix cache.
         for s in &plan.seqs {
@@ -438,6 +487,15 @@ impl<B: Backend> Worker<B> {
             return;
         };
         r.sampler.accept(tok);
+        r.generated += 1;
+        let grammar_done = match r.constraint.as_mut().map(|c| c.accept(tok)) {
+            None | Some(Ok(false)) => false,
+            Some(Ok(true)) => true,
+            Some(Err(e)) => {
+                self.fail(id, &e.to_string());
+                return;
+            }
+        };
         self.sched.append_token(id, tok);
         Metrics::add(&self.metrics.generation_tokens, 1);
         let now = Instant::now();
@@ -468,6 +526,9 @@ impl<B: Backend> Worker<B> {
         }
         if let Some(reason) = outcome.finish {
             self.finish(id, reason);
+        } else if grammar_done {
+            // The grammar is complete: nothing else may follow.
+            self.finish(id, FinishReason::Stop);
         }
     }
 

@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use crate::engine::Prompt;
+use crate::grammar::{tool_call_grammar, Grammar};
 use crate::sampler::SamplingParams;
 use crate::text::chat_template::RenderOptions;
 
@@ -33,20 +34,10 @@ type Harmless = fn(&Value) -> bool;
 /// ask for nothing (which are accepted). Anything else is refused with 400 naming the field
 /// rather than silently ignored.
 const UNSUPPORTED: &[(&str, Harmless)] = &[
-    ("response_format", |v| {
-        v.get("type").and_then(Value::as_str) == Some("text")
-    }),
     ("best_of", |v| v.as_u64() == Some(1)),
     ("use_beam_search", |v| v == &Value::Bool(false)),
     ("length_penalty", |v| v.as_f64() == Some(1.0)),
     ("early_stopping", |v| v == &Value::Bool(false)),
-    ("guided_json", |_| false),
-    ("guided_regex", |_| false),
-    ("guided_choice", |_| false),
-    ("guided_grammar", |_| false),
-    ("guided_decoding_backend", |_| false),
-    ("guided_whitespace_pattern", |_| false),
-    ("structured_outputs", |_| false),
     ("prompt_logprobs", |v| v.as_u64() == Some(0)),
     ("min_tokens", |v| v.as_u64() == Some(0)),
     ("bad_words", |v| v.as_array().is_some_and(Vec::is_empty)),
@@ -112,6 +103,8 @@ pub struct Parsed {
     pub forced_tool_prefix: Option<String>,
     /// Send the reasoning (`include_reasoning` / `return_reasoning`, true by default).
     pub include_reasoning: bool,
+    /// The field `params.grammar` came from, to name it in errors.
+    pub grammar_field: &'static str,
 }
 
 struct Fields<'a>(&'a Map<String, Value>);
@@ -303,6 +296,197 @@ fn sampling(f: &Fields, defaults: &SamplingParams) -> Result<SamplingParams, Api
         ));
     }
     Ok(p)
+}
+
+/// The structured-output fields, in every spelling: OpenAI's `response_format`, vLLM's
+/// `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` (also inside a
+/// literal `extra_body`) and its newer `structured_outputs` object. At most one may ask
+/// for something. Returns the grammar and the field it came from.
+fn structured_output(f: &Fields) -> Result<Option<(Grammar, &'static str)>, ApiError> {
+    let extra = f.object("extra_body")?.map(Fields);
+    let mut found: Vec<(Grammar, &'static str)> = Vec::new();
+    for src in std::iter::once(f).chain(extra.as_ref()) {
+        let whitespace = src.str("guided_whitespace_pattern")?.map(str::to_string);
+        if let Some(b) = src.get("guided_decoding_backend") {
+            if !b.is_string() {
+                return Err(ApiError::invalid(
+                    "guided_decoding_backend",
+                    "`guided_decoding_backend` must be a string",
+                ));
+            }
+        }
+        if let Some(rf) = src.get("response_format") {
+            if let Some(g) = response_format(rf)? {
+                found.push((g, "response_format"));
+            }
+        }
+        if let Some(v) = src.get("guided_json") {
+            found.push((
+                json_schema_grammar(v, "guided_json", whitespace.clone())?,
+                "guided_json",
+            ));
+        }
+        if let Some(v) = src.get("guided_regex") {
+            let pattern = v.as_str().ok_or_else(|| {
+                ApiError::invalid("guided_regex", "`guided_regex` must be a string")
+            })?;
+            found.push((
+                Grammar::Regex {
+                    pattern: pattern.into(),
+                },
+                "guided_regex",
+            ));
+        }
+        if let Some(v) = src.get("guided_choice") {
+            found.push((choice_grammar(v, "guided_choice")?, "guided_choice"));
+        }
+        if let Some(v) = src.get("guided_grammar") {
+            found.push((grammar_text(v, "guided_grammar")?, "guided_grammar"));
+        }
+        if let Some(so) = src.object("structured_outputs")? {
+            let so = Fields(so);
+            let ws = so
+                .str("whitespace_pattern")?
+                .map(str::to_string)
+                .or(whitespace.clone());
+            if let Some(v) = so.get("json") {
+                found.push((
+                    json_schema_grammar(v, "structured_outputs", ws)?,
+                    "structured_outputs",
+                ));
+            }
+            if let Some(v) = so.get("regex") {
+                let pattern = v.as_str().ok_or_else(|| {
+                    ApiError::invalid(
+                        "structured_outputs",
+                        "`structured_outputs.regex` must be a string",
+                    )
+                })?;
+                found.push((
+                    Grammar::Regex {
+                        pattern: pattern.into(),
+                    },
+                    "structured_outputs",
+                ));
+            }
+            if let Some(v) = so.get("choice") {
+                found.push((
+                    choice_grammar(v, "structured_outputs")?,
+                    "structured_outputs",
+                ));
+            }
+            if let Some(v) = so.get("grammar") {
+                found.push((grammar_text(v, "structured_outputs")?, "structured_outputs"));
+            }
+            if so.bool("json_object")? == Some(true) {
+                found.push((Grammar::JsonObject, "structured_outputs"));
+            }
+            for k in ["structural_tag"] {
+                if so.get(k).is_some() {
+                    return Err(ApiError::invalid(
+                        "structured_outputs",
+                        format!("`structured_outputs.{k}` is not supported by this server"),
+                    ));
+                }
+            }
+        }
+    }
+    if found.len() > 1 {
+        let names: Vec<&str> = found.iter().map(|(_, n)| *n).collect();
+        return Err(ApiError::invalid(
+            found[1].1,
+            format!(
+                "give one structured output at most, not {}",
+                names.join(" and ")
+            ),
+        ));
+    }
+    Ok(found.pop())
+}
+
+/// `response_format`: `text` (nothing), `json_object`, or `json_schema` with its schema.
+fn response_format(v: &Value) -> Result<Option<Grammar>, ApiError> {
+    let bad = |m: &str| ApiError::invalid("response_format", m);
+    let kind = v
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("`response_format` must be an object with a `type`"))?;
+    match kind {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(Grammar::JsonObject)),
+        "json_schema" => {
+            let js = v
+                .get("json_schema")
+                .filter(|j| j.is_object())
+                .ok_or_else(|| {
+                    bad("`response_format.json_schema` must be an object with a `schema`")
+                })?;
+            let schema = js
+                .get("schema")
+                .cloned()
+                .unwrap_or_else(|| serde_json::json!({}));
+            if !schema.is_object() && !schema.is_boolean() {
+                return Err(bad(
+                    "`response_format.json_schema.schema` must be a JSON schema object",
+                ));
+            }
+            Ok(Some(Grammar::JsonSchema {
+                schema,
+                whitespace: None,
+            }))
+        }
+        other => Err(bad(&format!(
+            "`response_format.type` must be text, json_object or json_schema, not {other}"
+        ))),
+    }
+}
+
+/// A JSON schema given as an object or as JSON text.
+fn json_schema_grammar(
+    v: &Value,
+    field: &str,
+    whitespace: Option<String>,
+) -> Result<Grammar, ApiError> {
+    let schema = match v {
+        Value::String(s) => serde_json::from_str(s)
+            .map_err(|e| ApiError::invalid(field, format!("`{field}` is not valid JSON: {e}")))?,
+        Value::Object(_) | Value::Bool(_) => v.clone(),
+        _ => {
+            return Err(ApiError::invalid(
+                field,
+                format!("`{field}` must be a JSON schema"),
+            ))
+        }
+    };
+    Ok(Grammar::JsonSchema { schema, whitespace })
+}
+
+fn choice_grammar(v: &Value, field: &str) -> Result<Grammar, ApiError> {
+    let choices = v
+        .as_array()
+        .filter(|a| !a.is_empty())
+        .and_then(|a| {
+            a.iter()
+                .map(|c| c.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+        })
+        .ok_or_else(|| {
+            ApiError::invalid(
+                field,
+                format!("`{field}` must be a non-empty list of strings"),
+            )
+        })?;
+    Ok(Grammar::Choice { choices })
+}
+
+fn grammar_text(v: &Value, field: &str) -> Result<Grammar, ApiError> {
+    let text = v
+        .as_str()
+        .ok_or_else(|| ApiError::invalid(field, format!("`{field}` must be a string")))?;
+    Grammar::from_grammar_text(text).map_err(|e| match e {
+        crate::Error::InvalidParam { message, .. } => ApiError::invalid(field, message),
+        other => ApiError::from(other),
+    })
 }
 
 /// Checks the mapped sampling fields with [`SamplingParams::validate`] (the one check of
@@ -529,11 +713,39 @@ pub fn chat(body: &Value, defaults: &SamplingParams) -> Result<Parsed, ApiError>
     }
     let forced_tool_prefix = tool_choice(&f, render.tools.as_deref().unwrap_or(&[]))?;
     let include_reasoning = include_reasoning(&f)?;
+    let mut grammar_field = "response_format";
+    let structured = structured_output(&f)?;
+    let usable_tools = render.tools.clone().unwrap_or_default();
     if let Some(prefix) = &forced_tool_prefix {
         // The call follows an empty thinking block, as the template writes it for
         // `enable_thinking: false`; a forced reply has no room for reasoning.
         render.enable_thinking = Some(false);
         render.assistant_prefix = Some(prefix.clone());
+        // The rest of the call is held to the functions' parameter schemas.
+        params.grammar = Some(tool_call_grammar(
+            &usable_tools,
+            prefix,
+            false,
+            "<tool_call>",
+            "</tool_call>",
+        ));
+        grammar_field = "tools";
+    } else if let Some((g, field)) = structured {
+        params.grammar = Some(g);
+        grammar_field = field;
+    } else if usable_tools
+        .iter()
+        .any(|t| t.pointer("/function/strict") == Some(&Value::Bool(true)))
+    {
+        // `strict` tools under `auto`: free text, or a call whose arguments match.
+        params.grammar = Some(tool_call_grammar(
+            &usable_tools,
+            "",
+            true,
+            "<tool_call>",
+            "</tool_call>",
+        ));
+        grammar_field = "tools";
     }
     let mut parsed = Parsed {
         model: None,
@@ -549,6 +761,7 @@ pub fn chat(body: &Value, defaults: &SamplingParams) -> Result<Parsed, ApiError>
         tools,
         forced_tool_prefix,
         include_reasoning,
+        grammar_field,
     };
     n_stream(&f, &mut parsed)?;
     Ok(parsed)
@@ -653,6 +866,11 @@ pub fn completion(body: &Value, defaults: &SamplingParams) -> Result<Parsed, Api
     if f.bool("echo")?.unwrap_or(false) {
         return Err(ApiError::invalid("echo", "`echo` is not supported"));
     }
+    let mut grammar_field = "response_format";
+    if let Some((g, field)) = structured_output(&f)? {
+        params.grammar = Some(g);
+        grammar_field = field;
+    }
     let mut parsed = Parsed {
         model: None,
         prompts,
@@ -664,6 +882,7 @@ pub fn completion(body: &Value, defaults: &SamplingParams) -> Result<Parsed, Api
         tools: false,
         forced_tool_prefix: None,
         include_reasoning: true,
+        grammar_field,
     };
     n_stream(&f, &mut parsed)?;
     if parsed.prompts.len() * parsed.n > MAX_N {

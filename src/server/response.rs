@@ -136,6 +136,7 @@ pub async fn run(st: Arc<AppState>, mut p: Parsed, kind: Kind) -> Result<Respons
     // Rendering and tokenizing a long prompt is CPU work: keep it off the async workers,
     // and do it once per prompt for all `n` choices.
     let (prompts, params, n) = (p.prompts.clone(), p.params.clone(), p.n);
+    let grammar_field = p.grammar_field;
     let submitter = engine.clone();
     let streams = tokio::task::spawn_blocking(move || -> crate::Result<Vec<_>> {
         let mut streams = Vec::new();
@@ -150,7 +151,15 @@ pub async fn run(st: Arc<AppState>, mut p: Parsed, kind: Kind) -> Result<Respons
         Ok(streams)
     })
     .await
-    .map_err(ApiError::internal)??;
+    .map_err(ApiError::internal)?
+    .map_err(|e| match e {
+        // A grammar that does not compile: name the field it came from.
+        crate::Error::InvalidParam {
+            param: "grammar",
+            message,
+        } => ApiError::invalid(grammar_field, message),
+        other => ApiError::from(other),
+    })?;
     let merged: Merged = Box::pin(select_all(streams.into_iter().enumerate().map(|(i, s)| {
         futures_util::stream::unfold(s, move |mut s| async move {
             s.next().await.map(|ev| ((i, ev), s))
