@@ -18,11 +18,11 @@
 //! Sampling starts once the model is loaded (loading's memory growth would swamp the memory
 //! slope) and stops with the server. `GET /dashboard/data` ([`History::json`]) sends a ring
 //! as columns, with the resident memory's slope in MB/hour from a least-squares line over
-//! the ring.
+//! the ring (once it spans a minute).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -225,13 +225,15 @@ impl Ring {
     }
 
     /// Resident memory's slope in MB/hour: a least-squares line through every sample.
-    /// `None` below two samples.
+    /// `None` until the samples span a minute (over seconds, a single allocation reads as
+    /// gigabytes an hour).
     pub fn memory_slope_mb_per_hour(&self) -> Option<f64> {
         let n = self.samples.len();
-        if n < 2 {
+        let (first, last) = (self.samples.front()?, self.samples.back()?);
+        if last.t_ms.saturating_sub(first.t_ms) < 60_000 {
             return None;
         }
-        let t0 = self.samples[0].t_ms;
+        let t0 = first.t_ms;
         let pts = self
             .samples
             .iter()
@@ -293,6 +295,20 @@ impl History {
     /// [`COARSE_EVERY`]th reading a coarse one.
     pub fn record(&self, r: Reading) {
         let Ok(mut h) = self.inner.lock() else { return };
+        if h.recent.is_empty() {
+            // The engine's counters start at zero when it starts, at most a tick before this
+            // first reading: a zero reading a second earlier lets the first sample count
+            // the requests that ended in between.
+            h.recent.push_back(Reading {
+                at: r.at.checked_sub(Duration::from_secs(1)).unwrap_or(r.at),
+                unix_ms: r.unix_ms.saturating_sub(1000),
+                snap: MetricsSnapshot::default(),
+                e2e: vec![0; r.e2e.len()],
+                ttft: vec![0; r.ttft.len()],
+                refused: 0,
+                ..r.clone()
+            });
+        }
         if h.recent.len() == COARSE_EVERY + 1 {
             h.recent.pop_front();
         }
@@ -304,7 +320,7 @@ impl History {
         }
         let (oldest, prev, now) = (&h.recent[0], &h.recent[n - 2], &h.recent[n - 1]);
         let fine = sample(prev, oldest, now);
-        let coarse = (n == COARSE_EVERY + 1 && h.ticks % COARSE_EVERY as u64 == 1)
+        let coarse = (n == COARSE_EVERY + 1 && h.ticks % COARSE_EVERY as u64 == 0)
             .then(|| sample(oldest, oldest, now));
         h.fine.push(fine);
         if let Some(c) = coarse {
@@ -380,7 +396,6 @@ fn round(v: f32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn reading(start: Instant, s: u64, finished: u64, e2e: &[u64], rss_mb: u64) -> Reading {
         let buckets = crate::engine::metrics::LATENCY_BUCKETS.len() + 1;
@@ -442,7 +457,7 @@ mod tests {
         let (fine_len, fine_cap) = h.with(Range::Fine, |r| (r.len(), r.capacity())).unwrap();
         assert_eq!((fine_len, fine_cap), (FINE_LEN, FINE_LEN));
         let coarse_len = h.with(Range::Coarse, |r| r.len()).unwrap();
-        assert_eq!(coarse_len, 199, "one per 10 s once 10 s have passed");
+        assert_eq!(coarse_len, 200, "one per 10 s");
         let last = h.with(Range::Fine, |r| *r.iter().last().unwrap()).unwrap();
         assert_eq!(last.requests_per_s, 2.0);
         assert_eq!(last.generation_tokens_per_s, 20.0);
@@ -465,19 +480,26 @@ mod tests {
     fn json_sends_columns_newer_than_since() {
         let h = History::default();
         let t0 = Instant::now();
-        for s in 0..5 {
+        for s in 1..6 {
             h.record(reading(t0, s, s, &[], 100));
         }
         let all = h.json(Range::Fine, 0);
-        assert_eq!(all["len"], 4);
+        assert_eq!(all["len"], 5, "the first reading is compared with zero");
         assert_eq!(all["capacity"], FINE_LEN);
-        assert_eq!(all["t"].as_array().unwrap().len(), 4);
+        assert_eq!(all["t"].as_array().unwrap().len(), 5);
         assert_eq!(all["series"]["e2e_p95"][0], Value::Null);
-        assert_eq!(all["series"]["requests_per_s"][3], 1.0);
-        let slope = all["memory_slope_mb_per_hour"].as_f64().unwrap();
-        assert!(slope.abs() < 1e-6, "{slope}");
-        let newer = h.json(Range::Fine, 1_000_000 + 3000);
-        assert_eq!(newer["t"], json!([1_004_000]));
+        // The request that ended before the first reading counts.
+        assert_eq!(
+            all["series"]["requests_per_s"],
+            json!([1.0, 1.0, 1.0, 1.0, 1.0])
+        );
+        assert_eq!(
+            all["memory_slope_mb_per_hour"],
+            Value::Null,
+            "under a minute"
+        );
+        let newer = h.json(Range::Fine, 1_000_000 + 4000);
+        assert_eq!(newer["t"], json!([1_005_000]));
         assert_eq!(newer["series"]["running"], json!([2.0]));
     }
 }

@@ -109,8 +109,11 @@
     const pad = { l: 52, r: 10, t: 8, b: 20 };
     const pw = w - pad.l - pad.r;
     const ph = h - pad.t - pad.b;
+    // The x axis: the ring's whole window once it is full, at least the last minute.
     const now = store.meta ? store.meta.now_ms : Date.now();
-    const span = store.capacity * store.step * 1000;
+    const full = store.capacity * store.step * 1000;
+    const held = store.t.length ? now - store.t[0] : 0;
+    const span = Math.min(full, Math.max(60000, Math.ceil(held / 60000) * 60000));
     const t0 = now - span;
     const scale = c.scale || 1;
     const threshold = c.slo && store.meta && store.meta.slo ? store.meta.slo[c.slo] : null;
@@ -156,10 +159,12 @@
     }
     ctx.textAlign = 'center';
     ctx.textBaseline = 'top';
-    const minutes = span / 60000;
     for (let i = 0; i <= 4; i++) {
-      const ago = minutes * (1 - i / 4);
-      const label = ago === 0 ? 'now' : ago >= 60 ? '-' + (ago / 60).toFixed(ago % 60 ? 1 : 0) + ' h' : '-' + ago.toFixed(ago % 1 ? 1 : 0) + ' min';
+      const ago = (span / 1000) * (1 - i / 4); // seconds
+      let label = 'now';
+      if (ago >= 3600) label = '-' + +(ago / 3600).toFixed(1) + ' h';
+      else if (ago >= 60) label = '-' + +(ago / 60).toFixed(1) + ' min';
+      else if (ago > 0) label = '-' + Math.round(ago) + ' s';
       ctx.fillText(label, pad.l + (pw * i) / 4, pad.t + ph + 4);
     }
 
@@ -248,6 +253,12 @@
     return null;
   }
 
+  // The mean of a series' last `n` samples (rates are noisy second by second).
+  function recentMean(key, n) {
+    const v = (store.series[key] || []).slice(-n).filter((x) => x !== null);
+    return v.length ? v.reduce((a, b) => a + b, 0) / v.length : null;
+  }
+
   function tiles() {
     const m = store.meta;
     if (!m) return;
@@ -255,16 +266,16 @@
     const kvTotal = latest('kv_total');
     const hit = latest('prefix_hit_rate');
     const rows = [
-      ['Requests/s', fmt(latest('requests_per_s'), '')],
+      ['Requests/s, last 10 samples', fmt(recentMean('requests_per_s', 10), '')],
       ['P95 latency', fmt(latest('e2e_p95'), 's')],
       ['P95 first token', fmt(latest('ttft_p95'), 's')],
-      ['Tokens/s out', fmt(latest('generation_tokens_per_s'), '')],
+      ['Tokens/s out, last 10 samples', fmt(recentMean('generation_tokens_per_s', 10), '')],
       ['Running / waiting', fmt(latest('running'), '').replace('.00', '') + ' / ' + fmt(latest('waiting'), '').replace('.00', '')],
       ['429s in total', String(m.refused_total)],
       ['KV in use', kvTotal ? fmt((100 * latest('kv_used')) / kvTotal, '%') : '–'],
       ['Prefix-cache hits', hit === null ? '–' : fmt(100 * hit, '%')],
       ['Resident memory', fmt(latest('resident_mb'), 'MB')],
-      ['Memory slope', slope === null ? '–' : (slope >= 0 ? '+' : '') + fmt(slope, '') + ' MB/h'],
+      ['Memory slope', slope === null ? 'after a minute' : (slope >= 0 ? '+' : '') + fmt(slope, '') + ' MB/h'],
     ];
     const box = $('#tiles');
     box.textContent = '';
