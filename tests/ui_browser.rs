@@ -396,7 +396,67 @@ async fn chat_and_dashboard_in_headless_chromium() {
             .contains(&format!("{cached} reused, {} computed", prompt - cached)),
         "{turn2}"
     );
+
+    // A long reply streams in (text shows while it is still running) and Stop ends it.
+    b.click("#thinking").await;
+    b.type_into("#max_tokens", "4000").await;
+    b.type_into("#input", "Write a long story.").await;
+    b.click("#send").await;
+    b.wait_for(
+        "streamed text before the end",
+        "const a = document.querySelectorAll('article.assistant')[2];
+         return a && a.dataset.state === 'streaming'
+             && a.querySelector('.body').textContent.length > 0;",
+        t,
+    )
+    .await;
+    b.click("#stop").await;
+    b.wait_for(
+        "the stopped reply",
+        "const a = document.querySelectorAll('article.assistant')[2];
+         return a.dataset.state === 'stopped' && !document.querySelector('#send').disabled;",
+        t,
+    )
+    .await;
+
+    // The Markdown renderer escapes HTML and keeps only safe links.
+    let md = b
+        .js(
+            "return arguments[0].map((s) => Markdown.render(s));",
+            json!([[
+                "<img src=x onerror=alert(1)>",
+                "[a](javascript:alert(1)) [b](https://example.com/?q=\"x\")",
+                "```js\nlet x = '<b>';\n```",
+                "# T\n**b** *i* `c <i>`\n\n- one\n- two",
+            ]]),
+        )
+        .await;
+    assert_eq!(md[0], "<p>&lt;img src=x onerror=alert(1)&gt;</p>");
+    assert_eq!(
+        md[1],
+        "<p>[a](javascript:alert(1)) <a href=\"https://example.com/?q=&quot;x&quot;\" \
+         rel=\"noopener noreferrer\" target=\"_blank\">b</a></p>"
+    );
+    assert_eq!(
+        md[2],
+        "<pre><code class=\"lang-js\">let x = &#39;&lt;b&gt;&#39;;</code></pre>"
+    );
+    assert_eq!(
+        md[3],
+        "<h1>T</h1>\n<p><strong>b</strong> <em>i</em> <code>c &lt;i&gt;</code></p>\n\
+         <ul><li>one</li><li>two</li></ul>"
+    );
     let chat_png = b.screenshot("chat.png").await;
+
+    // The theme switch: dark, and remembered.
+    b.click("#theme").await;
+    let theme = b
+        .js(
+            "return [document.documentElement.dataset.theme, localStorage.getItem('wick.theme')];",
+            json!([]),
+        )
+        .await;
+    assert_eq!(theme, json!(["dark", "dark"]));
 
     // The dashboard during a short load: data points on the charts and the SLO line.
     let bench = Command::new(env!("CARGO_BIN_EXE_wick"))
