@@ -13,7 +13,8 @@
 //! second), latency percentiles (end to end and time to first token, interpolated inside
 //! the histogram's buckets as Prometheus' `histogram_quantile` does), gauges (running and
 //! waiting requests, KV blocks) and memory. Both rings are allocated once at their full
-//! capacity and never grow: [`History::BYTES`] is what they hold, about 170 KB.
+//! capacity and never grow: [`History::BYTES`] is what they hold, 1680 samples of 112 bytes
+//! (on 64-bit targets): 188 KB.
 //!
 //! Sampling starts once the model is loaded (loading's memory growth would swamp the memory
 //! slope) and stops with the server. `GET /dashboard/data` ([`History::json`]) sends a ring
