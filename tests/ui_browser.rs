@@ -458,6 +458,24 @@ async fn chat_and_dashboard_in_headless_chromium() {
         .await;
     assert_eq!(theme, json!(["dark", "dark"]));
 
+    // The settings outlive the page.
+    b.goto(&s.url("/")).await;
+    b.wait_for(
+        "the reloaded page",
+        "return document.body.dataset.locked === 'false';",
+        t,
+    )
+    .await;
+    let kept = b
+        .js(
+            "return [document.querySelector('#temperature').value,
+                     document.querySelector('#max_tokens').value,
+                     document.querySelector('#thinking').checked];",
+            json!([]),
+        )
+        .await;
+    assert_eq!(kept, json!(["0", "4000", false]));
+
     // The dashboard during a short load: data points on the charts and the SLO line.
     let bench = Command::new(env!("CARGO_BIN_EXE_wick"))
         .args([

@@ -221,7 +221,34 @@
     document.body.dataset.busy = busy ? 'true' : 'false';
   }
 
+  // The settings outlive the page, in localStorage.
+  const SETTINGS = 'wick.chat.settings';
+  const FIELDS = ['thinking', 'temperature', 'top_p', 'max_tokens', 'system'];
+
+  function loadSettings() {
+    let saved = {};
+    try {
+      saved = JSON.parse(localStorage.getItem(SETTINGS) || '{}') || {};
+    } catch (_) { /* ignore a damaged entry */ }
+    for (const f of FIELDS) {
+      const e = $('#' + f);
+      if (!(f in saved)) continue;
+      if (e.type === 'checkbox') e.checked = saved[f] === true;
+      else e.value = String(saved[f]);
+    }
+    const save = () => {
+      const out = {};
+      for (const f of FIELDS) {
+        const e = $('#' + f);
+        out[f] = e.type === 'checkbox' ? e.checked : e.value;
+      }
+      localStorage.setItem(SETTINGS, JSON.stringify(out));
+    };
+    for (const f of FIELDS) $('#' + f).addEventListener('change', save);
+  }
+
   function start(modelsResp) {
+    loadSettings();
     modelsResp.json().then((j) => {
       const m = j && j.data && j.data[0];
       if (m) $('#model').textContent = m.id + ' · context ' + m.max_model_len;
