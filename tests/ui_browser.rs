@@ -549,6 +549,10 @@ async fn chat_and_dashboard_in_headless_chromium() {
     assert!(dash["tiles"].as_u64() >= Some(8), "{dash}");
     let n = b.js(&count("figure.chart"), json!([])).await;
     assert_eq!(n, 8);
+    // Tall enough for every chart in one picture.
+    b.post("/window/rect", json!({"width": 1280, "height": 1450}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let dash_png = b.screenshot("dashboard.png").await;
     b.cmd(reqwest::Method::DELETE, "", None).await;
     eprintln!(

@@ -9,7 +9,8 @@
   const $ = Wick.$;
 
   // id, title, unit, series [key, label], optional: SLO field, y scale, fixed y max,
-  // whether the y axis starts at zero.
+  // whether the y axis starts at zero, whole numbers only, the series whose latest value
+  // is the chart's total (shown in the title).
   const CHARTS = [
     { id: 'requests', title: 'Requests per second', unit: '/s',
       series: [['requests_per_s', 'finished'], ['refused_per_s', '429 refused']] },
@@ -21,10 +22,11 @@
       slo: 'ttft_p95_s', sloLabel: 'SLO P95' },
     { id: 'tokens', title: 'Tokens per second', unit: '/s',
       series: [['prompt_tokens_per_s', 'in (prompt)'], ['generation_tokens_per_s', 'out (generated)']] },
-    { id: 'queue', title: 'Requests running and waiting', unit: '',
+    { id: 'queue', title: 'Requests running and waiting', unit: '', whole: true,
       series: [['running', 'running'], ['waiting', 'waiting']] },
-    { id: 'kv', title: 'KV cache blocks', unit: '',
-      series: [['kv_used', 'used'], ['kv_cached', 'cached, free'], ['kv_total', 'total']] },
+    // The pool's size is in the title: drawn, it would flatten the lines that matter.
+    { id: 'kv', title: 'KV cache blocks', unit: '', whole: true, of: 'kv_total',
+      series: [['kv_used', 'used'], ['kv_cached', 'cached, free']] },
     { id: 'hit', title: 'Prefix-cache hit rate', unit: '%', scale: 100, yMax: 100,
       series: [['prefix_hit_rate', 'prompt tokens reused']] },
     { id: 'memory', title: 'Memory', unit: 'MB', fromZero: false,
@@ -106,7 +108,7 @@
     const ctx = canvas.getContext('2d');
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx.clearRect(0, 0, w, h);
-    const pad = { l: 52, r: 10, t: 8, b: 20 };
+    const pad = { l: 56, r: 10, t: 8, b: 20 };
     const pw = w - pad.l - pad.r;
     const ph = h - pad.t - pad.b;
     // The x axis: the ring's whole window once it is full, at least the last minute.
@@ -136,7 +138,8 @@
       const margin = Math.max((hi - lo) * 0.15, hi * 0.01, 1);
       y0 = Math.max(0, lo - margin);
       y1 = hi + margin;
-    } else y1 = niceCeil(Number.isFinite(hi) ? hi * 1.1 : 1);
+    } else if (c.whole) y1 = Math.max(4, Math.ceil((Number.isFinite(hi) ? hi * 1.1 : 1) / 4) * 4);
+    else y1 = niceCeil(Number.isFinite(hi) ? hi * 1.1 : 1);
     if (y1 <= y0) y1 = y0 + 1;
     const X = (t) => pad.l + ((t - t0) / span) * pw;
     const Y = (v) => pad.t + ph - ((v - y0) / (y1 - y0)) * ph;
@@ -155,7 +158,9 @@
       ctx.moveTo(pad.l, y);
       ctx.lineTo(pad.l + pw, y);
       ctx.stroke();
-      ctx.fillText(fmt(v, c.unit === '%' ? '' : c.unit), pad.l - 4, y);
+      // Units too long for the axis are in the legend.
+      const axisUnit = c.unit === '%' || c.unit === 'MB' ? '' : c.unit;
+      ctx.fillText(c.whole ? String(Math.round(v)) : fmt(v, axisUnit), pad.l - 4, y);
     }
     ctx.textAlign = 'center';
     ctx.textBaseline = 'top';
@@ -213,7 +218,8 @@
       const key_ = fig.querySelector('.key[data-series="' + key + '"]');
       key_.dataset.points = String(n);
       key_.hidden = n === 0 && key === 'gpu_mb';
-      key_.querySelector('.value').textContent = n ? ' ' + fmt(last * scale, c.unit) : '';
+      const shown = c.whole ? String(Math.round(last)) : fmt(last * scale, c.unit);
+      key_.querySelector('.value').textContent = n ? ' ' + shown : '';
       anyPoints += n;
     });
     fig.dataset.points = String(anyPoints);
@@ -244,6 +250,13 @@
   function drawAll() {
     for (const c of CHARTS) draw(c);
     tiles();
+    const total = latest('kv_total');
+    document.querySelector('#chart-kv .title').textContent =
+      'KV cache blocks' + (total ? ' (of ' + total + ')' : '');
+    const slope = store.meta && store.meta.memory_slope_mb_per_hour;
+    const title = document.querySelector('#chart-memory .title');
+    title.textContent = 'Memory' + (typeof slope === 'number'
+      ? ', slope ' + (slope >= 0 ? '+' : '') + fmt(slope, '') + ' MB/h' : '');
   }
 
   // The latest non-null value of a series.
@@ -259,6 +272,10 @@
     return v.length ? v.reduce((a, b) => a + b, 0) / v.length : null;
   }
 
+  function whole(v) {
+    return v === null ? '–' : String(Math.round(v));
+  }
+
   function tiles() {
     const m = store.meta;
     if (!m) return;
@@ -270,7 +287,7 @@
       ['P95 latency', fmt(latest('e2e_p95'), 's')],
       ['P95 first token', fmt(latest('ttft_p95'), 's')],
       ['Tokens/s out, last 10 samples', fmt(recentMean('generation_tokens_per_s', 10), '')],
-      ['Running / waiting', fmt(latest('running'), '').replace('.00', '') + ' / ' + fmt(latest('waiting'), '').replace('.00', '')],
+      ['Running / waiting', whole(latest('running')) + ' / ' + whole(latest('waiting'))],
       ['429s in total', String(m.refused_total)],
       ['KV in use', kvTotal ? fmt((100 * latest('kv_used')) / kvTotal, '%') : '–'],
       ['Prefix-cache hits', hit === null ? '–' : fmt(100 * hit, '%')],
@@ -291,9 +308,12 @@
     store.meta = j;
     store.capacity = j.capacity;
     store.step = j.step_s;
-    store.t = store.t.concat(j.t);
+    // Only samples newer than those held (two answers may overlap).
+    let from = 0;
+    while (from < j.t.length && j.t[from] <= store.last) from++;
+    store.t = store.t.concat(j.t.slice(from));
     for (const [key, vals] of Object.entries(j.series)) {
-      store.series[key] = (store.series[key] || []).concat(vals);
+      store.series[key] = (store.series[key] || []).concat(vals.slice(from));
     }
     const extra = store.t.length - store.capacity;
     if (extra > 0) {
@@ -309,8 +329,11 @@
     drawAll();
   }
 
+  let polls = 0; // the latest poll chain; an older one stops
+
   async function poll() {
     clearTimeout(timer);
+    const mine = ++polls;
     const range = store.range;
     try {
       const resp = await Wick.api('/dashboard/data?range=' + range + '&since=' + store.last);
@@ -323,7 +346,7 @@
     } catch (e) {
       $('#status').textContent = 'No data: ' + e.message;
     }
-    timer = setTimeout(poll, range === 'fine' ? 1000 : 10000);
+    if (mine === polls) timer = setTimeout(poll, range === 'fine' ? 1000 : 10000);
   }
 
   function start(first) {
