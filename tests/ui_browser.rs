@@ -3,7 +3,7 @@
 //!
 //! Without `chromium` and `chromedriver` the test says so and passes, unless
 //! `WICK_REQUIRE_BROWSER=1` (CI sets it), where their absence fails it. Screenshots of both
-//! pages go to `target/ui-screenshots/`.
+//! pages (and of the locked chat page) go to `target/ui-screenshots/`.
 
 // The HTTP client is the bench-serve feature's.
 #![cfg(feature = "bench-serve")]
@@ -299,6 +299,7 @@ async fn chat_and_dashboard_in_headless_chromium() {
         )
         .await;
     assert_eq!(shown, json!(["flex", "none"]), "locked page");
+    b.screenshot("locked.png").await;
 
     // A wrong key is refused; the right one unlocks.
     b.type_into("#lock-key", "wrong").await;
