@@ -121,6 +121,17 @@ pub struct ServeArgs {
     /// Seconds SIGTERM or Ctrl-C waits for requests in flight before closing them and exiting.
     #[arg(long, default_value_t = 30, env = "WICK_SHUTDOWN_TIMEOUT")]
     shutdown_timeout: u64,
+    /// Serve no web pages: without this flag, / is a chat page and /dashboard a live view
+    /// of latency, throughput, KV cache and memory (their data needs the API key when one
+    /// is set).
+    #[arg(long, env = "WICK_NO_UI", value_parser = clap::builder::BoolishValueParser::new())]
+    no_ui: bool,
+    /// End-to-end P95 latency target in seconds, drawn on the dashboard's latency chart.
+    #[arg(long, env = "WICK_SLO_P95", value_name = "SECONDS")]
+    slo_p95: Option<f64>,
+    /// Time-to-first-token P95 target in seconds, drawn on the dashboard's TTFT chart.
+    #[arg(long, env = "WICK_SLO_TTFT", value_name = "SECONDS")]
+    slo_ttft: Option<f64>,
     #[command(flatten)]
     vllm: crate::vllm::VllmArgs,
 }
@@ -265,6 +276,14 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
         "--reasoning-field: give at least one field name"
     );
     let allowed_origins = origins(&a.allowed_origins)?;
+    for (flag, v) in [("--slo-p95", a.slo_p95), ("--slo-ttft", a.slo_ttft)] {
+        if let Some(v) = v {
+            anyhow::ensure!(
+                v.is_finite() && v > 0.0,
+                "{flag}: a number of seconds above 0, not {v}"
+            );
+        }
+    }
     let generation = GenerationFlags::parse(
         &a.generation_config,
         a.override_generation_config.as_deref(),
@@ -314,6 +333,9 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
         metrics_public: a.metrics_public,
         allowed_origins,
         control_tokens_in_content: a.control_tokens_in_content,
+        ui: !a.no_ui,
+        slo_p95: a.slo_p95,
+        slo_ttft: a.slo_ttft,
         limits: wick::server::conn::Limits {
             max_connections: a.max_connections.max(1),
             header_timeout: secs(a.header_timeout),
@@ -334,6 +356,10 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("listening on {}:{}", a.host, a.port))?;
         eprintln!("wick: listening on http://{}", listener.local_addr()?);
+        if state.opts.ui {
+            let addr = listener.local_addr()?;
+            eprintln!("wick: chat page http://{addr}/, dashboard http://{addr}/dashboard");
+        }
         // Load while already answering /health (503 until the engine runs).
         let st = state.clone();
         let model = a.model;

@@ -7,7 +7,9 @@
 //! ```
 //!
 //! - Endpoints: `/v1/chat/completions`, `/v1/completions` (both streaming and not),
-//!   `/v1/models`, `/health`, `/metrics` (Prometheus text), `/tokenize`, `/detokenize`.
+//!   `/v1/models`, `/health`, `/metrics` (Prometheus text), `/tokenize`, `/detokenize`;
+//!   unless `--no-ui`, the chat page `/`, the dashboard `/dashboard` and its data
+//!   `/dashboard/data`.
 //! - The server listens before the model is loaded: `/health` says 503 until the engine runs,
 //!   and again once draining starts.
 //! - Load: the engine's waiting queue is bounded (`--max-queue`); past it a request gets 429
@@ -24,22 +26,25 @@
 //!   [`serve`] returns.
 //! - Connections: [`conn`] accepts them and bounds what a client controls (a connection
 //!   cap, header, body and idle timeouts, a client that stops reading); the middleware in
-//!   front of every route checks the key (every route but `/health`, and `/metrics` unless
-//!   public), the content type (JSON only: 415) and reads the body within its size and time
+//!   front of every route checks the key (every route but `/health`, the page files, which
+//!   hold no data, and `/metrics` when public), the content type (JSON only: 415) and reads the body within its size and time
 //!   limits.
 //!
 //! The files: [`request`] checks bodies and maps them to engine requests, [`response`] runs
 //! them and writes JSON or SSE, [`crate::text::tool_calls`] pulls Qwen3's `<tool_call>` blocks out of the
 //! answer, [`error`] is the one error type, [`metrics`] renders `/metrics`, and
-//! [`bench`](mod@bench) is the `wick bench-serve` load generator.
+//! [`bench`](mod@bench) is the `wick bench-serve` load generator. [`ui`] serves the chat page
+//! and the dashboard, whose samples [`history`] keeps.
 
 #[cfg(feature = "bench-serve")]
 pub mod bench;
 pub mod conn;
 pub mod error;
+pub mod history;
 pub mod metrics;
 pub mod request;
 pub mod response;
+pub mod ui;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -111,6 +116,12 @@ pub struct ServerOptions {
     /// server restarted with the same seed answers the same requests, in the same order, with
     /// the same tokens. `None`: unseeded requests draw from the OS.
     pub seed: Option<u64>,
+    /// Serve the chat page at `/` and the dashboard at `/dashboard` (see [`ui`]).
+    pub ui: bool,
+    /// The end-to-end P95 latency target in seconds, drawn on the dashboard.
+    pub slo_p95: Option<f64>,
+    /// The time-to-first-token P95 target in seconds, drawn on the dashboard.
+    pub slo_ttft: Option<f64>,
 }
 
 impl Default for ServerOptions {
@@ -128,6 +139,9 @@ impl Default for ServerOptions {
             max_body_bytes: 8 << 20,
             limits: conn::Limits::default(),
             seed: None,
+            ui: true,
+            slo_p95: None,
+            slo_ttft: None,
         }
     }
 }
@@ -157,6 +171,8 @@ pub struct AppState {
     created: u64,
     /// Requests seeded from `opts.seed` so far.
     seeded: std::sync::atomic::AtomicU64,
+    /// The dashboard's samples (filled while the UI is on).
+    pub history: history::History,
 }
 
 impl AppState {
@@ -170,6 +186,7 @@ impl AppState {
             statuses: Mutex::new(BTreeMap::new()),
             created: unix_now(),
             seeded: std::sync::atomic::AtomicU64::new(0),
+            history: history::History::default(),
         })
     }
 
@@ -295,6 +312,13 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Milliseconds since the epoch.
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The JSON body, or 413 / 400 in OpenAI's shape.
 fn json_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value, ApiError> {
     let bytes = body.map_err(|e| {
@@ -311,7 +335,13 @@ fn json_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value,
 /// The router.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.opts.max_body_bytes;
-    let router = Router::new()
+    let router = Router::new();
+    let router = if state.opts.ui {
+        ui::routes(router)
+    } else {
+        router
+    };
+    let router = router
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
@@ -395,7 +425,9 @@ fn is_json(content_type: &str) -> bool {
 
 async fn admit(st: &AppState, req: HttpRequest) -> Result<HttpRequest, ApiError> {
     let path = req.uri().path();
-    let open = path == "/health" || (path == "/metrics" && st.opts.metrics_public);
+    let open = path == "/health"
+        || (path == "/metrics" && st.opts.metrics_public)
+        || (st.opts.ui && ui::is_public(path));
     if let Some(key) = &st.opts.api_key {
         if !open && !authorized(req.headers(), key) {
             return Err(ApiError::unauthorized());
@@ -603,6 +635,10 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(state.clone());
+    let sampler = state
+        .opts
+        .ui
+        .then(|| tokio::spawn(sample_history(state.clone())));
     let st = state.clone();
     let limits = state.opts.limits;
     let drained = async move {
@@ -626,7 +662,28 @@ pub async fn serve(
         }
     };
     conn::serve(listener, app, limits, drained, Duration::from_secs(1)).await;
+    if let Some(s) = sampler {
+        s.abort();
+    }
     Ok(())
+}
+
+/// Feeds the dashboard's history once a second from the moment the model is loaded.
+async fn sample_history(st: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(l) = st.loaded() else { continue };
+        let gpu = l.gpu_stats.as_ref().map(|f| f().memory_bytes);
+        let refused = st
+            .statuses
+            .lock()
+            .map(|s| s.get(&429).copied().unwrap_or(0))
+            .unwrap_or(0);
+        st.history
+            .record(history::Reading::take(&l.engine, gpu, refused));
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
