@@ -33,7 +33,11 @@ fn masks(c: &mut Criterion) {
     g.throughput(criterion::Throughput::Elements(ids.len() as u64));
     g.bench_function("json_reply_per_token", |b| {
         b.iter_batched(
-            || grammars.compile(&schema, ReplyStart::Answer).expect("compiles"),
+            || {
+                grammars
+                    .compile(&schema, ReplyStart::Answer)
+                    .expect("compiles")
+            },
             |mut con| {
                 for &id in &ids {
                     let next = con.next(None).expect("mask");

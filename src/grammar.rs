@@ -929,3 +929,90 @@ fn push_class_char(class: &mut String, ch: char) {
         c => class.push(c),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gbnf_becomes_lark() {
+        let gbnf = r#"
+            # comment
+            root ::= greeting ws name ("!" | "?")?
+            greeting ::= "hi" | "hello\n"
+            ws ::= [ \t]+
+            name ::= [A-Z] [a-z-]{1,8} digits*
+            digits ::= [^\]x\\] .
+        "#;
+        let lark = gbnf_to_lark(gbnf).unwrap();
+        let want = "start: r_greeting r_ws r_name ( \"!\" | \"?\" ) ?\n\
+                    r_greeting: \"hi\" | \"hello\\n\"\n\
+                    r_ws: /[ \\t]/ +\n\
+                    r_name: /[A-Z]/ /[a-z-]/{1,8} r_digits *\n\
+                    r_digits: /[^\\]x\\\\]/ /(?s:.)/\n";
+        assert_eq!(lark, want);
+        // A rule may go on over several lines.
+        let multi = gbnf_to_lark("root ::= \"a\"\n   | \"b\"\n").unwrap();
+        assert_eq!(multi, "start: \"a\" | \"b\"\n");
+        for bad in [
+            "start ::= \"a\"",
+            "root ::= (\"a\"",
+            "root ::= \"a",
+            "root = \"a\"",
+            "root ::= [a-",
+            "root ::= x{1,a}",
+        ] {
+            assert!(gbnf_to_lark(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn grammar_text_is_gbnf_or_lark() {
+        let g = Grammar::from_grammar_text("root ::= \"x\"").unwrap();
+        assert_eq!(
+            g,
+            Grammar::Lark {
+                grammar: "start: \"x\"\n".into()
+            }
+        );
+        let g = Grammar::from_grammar_text("start: \"x\"").unwrap();
+        assert_eq!(
+            g,
+            Grammar::Lark {
+                grammar: "start: \"x\"".into()
+            }
+        );
+    }
+
+    #[test]
+    fn byte_level_pieces_map_back_to_bytes() {
+        let table = byte_level_table();
+        assert_eq!(table.len(), 256);
+        assert_eq!(table[&'Ġ'], b' ');
+        assert_eq!(table[&'Ċ'], b'\n');
+        assert_eq!(table[&'a'], b'a');
+        assert_eq!(byte_fallback("<0x0A>"), Some(b'\n'));
+        assert_eq!(byte_fallback("<0x0>"), None);
+    }
+
+    #[test]
+    fn json_scan_follows_strings_and_numbers() {
+        let mut s = JsonScan::default();
+        s.feed(br#"{"a": "x\"y"#);
+        assert!(s.in_string);
+        s.feed(br#"", "b": 1"#);
+        assert!(!s.in_string && s.in_number());
+        s.feed(b"1");
+        assert_eq!((s.last, s.run), (b'1', 2));
+    }
+
+    #[test]
+    fn json_schemas_get_wicks_layout_unless_they_set_one() {
+        let s = with_layout(&json!({"type": "object"}), None);
+        assert_eq!(s["x-guidance"]["item_separator"], ", ");
+        let own = json!({"type": "object", "x-guidance": {"whitespace_flexible": true}});
+        assert_eq!(with_layout(&own, None), own);
+        let ws = with_layout(&json!({}), Some("[ ]?"));
+        assert_eq!(ws["x-guidance"]["whitespace_pattern"], "[ ]?");
+    }
+}

@@ -1054,6 +1054,165 @@ mod tests {
     }
 
     #[test]
+    fn structured_outputs_in_every_spelling() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let chat_with = |extra: Value| {
+            let mut b = json!({"messages": [{"role": "user", "content": "x"}]});
+            for (k, v) in extra.as_object().unwrap() {
+                b[k] = v.clone();
+            }
+            chat(&b, &d())
+        };
+        let as_schema = Grammar::JsonSchema {
+            schema: schema.clone(),
+            whitespace: None,
+        };
+        let cases = [
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": true}}}),
+                Some(as_schema.clone()),
+                "response_format",
+            ),
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                Some(Grammar::JsonObject),
+                "response_format",
+            ),
+            (
+                json!({"response_format": {"type": "text"}}),
+                None,
+                "response_format",
+            ),
+            (
+                json!({"guided_json": schema}),
+                Some(as_schema.clone()),
+                "guided_json",
+            ),
+            (
+                json!({"guided_json": schema.to_string()}),
+                Some(as_schema.clone()),
+                "guided_json",
+            ),
+            (
+                json!({"extra_body": {"guided_regex": "[0-9]+"}}),
+                Some(Grammar::Regex {
+                    pattern: "[0-9]+".into(),
+                }),
+                "guided_regex",
+            ),
+            (
+                json!({"guided_choice": ["a", "b"]}),
+                Some(Grammar::Choice {
+                    choices: vec!["a".into(), "b".into()],
+                }),
+                "guided_choice",
+            ),
+            (
+                json!({"guided_grammar": "root ::= \"a\" | \"b\""}),
+                Some(Grammar::Lark {
+                    grammar: "start: \"a\" | \"b\"\n".into(),
+                }),
+                "guided_grammar",
+            ),
+            (
+                json!({"structured_outputs": {"choice": ["x"]}}),
+                Some(Grammar::Choice {
+                    choices: vec!["x".into()],
+                }),
+                "structured_outputs",
+            ),
+            (
+                json!({"guided_json": schema, "guided_whitespace_pattern": "[ ]?"}),
+                Some(Grammar::JsonSchema {
+                    schema: schema.clone(),
+                    whitespace: Some("[ ]?".into()),
+                }),
+                "guided_json",
+            ),
+        ];
+        for (extra, want, field) in cases {
+            let p = chat_with(extra.clone()).unwrap();
+            assert_eq!(p.params.grammar, want, "{extra}");
+            if want.is_some() {
+                assert_eq!(p.grammar_field, field, "{extra}");
+            }
+        }
+        // Completions take them too.
+        let p = completion(&json!({"prompt": "x", "guided_regex": "a+"}), &d()).unwrap();
+        assert!(p.params.grammar.is_some());
+        // Bad values name their field; two at once are refused.
+        for (extra, field) in [
+            (
+                json!({"response_format": {"type": "xml"}}),
+                "response_format",
+            ),
+            (json!({"response_format": "json"}), "response_format"),
+            (
+                json!({"response_format": {"type": "json_schema"}}),
+                "response_format",
+            ),
+            (json!({"guided_json": "{not json"}), "guided_json"),
+            (json!({"guided_regex": 5}), "guided_regex"),
+            (json!({"guided_choice": []}), "guided_choice"),
+            (json!({"guided_choice": ["a", 1]}), "guided_choice"),
+            (
+                json!({"guided_grammar": "root ::= (\"a\""}),
+                "guided_grammar",
+            ),
+            (
+                json!({"structured_outputs": {"structural_tag": {}}}),
+                "structured_outputs",
+            ),
+            (
+                json!({"response_format": {"type": "json_object"}, "guided_regex": "a"}),
+                "guided_regex",
+            ),
+        ] {
+            let e = chat_with(extra.clone()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(field), "{extra}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn forced_and_strict_tool_calls_get_a_grammar() {
+        let tools = json!([
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}},
+            {"type": "function", "function": {"name": "g", "strict": true, "parameters": {"type": "object"}}}
+        ]);
+        let with = |choice: Value| {
+            chat(
+                &json!({"messages": [{"role": "user", "content": "x"}], "tools": tools, "tool_choice": choice}),
+                &d(),
+            )
+            .unwrap()
+        };
+        let lark = |p: &Parsed| match &p.params.grammar {
+            Some(Grammar::Lark { grammar }) => grammar.clone(),
+            other => panic!("{other:?}"),
+        };
+        let required = with(json!("required"));
+        assert!(
+            lark(&required).contains("\"const\":\"f\""),
+            "{}",
+            lark(&required)
+        );
+        assert!(lark(&required).contains("</tool_call>"));
+        let named = with(json!({"type": "function", "function": {"name": "f"}}));
+        assert!(
+            lark(&named).contains("\"required\":[\"x\"]"),
+            "{}",
+            lark(&named)
+        );
+        assert!(!lark(&named).contains("\"const\""));
+        // `auto` with a strict tool: text, or a call that matches.
+        let auto = with(json!("auto"));
+        assert!(lark(&auto).starts_with("start: TEXT | TEXT call"));
+        assert_eq!(auto.grammar_field, "tools");
+        let none = with(json!("none"));
+        assert!(none.params.grammar.is_none());
+    }
+
+    #[test]
     fn tool_choice_forces_the_reply_to_open_a_call() {
         let tools =
             json!([{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]);
