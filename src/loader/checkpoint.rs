@@ -27,6 +27,10 @@ pub struct Checkpoint {
     pub chat_template: Option<Arc<ChatTemplate>>,
     /// The weights, by Hugging Face name.
     pub tensors: TensorSet,
+    /// The pooling a sentence-transformers embedding model declares (`modules.json` with a
+    /// Pooling module): `lasttoken` for Qwen3-Embedding, else `mean_tokens`, `cls_token`, …
+    /// (the `pooling_mode_*` set in its config). `None` for other models.
+    pub pooling: Option<String>,
 }
 
 impl Checkpoint {
@@ -89,6 +93,7 @@ impl Checkpoint {
             tokenizer,
             chat_template,
             tensors,
+            pooling: declared_pooling(dir),
         })
     }
 
@@ -139,6 +144,7 @@ impl Checkpoint {
             tokenizer,
             chat_template,
             tensors,
+            pooling: None,
         })
     }
 
@@ -146,6 +152,32 @@ impl Checkpoint {
     pub fn eos_token_ids(&self) -> &[u32] {
         &self.generation.eos_token_ids
     }
+}
+
+/// The pooling of a sentence-transformers model in `dir`: the Pooling module of
+/// `modules.json`, and the `pooling_mode_*` its config sets (`unknown` when it cannot be
+/// read). Nothing for a directory without `modules.json` or without a Pooling module.
+fn declared_pooling(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("modules.json")).ok()?;
+    let modules: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let pooling = modules.as_array()?.iter().find(|m| {
+        m.get("type")
+            .and_then(|t| t.as_str())
+            .is_some_and(|t| t.ends_with("models.Pooling"))
+    })?;
+    let sub = pooling.get("path").and_then(|p| p.as_str()).unwrap_or("");
+    // The path comes from a file: stay inside the directory.
+    let mode = (!sub.contains("..") && !sub.starts_with('/'))
+        .then(|| std::fs::read_to_string(dir.join(sub).join("config.json")).ok())
+        .flatten()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|c| {
+            c.as_object()?.iter().find_map(|(k, v)| {
+                let mode = k.strip_prefix("pooling_mode_")?;
+                (v.as_bool() == Some(true)).then(|| mode.to_string())
+            })
+        });
+    Some(mode.unwrap_or_else(|| "unknown".into()))
 }
 
 /// The last component of a path, for naming a model loaded from disk.
