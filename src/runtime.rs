@@ -678,11 +678,8 @@ impl Runtime {
             .iter()
             .map(|text| engine.tokenize_input(text))
             .collect::<Result<Vec<_>>>()?;
-        let handles = ids
-            .into_iter()
-            .map(|ids| engine.embed(ids))
-            .collect::<Result<Vec<_>>>()?;
-        handles
+        engine
+            .embed_batch(ids)?
             .into_iter()
             .map(|h| {
                 let e = h.blocking_wait()?.embedding;

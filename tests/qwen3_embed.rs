@@ -246,8 +246,12 @@ fn engine_batches_requests(device: Device) {
         (vec![1, 999_999], "outside the vocabulary"),
         (vec![7; 600], "context"),
     ] {
-        let e = engine.embed(bad).err().unwrap();
+        let e = engine.embed(bad.clone()).err().unwrap();
         assert!(e.to_string().contains(says), "{e}");
+        // All or none: a batch with one bad input queues nothing.
+        let before = engine.metrics().snapshot().requests_submitted;
+        assert!(engine.embed_batch(vec![vec![1, 2], bad]).is_err());
+        assert_eq!(engine.metrics().snapshot().requests_submitted, before);
     }
 }
 

@@ -71,6 +71,9 @@ async fn serves_embeddings_in_openais_shape() {
             "--api-key",
             KEY,
             "--metrics-public",
+            // Fewer than one request's inputs: a request is admitted as one.
+            "--max-queue",
+            "2",
         ],
     )
     .await;

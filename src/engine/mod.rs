@@ -446,16 +446,30 @@ impl Engine {
     /// generates, an empty prompt, ids outside the vocabulary), [`Error::PromptTooLong`],
     /// [`Error::Overloaded`], [`Error::ShuttingDown`].
     pub fn embed(&self, prompt_ids: Vec<u32>) -> Result<EmbeddingHandle> {
+        Ok(self.embed_batch(vec![prompt_ids])?.remove(0))
+    }
+
+    /// Queues one embedding request per input, all or none: every input is checked before
+    /// any is queued, and the batch is admitted as one request (the waiting-queue bound
+    /// refuses later requests while its inputs wait, but never a batch for its size).
+    /// Errors as [`Engine::embed`]'s.
+    pub fn embed_batch(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<EmbeddingHandle>> {
         self.check_task(Task::Embed)?;
         self.admit(1)?;
-        self.check_prompt(&prompt_ids)?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (req, handle) = embed::EmbedAdmitted::new(id, prompt_ids);
-        self.metrics.on_submit();
-        self.commands
-            .send(Command::Embed(Box::new(req)))
-            .map_err(|_| Error::ShuttingDown)?;
-        Ok(handle)
+        for ids in &inputs {
+            self.check_prompt(ids)?;
+        }
+        let mut handles = Vec::with_capacity(inputs.len());
+        for prompt_ids in inputs {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (req, handle) = embed::EmbedAdmitted::new(id, prompt_ids);
+            self.metrics.on_submit();
+            self.commands
+                .send(Command::Embed(Box::new(req)))
+                .map_err(|_| Error::ShuttingDown)?;
+            handles.push(handle);
+        }
+        Ok(handles)
     }
 
     /// Tokenizes one text input of an embedding request as the model's tokenizer does by

@@ -232,7 +232,8 @@ pub async fn run(st: Arc<AppState>, req: EmbeddingsRequest) -> Result<Response, 
     }
     let _guard = st.enter();
     // Admission first: a request the queue cannot take costs no thread and no tokenizing.
-    engine.admit(req.inputs.len())?;
+    // The inputs of one request are admitted together, as one.
+    engine.admit(1)?;
     let submitter = engine.clone();
     let inputs = req.inputs;
     let handles = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
@@ -278,12 +279,7 @@ pub async fn run(st: Arc<AppState>, req: EmbeddingsRequest) -> Result<Response, 
             }
             all.push(ids);
         }
-        // Checked above: queue them all (dropping the handles on an error cancels them).
-        let handles = all
-            .into_iter()
-            .map(|ids| submitter.embed(ids))
-            .collect::<crate::Result<Vec<_>>>()?;
-        Ok((handles, total))
+        Ok((submitter.embed_batch(all)?, total))
     })
     .await
     .map_err(ApiError::internal)??;
