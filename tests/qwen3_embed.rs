@@ -290,3 +290,27 @@ fn a_chat_model_embeds_on_request() {
     let e = generating.embed(vec![1, 2, 3]).err().unwrap();
     assert!(e.to_string().contains("task embed"), "{e}");
 }
+
+/// Qwen3-Embedding-4B and -8B untie the embedding and are published without `lm_head`: such
+/// a checkpoint loads, embeds, and refuses to generate with a clear error.
+#[test]
+fn a_checkpoint_without_a_head_embeds_and_refuses_to_generate() {
+    let dir = common::qwen3_embed_tiny();
+    let config = dir.path().join("config.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["tie_word_embeddings"] = Value::Bool(false);
+    std::fs::remove_file(&config).unwrap();
+    std::fs::write(&config, c.to_string()).unwrap();
+    let mut rt = runtime(dir.path(), Device::Cpu);
+    let e = rt.start_engine(&EngineOptions::default()).err().unwrap();
+    assert!(e.to_string().contains("no lm_head"), "{e}");
+    let oracle = embed_oracle();
+    let got = rt
+        .embed(&[oracle["single"][1]["input"].as_str().unwrap()])
+        .unwrap();
+    check(
+        "without a head",
+        &got,
+        &[floats(&oracle["single"][1]["embedding"])],
+    );
+}

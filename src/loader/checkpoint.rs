@@ -187,3 +187,36 @@ fn dir_name(p: &Path) -> String {
         .and_then(|c| c.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| p.display().to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_pooling_a_sentence_transformers_model_declares() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(declared_pooling(d), None);
+        let modules = r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]"#;
+        std::fs::write(d.join("modules.json"), modules).unwrap();
+        assert_eq!(declared_pooling(d).as_deref(), Some("unknown"));
+        std::fs::create_dir(d.join("1_Pooling")).unwrap();
+        let config = |mode: &str| {
+            format!(
+                r#"{{"word_embedding_dimension": 64, "pooling_mode_cls_token": false, "pooling_mode_{mode}": true}}"#
+            )
+        };
+        std::fs::write(d.join("1_Pooling/config.json"), config("lasttoken")).unwrap();
+        assert_eq!(declared_pooling(d).as_deref(), Some("lasttoken"));
+        std::fs::write(d.join("1_Pooling/config.json"), config("mean_tokens")).unwrap();
+        assert_eq!(declared_pooling(d).as_deref(), Some("mean_tokens"));
+        // A path leaving the directory is not followed.
+        std::fs::write(
+            d.join("modules.json"),
+            modules.replace("1_Pooling", "../1_Pooling"),
+        )
+        .unwrap();
+        assert_eq!(declared_pooling(d).as_deref(), Some("unknown"));
+    }
+}
