@@ -144,6 +144,7 @@ trait LoadedModel: Send + Sync {
     fn start_engine(&self, text: TextModel, opts: &EngineOptions) -> Result<Engine>;
     /// Bytes of one KV block of `block_size` tokens (every layer's K and V).
     fn kv_block_bytes(&self, block_size: usize) -> usize;
+    fn can_generate(&self) -> bool;
 }
 
 impl<B: crate::backend::Backend> LoadedModel for Arc<Model<B>> {
@@ -155,6 +156,9 @@ impl<B: crate::backend::Backend> LoadedModel for Arc<Model<B>> {
     }
     fn kv_block_bytes(&self, block_size: usize) -> usize {
         self.kv_layout(1, block_size).bytes()
+    }
+    fn can_generate(&self) -> bool {
+        Model::can_generate(self)
     }
 }
 
@@ -169,6 +173,10 @@ pub struct Runtime {
     session_opts: SessionOptions,
     /// The engine chats and generations run on, started on first use.
     engine: Option<Engine>,
+    /// The engine [`Runtime::embed`] runs on, started on first use.
+    embedder: Option<Engine>,
+    /// The pooling the checkpoint declares (see [`Checkpoint::pooling`]).
+    pooling: Option<String>,
     /// A sequence driven directly, for every row's logits (benchmarks, perplexity), made on
     /// first use.
     runner: Option<Box<dyn SequenceRunner>>,
@@ -335,6 +343,8 @@ impl Runtime {
             model,
             session_opts,
             engine: None,
+            embedder: None,
+            pooling: ckpt.pooling,
             runner: None,
             device,
             gpu_stats,
@@ -387,8 +397,17 @@ impl Runtime {
     /// On the CPU under a memory limit ([`Fences`]), the KV cache gets at most what the
     /// limit leaves after the weights; if that holds fewer tokens than `max_model_len`, the
     /// engine's `max_model_len` shrinks to fit (with a warning). Refused with
-    /// [`Error::OutOfMemory`] when not even [`MIN_CONTEXT`] tokens fit.
+    /// [`Error::OutOfMemory`] when not even [`MIN_CONTEXT`] tokens fit. An engine of
+    /// [`crate::engine::Task::Embed`] is refused for a model that declares a pooling other
+    /// than the last token's.
     pub fn start_engine(&self, opts: &EngineOptions) -> Result<Engine> {
+        if opts.task == crate::engine::Task::Embed {
+            if let Some(p) = self.pooling.as_deref().filter(|p| *p != "lasttoken") {
+                return Err(Error::UnsupportedModel(format!(
+                    "the model declares `{p}` pooling; wick pools the last token only"
+                )));
+            }
+        }
         let opts = self.fenced(opts, &Fences::detect())?;
         self.model.start_engine(self.text.clone(), &opts)
     }
@@ -622,6 +641,79 @@ impl Runtime {
         Ok(self.engine.as_ref().expect("just started"))
     }
 
+    /// Whether the checkpoint is an embedding model: it declares a pooling
+    /// (sentence-transformers' `modules.json`), or it has no output head. `wick serve
+    /// --task auto` serves embeddings for these.
+    pub fn is_embedding_model(&self) -> bool {
+        self.pooling.is_some() || !self.model.can_generate()
+    }
+
+    /// Embeddings of `inputs`: each text tokenized as the model's tokenizer does by default
+    /// (Qwen3-Embedding's appends `<|endoftext|>`), the hidden state of its last token after
+    /// the final norm, L2-normalized. All inputs go to the engine at once and are batched in
+    /// its steps. Instructions (Qwen3-Embedding's `Instruct: …\nQuery:`) are the caller's to
+    /// prepend.
+    pub fn embed(&mut self, inputs: &[&str]) -> Result<Vec<Vec<f32>>> {
+        self.embed_dims(inputs, None)
+    }
+
+    /// [`Runtime::embed`] truncated to the first `dimensions` values and normalized again
+    /// (Matryoshka); `dimensions` must be in `1..=hidden_size`.
+    pub fn embed_dims(
+        &mut self,
+        inputs: &[&str],
+        dimensions: Option<usize>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let hidden = self.config.hidden_size;
+        if let Some(d) = dimensions {
+            if d == 0 || d > hidden {
+                return Err(Error::InvalidParam {
+                    param: "dimensions",
+                    message: format!("dimensions must be between 1 and {hidden}, got {d}"),
+                });
+            }
+        }
+        let engine = self.embedder()?;
+        let ids = inputs
+            .iter()
+            .map(|text| engine.tokenize_input(text))
+            .collect::<Result<Vec<_>>>()?;
+        engine
+            .embed_batch(ids)?
+            .into_iter()
+            .map(|h| {
+                let e = h.blocking_wait()?.embedding;
+                Ok(match dimensions {
+                    Some(d) => crate::engine::embed::truncate(&e, d),
+                    None => e,
+                })
+            })
+            .collect()
+    }
+
+    /// The engine [`Runtime::embed`] runs on: any model can embed (a causal LM pools its
+    /// last token's hidden state too), started on first use with a KV cache of one sequence
+    /// of [`Runtime::max_model_len`] tokens, which many short inputs share.
+    fn embedder(&mut self) -> Result<&Engine> {
+        if self.embedder.is_none() {
+            let max_model_len = self.max_model_len();
+            let block_size = EngineOptions::default().block_size;
+            let one_sequence =
+                max_model_len.div_ceil(block_size) * self.model.kv_block_bytes(block_size);
+            let opts = EngineOptions {
+                max_num_batched_tokens: self.session_opts.prefill_chunk.max(1),
+                max_model_len,
+                block_size,
+                kv_cache_mb: Some(one_sequence.div_ceil(1 << 20)),
+                cache_replies: false,
+                task: crate::engine::Task::Embed,
+                ..EngineOptions::default()
+            };
+            self.embedder = Some(self.start_engine(&opts)?);
+        }
+        Ok(self.embedder.as_ref().expect("just started"))
+    }
+
     /// Weight bytes a decode step reads.
     pub fn weight_bytes_per_token(&self) -> u64 {
         self.weight_bytes_per_token
@@ -640,6 +732,7 @@ impl Runtime {
     /// on next use).
     pub fn reset(&mut self) {
         self.engine = None;
+        self.embedder = None;
         if let Some(r) = self.runner.as_mut() {
             r.reset();
         }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::backend::{Backend, Batch, RowSampling};
 use crate::engine::kv_manager::{KvManager, DEFAULT_BLOCK_SIZE};
 use crate::error::{Error, Result};
-use crate::model::{Model, RunState};
+use crate::model::{Model, RunState, NO_HEAD};
 
 /// Sizes of a [`Session`].
 #[derive(Clone, Copy, Debug)]
@@ -69,6 +69,9 @@ pub struct Session<B: Backend> {
 impl<B: Backend> Session<B> {
     /// A session with room for `opts.max_model_len` tokens.
     pub fn new(model: Arc<Model<B>>, opts: SessionOptions) -> Result<Self> {
+        if !model.can_generate() {
+            return Err(Error::UnsupportedModel(NO_HEAD.into()));
+        }
         let max_len = opts
             .max_model_len
             .min(model.config.max_position_embeddings)

@@ -13,6 +13,19 @@ use crate::{EngineArgs, ModelArgs};
 use wick::config::GenerationConfig;
 use wick::runtime::Runtime;
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TaskArg {
+    /// Embeddings for an embedding model (a sentence-transformers `modules.json` with a
+    /// Pooling module, as Qwen3-Embedding has, or weights without an output head), text
+    /// generation otherwise.
+    Auto,
+    /// Text generation: /v1/chat/completions and /v1/completions.
+    Generate,
+    /// Embeddings: /v1/embeddings, the last token's final hidden state, L2-normalized (any
+    /// Qwen3 checkpoint can be pooled this way, a chat model too).
+    Embed,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum OverloadArg {
     /// Answer 429 with Retry-After once --max-queue requests wait.
@@ -28,6 +41,10 @@ pub struct ServeArgs {
     model: ModelArgs,
     #[command(flatten)]
     engine: EngineArgs,
+    /// What the model serves: text generation or embeddings (/v1/embeddings). The
+    /// endpoints of the other task answer 400.
+    #[arg(long, value_enum, default_value = "auto", env = "WICK_TASK")]
+    task: TaskArg,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1", env = "WICK_HOST")]
     host: String,
@@ -363,6 +380,7 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
         // Load while already answering /health (503 until the engine runs).
         let st = state.clone();
         let model = a.model;
+        let task = a.task;
         let loading = tokio::task::spawn_blocking(move || -> Result<Runtime> {
             let mut rt = model.load()?;
             let g = generation.resolve(rt.generation_config());
@@ -371,6 +389,15 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
             defaults.validate().context(
                 "the sampling defaults (--generation-config / --override-generation-config)",
             )?;
+            let embed = match task {
+                TaskArg::Auto => rt.is_embedding_model(),
+                TaskArg::Generate => false,
+                TaskArg::Embed => true,
+            };
+            if embed {
+                engine_opts.task = wick::engine::Task::Embed;
+                engine_opts.cache_replies = false;
+            }
             let engine = rt.start_engine(&engine_opts)?;
             let name = st
                 .opts
@@ -390,8 +417,9 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
                 rt.weight_bytes() >> 20
             );
             eprintln!(
-                "wick: serving {name} ({} KV blocks of {} tokens, {} KV cache of {:.0} MiB, \
+                "wick: serving {name} for {} ({} KV blocks of {} tokens, {} KV cache of {:.0} MiB, \
                  max_model_len {})",
+                if embed { "embeddings" } else { "text generation" },
                 info.num_blocks,
                 info.block_size,
                 info.kv_dtype,

@@ -19,6 +19,8 @@
 //! - [`worker`]: the loop on the engine thread: builds the [`crate::backend::Batch`], runs
 //!   [`crate::model::Model::forward`], samples, and turns tokens into [`EngineEvent`]s.
 //! - [`metrics`]: counters, gauges and latency histograms the server exports.
+//! - [`embed`]: embedding requests, for an engine started with [`Task::Embed`]: prefill
+//!   only, the last token's final hidden state L2-normalized ([`Engine::embed`]).
 //!
 //! A request is submitted with [`Engine::submit`] and answered through a [`RequestStream`],
 //! which works both from async code ([`RequestStream::next`]) and from plain threads
@@ -32,6 +34,7 @@
 //! prefills only the new user message.
 
 pub mod bench;
+pub mod embed;
 pub mod kv_manager;
 pub mod metrics;
 pub mod scheduler;
@@ -54,6 +57,7 @@ use crate::sampler::{SamplingParams, TokenLogprobs};
 use crate::text::chat_template::{ChatTemplate, RenderOptions};
 use crate::text::tokenizer::Tokenizer;
 
+pub use embed::{Embedding, EmbeddingHandle, Task};
 pub use metrics::{Histogram, Metrics, MetricsSnapshot};
 
 /// The KV cache budget in MiB when none is given.
@@ -82,6 +86,8 @@ pub struct EngineOptions {
     pub enable_prefix_caching: bool,
     /// After a chat reply, also cache the conversation as the template renders it next turn.
     pub cache_replies: bool,
+    /// Generate text, or compute embeddings (`--task`).
+    pub task: Task,
 }
 
 impl Default for EngineOptions {
@@ -96,6 +102,7 @@ impl Default for EngineOptions {
             max_waiting: None,
             enable_prefix_caching: true,
             cache_replies: true,
+            task: Task::Generate,
         }
     }
 }
@@ -219,6 +226,10 @@ pub struct EngineInfo {
     /// Token ids the model can take: the embedding's rows, or fewer if the tokenizer has
     /// fewer entries (fine-tunes often add tokens to one and not the other).
     pub vocab_size: usize,
+    /// What the engine's requests ask of the model.
+    pub task: Task,
+    /// C: the width of the model's hidden states (and of its embeddings).
+    pub hidden_size: usize,
 }
 
 /// A prompt after rendering and tokenization, ready for the engine thread.
@@ -242,6 +253,7 @@ pub(crate) struct Admitted {
 /// Messages to the engine thread.
 pub(crate) enum Command {
     Add(Box<Admitted>),
+    Embed(Box<embed::EmbedAdmitted>),
     /// Stop accepting; finish what runs, then exit.
     Shutdown,
 }
@@ -324,6 +336,9 @@ impl Engine {
                 "max_num_seqs, max_num_batched_tokens and block_size must be at least 1".into(),
             ));
         }
+        if opts.task == Task::Generate && !model.can_generate() {
+            return Err(Error::UnsupportedModel(crate::model::NO_HEAD.into()));
+        }
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = std::sync::mpsc::channel();
         // Masks cover the logits, which are as wide as the embedding.
@@ -375,6 +390,7 @@ impl Engine {
     /// [`Error::PromptTooLong`], [`Error::Template`], [`Error::Overloaded`] when the queue is
     /// full, [`Error::ShuttingDown`] after [`Engine::shutdown`].
     pub fn submit(&self, req: Request) -> Result<RequestStream> {
+        self.check_task(Task::Generate)?;
         self.admit(1)?;
         req.params.validate()?;
         let prepared = self.prepare(req.prompt)?;
@@ -420,6 +436,7 @@ impl Engine {
         prepared: &Prepared,
         params: SamplingParams,
     ) -> Result<RequestStream> {
+        self.check_task(Task::Generate)?;
         self.admit(1)?;
         params.validate()?;
         self.check_ids(&params.stop_token_ids, "stop_token_ids: token id")?;
@@ -453,6 +470,58 @@ impl Engine {
             events: rx,
             cancelled,
         })
+    }
+
+    /// Queues an embedding request for `prompt_ids` (an engine started with [`Task::Embed`];
+    /// see [`embed`]). The ids are used as given: text inputs are tokenized by
+    /// [`Engine::tokenize_input`]. Errors: [`Error::InvalidRequest`] (an engine that
+    /// generates, an empty prompt, ids outside the vocabulary), [`Error::PromptTooLong`],
+    /// [`Error::Overloaded`], [`Error::ShuttingDown`].
+    pub fn embed(&self, prompt_ids: Vec<u32>) -> Result<EmbeddingHandle> {
+        Ok(self.embed_batch(vec![prompt_ids])?.remove(0))
+    }
+
+    /// Queues one embedding request per input, all or none: every input is checked before
+    /// any is queued, and the batch is admitted as one request (the waiting-queue bound
+    /// refuses later requests while its inputs wait, but never a batch for its size).
+    /// Errors as [`Engine::embed`]'s.
+    pub fn embed_batch(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<EmbeddingHandle>> {
+        self.check_task(Task::Embed)?;
+        self.admit(1)?;
+        for ids in &inputs {
+            self.check_prompt(ids)?;
+        }
+        let mut handles = Vec::with_capacity(inputs.len());
+        for prompt_ids in inputs {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (req, handle) = embed::EmbedAdmitted::new(id, prompt_ids);
+            self.metrics.on_submit();
+            self.commands
+                .send(Command::Embed(Box::new(req)))
+                .map_err(|_| Error::ShuttingDown)?;
+            handles.push(handle);
+        }
+        Ok(handles)
+    }
+
+    /// Tokenizes one text input of an embedding request as the model's tokenizer does by
+    /// default, special tokens included (Qwen3-Embedding's post-processor appends
+    /// `<|endoftext|>`, whose hidden state is the embedding).
+    pub fn tokenize_input(&self, text: &str) -> Result<Vec<u32>> {
+        self.text.tokenizer.encode(text, true)
+    }
+
+    fn check_task(&self, task: Task) -> Result<()> {
+        match (self.info.task, task) {
+            (a, b) if a == b => Ok(()),
+            (Task::Embed, _) => Err(Error::InvalidRequest(
+                "this engine computes embeddings (task embed); it does not generate".into(),
+            )),
+            (Task::Generate, _) => Err(Error::InvalidRequest(
+                "this engine generates text; embeddings need an engine started with task embed"
+                    .into(),
+            )),
+        }
     }
 
     /// Checks that every id is one the model and the tokenizer both know (`what` names the

@@ -13,6 +13,10 @@
 //! [`Model::forward`], and the host samples those rows with the same race
 //! ([`sample_row`]), so a seeded request draws the same tokens in any batch.
 //!
+//! An engine started with [`Task::Embed`] runs [`Model::forward_hidden`] instead, and each
+//! sequence whose last prompt chunk ran is answered with its last token's hidden state and
+//! freed ([`super::embed`]).
+//!
 //! Chat replies that end normally leave behind a prefix-cache fill: the conversation as the
 //! chat template will render it on the next turn (the answer without its reasoning), which
 //! is computed when no request is waiting and released into the prefix cache.
@@ -27,6 +31,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde_json::json;
 
+use super::embed::{Embeds, Task};
 use super::kv_manager::KvManager;
 use super::metrics::Metrics;
 use super::scheduler::{Scheduler, SchedulerConfig, Sequence, StepPlan};
@@ -101,6 +106,8 @@ pub(crate) fn spawn<B: Backend>(
         kv_dtype: model.kv_dtype(),
         kv_bytes: num_blocks * block_bytes,
         vocab_size: model.config.vocab_size.min(text.tokenizer.vocab_size()),
+        task: opts.task,
+        hidden_size: model.config.hidden_size,
     };
     Metrics::set(&metrics.kv_blocks_total, num_blocks);
     let sched = Scheduler::new(
@@ -119,6 +126,8 @@ pub(crate) fn spawn<B: Backend>(
         text,
         metrics,
         reqs: HashMap::new(),
+        embeds: Embeds::default(),
+        task: opts.task,
         fills: VecDeque::new(),
         next_fill: FILL_ID_BASE,
         batch: Batch::default(),
@@ -160,6 +169,9 @@ struct Worker<B: Backend> {
     text: TextModel,
     metrics: Arc<Metrics>,
     reqs: HashMap<u64, ReqState>,
+    /// Embedding requests (an engine of [`Task::Embed`] has only these).
+    embeds: Embeds,
+    task: Task,
     fills: VecDeque<Vec<u32>>,
     next_fill: u64,
     batch: Batch,
@@ -181,7 +193,7 @@ const MAX_STEP_PANICS: u32 = 3;
 impl<B: Backend> Worker<B> {
     fn run(mut self, commands: Receiver<Command>) {
         loop {
-            if self.reqs.is_empty() {
+            if self.reqs.is_empty() && self.embeds.is_empty() {
                 if self.shutting_down {
                     break;
                 }
@@ -223,6 +235,9 @@ impl<B: Backend> Worker<B> {
                 .send(EngineEvent::Error("the engine stopped".into()));
             self.metrics.on_finish(None);
         }
+        for _ in 0..self.embeds.fail_all("the engine stopped") {
+            self.metrics.on_finish(None);
+        }
         self.update_gauges();
     }
 
@@ -231,6 +246,13 @@ impl<B: Backend> Worker<B> {
             Command::Shutdown => {
                 self.shutting_down = true;
                 self.fills.clear();
+            }
+            Command::Embed(req) => {
+                self.metrics.in_channel.fetch_sub(1, Ordering::Relaxed);
+                Metrics::add(&self.metrics.prompt_tokens, req.prompt_ids.len());
+                self.sched
+                    .add(Sequence::new(req.id, req.prompt_ids.clone(), false));
+                self.embeds.add(*req);
             }
             Command::Add(mut req) => {
                 self.metrics.in_channel.fetch_sub(1, Ordering::Relaxed);
@@ -280,6 +302,11 @@ impl<B: Backend> Worker<B> {
         for id in gone {
             self.finish(id, FinishReason::Cancelled);
         }
+        for id in self.embeds.cancelled() {
+            self.embeds.remove(id);
+            self.sched.finish(id);
+            self.metrics.on_finish(Some(FinishReason::Cancelled));
+        }
     }
 
     /// Moves one prefix-cache fill into the scheduler when nothing else waits.
@@ -297,7 +324,9 @@ impl<B: Backend> Worker<B> {
     fn update_gauges(&self) {
         let m = &self.metrics;
         // Fills first: a reader that sees nothing running then sees the fills too.
-        let fills_running = self.sched.num_waiting() + self.sched.num_running() - self.reqs.len();
+        let fills_running = self.sched.num_waiting() + self.sched.num_running()
+            - self.reqs.len()
+            - self.embeds.len();
         Metrics::set(&m.pending_fills, self.fills.len() + fills_running);
         Metrics::set(&m.waiting, self.sched.num_waiting_requests());
         Metrics::set(&m.running, self.sched.num_running());
@@ -336,6 +365,15 @@ impl<B: Backend> Worker<B> {
                 for id in running {
                     self.fail(id, "internal error while computing this request");
                 }
+                for id in self.embeds.scheduled() {
+                    if self
+                        .embeds
+                        .fail(id, "internal error while computing this request")
+                    {
+                        self.metrics.on_finish(None);
+                    }
+                    self.sched.finish(id);
+                }
                 Metrics::add(&self.metrics.step_failures, 1);
                 self.panics_in_a_row < MAX_STEP_PANICS
             }
@@ -356,12 +394,19 @@ impl<B: Backend> Worker<B> {
                         r.req.prompt_ids.len(),
                     );
                 }
+            } else if let Some((submitted, len)) = self.embeds.schedule(id) {
+                self.metrics.queue_time.observe(submitted.elapsed());
+                Metrics::add(&self.metrics.prefix_cache_hit_tokens, hit);
+                Metrics::add(&self.metrics.prefix_cache_query_tokens, len);
             }
         }
         if plan.seqs.is_empty() {
             return;
         }
         let sampled = self.build_batch(&plan);
+        if self.task == Task::Embed {
+            return self.embed_step(&plan, &sampled);
+        }
         // Each sampled row's draw, taken now so that its seed comes from the request's
         // random stream in token order; `None` rows need their logits on the host.
         let rows: Vec<Option<RowSampling>> = sampled
@@ -458,6 +503,29 @@ impl<B: Backend> Worker<B> {
                     self.sched.finish(s.id);
                 }
             }
+        }
+    }
+
+    /// The step of an embedding engine: the model stops at the hidden states, and each
+    /// sequence whose prompt is now computed is answered and freed.
+    fn embed_step(&mut self, plan: &StepPlan, done: &[u64]) {
+        // The logits buffer holds the hidden states `[R, C]` here.
+        self.model.forward_hidden(
+            &mut self.state,
+            &mut self.cache,
+            &self.batch,
+            &mut self.logits,
+        );
+        Metrics::add(&self.metrics.computed_tokens, self.batch.num_tokens());
+        Metrics::add(&self.metrics.steps, 1);
+        self.sched.commit(plan);
+        let c = self.model.config.hidden_size;
+        for (row, &id) in done.iter().enumerate() {
+            let seq = self.sched.finish(id);
+            let cached = seq.and_then(|s| s.cached_prompt_tokens).unwrap_or(0);
+            self.embeds
+                .deliver(id, &self.logits[row * c..(row + 1) * c], cached);
+            self.metrics.on_finish(Some(FinishReason::Stop));
         }
     }
 

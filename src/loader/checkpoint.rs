@@ -27,6 +27,10 @@ pub struct Checkpoint {
     pub chat_template: Option<Arc<ChatTemplate>>,
     /// The weights, by Hugging Face name.
     pub tensors: TensorSet,
+    /// The pooling a sentence-transformers embedding model declares (`modules.json` with a
+    /// Pooling module): `lasttoken` for Qwen3-Embedding, else `mean_tokens`, `cls_token`, …
+    /// (the `pooling_mode_*` set in its config). `None` for other models.
+    pub pooling: Option<String>,
 }
 
 impl Checkpoint {
@@ -89,6 +93,7 @@ impl Checkpoint {
             tokenizer,
             chat_template,
             tensors,
+            pooling: declared_pooling(dir),
         })
     }
 
@@ -139,6 +144,7 @@ impl Checkpoint {
             tokenizer,
             chat_template,
             tensors,
+            pooling: None,
         })
     }
 
@@ -148,10 +154,69 @@ impl Checkpoint {
     }
 }
 
+/// The pooling of a sentence-transformers model in `dir`: the Pooling module of
+/// `modules.json`, and the `pooling_mode_*` its config sets (`unknown` when it cannot be
+/// read). Nothing for a directory without `modules.json` or without a Pooling module.
+fn declared_pooling(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("modules.json")).ok()?;
+    let modules: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let pooling = modules.as_array()?.iter().find(|m| {
+        m.get("type")
+            .and_then(|t| t.as_str())
+            .is_some_and(|t| t.ends_with("models.Pooling"))
+    })?;
+    let sub = pooling.get("path").and_then(|p| p.as_str()).unwrap_or("");
+    // The path comes from a file: stay inside the directory.
+    let mode = (!sub.contains("..") && !sub.starts_with('/'))
+        .then(|| std::fs::read_to_string(dir.join(sub).join("config.json")).ok())
+        .flatten()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|c| {
+            c.as_object()?.iter().find_map(|(k, v)| {
+                let mode = k.strip_prefix("pooling_mode_")?;
+                (v.as_bool() == Some(true)).then(|| mode.to_string())
+            })
+        });
+    Some(mode.unwrap_or_else(|| "unknown".into()))
+}
+
 /// The last component of a path, for naming a model loaded from disk.
 fn dir_name(p: &Path) -> String {
     p.canonicalize()
         .ok()
         .and_then(|c| c.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| p.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_pooling_a_sentence_transformers_model_declares() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(declared_pooling(d), None);
+        let modules = r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]"#;
+        std::fs::write(d.join("modules.json"), modules).unwrap();
+        assert_eq!(declared_pooling(d).as_deref(), Some("unknown"));
+        std::fs::create_dir(d.join("1_Pooling")).unwrap();
+        let config = |mode: &str| {
+            format!(
+                r#"{{"word_embedding_dimension": 64, "pooling_mode_cls_token": false, "pooling_mode_{mode}": true}}"#
+            )
+        };
+        std::fs::write(d.join("1_Pooling/config.json"), config("lasttoken")).unwrap();
+        assert_eq!(declared_pooling(d).as_deref(), Some("lasttoken"));
+        std::fs::write(d.join("1_Pooling/config.json"), config("mean_tokens")).unwrap();
+        assert_eq!(declared_pooling(d).as_deref(), Some("mean_tokens"));
+        // A path leaving the directory is not followed.
+        std::fs::write(
+            d.join("modules.json"),
+            modules.replace("1_Pooling", "../1_Pooling"),
+        )
+        .unwrap();
+        assert_eq!(declared_pooling(d).as_deref(), Some("unknown"));
+    }
 }

@@ -77,6 +77,26 @@ pub fn hf_to_gguf(name: &str) -> Option<String> {
     Some(format!("blk.{layer}.{g}.{suffix}"))
 }
 
+/// The Hugging Face name of a tensor of a checkpoint saved from the bare model
+/// (`Qwen3Model`, as Qwen3-Embedding is published: `layers.0.mlp.up_proj.weight`,
+/// `embed_tokens.weight`, `norm.weight`): the same name under `model.`. Other names are
+/// returned as they are.
+///
+/// ```
+/// use wick::loader::names::with_model_prefix;
+/// assert_eq!(with_model_prefix("layers.2.self_attn.q_proj.weight"), "model.layers.2.self_attn.q_proj.weight");
+/// assert_eq!(with_model_prefix("model.norm.weight"), "model.norm.weight");
+/// assert_eq!(with_model_prefix("lm_head.weight"), "lm_head.weight");
+/// ```
+pub fn with_model_prefix(name: &str) -> String {
+    let bare = ["embed_tokens.", "layers.", "norm."];
+    if bare.iter().any(|p| name.starts_with(p)) {
+        format!("model.{name}")
+    } else {
+        name.to_string()
+    }
+}
+
 /// The block index of a per-layer tensor name in either convention (`blk.3.…`,
 /// `model.layers.3.…`), or `None` for tensors outside the blocks.
 pub fn layer_index(name: &str) -> Option<usize> {

@@ -105,7 +105,8 @@ pub fn load_file_into(path: &Path, set: &mut TensorSet) -> Result<()> {
             return Err(malformed(format!("tensor `{name}`: data outside the file")));
         }
         set.insert(HostTensor {
-            name,
+            // Bare-model exports (Qwen3-Embedding) name tensors without `model.`.
+            name: super::names::with_model_prefix(&name),
             dtype,
             shape: info.shape.clone(),
             data: Bytes::new(owner.clone(), range),

@@ -5,7 +5,8 @@
 //! a [`Batch`] (any mix of prompt chunks and decode tokens from any number of sequences)
 //! against a paged KV cache, and leaves the logits of the batch's `logits_rows`;
 //! [`Model::forward_sample`] runs the same step and samples those rows where the logits are
-//! (on the GPU: one read-back of R token ids).
+//! (on the GPU: one read-back of R token ids); [`Model::forward_hidden`] stops before the
+//! head and leaves those rows' final hidden states (what embedding models pool).
 //!
 //! ```text
 //! x = embed(tokens)                                  [T, C]
@@ -19,7 +20,8 @@
 //!     xn   = rms_norm(x, post_attention_layernorm)   [T, C]
 //!     gu   = xn · [gate_proj; up_proj]ᵀ              [T, 2F]
 //!     x   += (silu(gate) · up) · down_projᵀ          [T, C]
-//! logits = rms_norm(x[logits_rows], norm) · lm_headᵀ [R, V]
+//! hidden = rms_norm(x[logits_rows], norm)           [R, C]  (forward_hidden stops here)
+//! logits = hidden · lm_headᵀ                         [R, V]
 //! ```
 
 use crate::backend::{AttentionDims, Backend, Batch, KvDtype, KvLayout, RowSampling};
@@ -41,6 +43,21 @@ struct Layer<B: Backend> {
     down_proj: B::Weight,
 }
 
+/// Why a model without an output head cannot give logits.
+pub const NO_HEAD: &str = "the checkpoint has no lm_head (an embedding model's weights): it \
+                           computes embeddings only (`--task embed`)";
+
+/// Where the logits come from.
+enum LmHead<B: Backend> {
+    /// Tied to `embed_tokens`.
+    Tied,
+    /// A weight of its own: `[V, C]`.
+    Own(B::Weight),
+    /// None: an embedding checkpoint saved without its head (Qwen3-Embedding's bare
+    /// `Qwen3Model` weights); the model gives hidden states only.
+    Absent,
+}
+
 /// A model ready to run on backend `B`.
 pub struct Model<B: Backend> {
     /// Hyper-parameters.
@@ -49,8 +66,7 @@ pub struct Model<B: Backend> {
     embed_tokens: B::Weight,
     layers: Vec<Layer<B>>,
     norm: B::Weight,
-    /// `None` when tied to `embed_tokens`.
-    lm_head: Option<B::Weight>,
+    lm_head: LmHead<B>,
     dims: AttentionDims,
     kv_dtype: KvDtype,
 }
@@ -113,16 +129,14 @@ impl<B: Backend> Model<B> {
         let embed = tensors.get_shaped("model.embed_tokens.weight", &[config.vocab_size, c])?;
         let embed_tokens = backend.weight(&[embed])?;
         let lm_head = match tensors.try_get("lm_head.weight") {
-            Some(_) if !config.tie_word_embeddings => {
+            _ if config.tie_word_embeddings => LmHead::Tied,
+            Some(_) => {
                 let t = tensors.get_shaped("lm_head.weight", &[config.vocab_size, c])?;
-                Some(backend.weight(&[t])?)
+                LmHead::Own(backend.weight(&[t])?)
             }
-            None if !config.tie_word_embeddings => {
-                return Err(crate::Error::MissingTensor {
-                    name: "lm_head.weight".into(),
-                })
-            }
-            _ => None,
+            // Only embedding checkpoints come without a head; generating from one is refused
+            // where a generation starts (`Model::can_generate`).
+            None => LmHead::Absent,
         };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -188,6 +202,12 @@ impl<B: Backend> Model<B> {
     /// How the KV caches store keys and values.
     pub fn kv_dtype(&self) -> KvDtype {
         self.kv_dtype
+    }
+
+    /// Whether the model has an output head: an embedding checkpoint saved without one gives
+    /// hidden states ([`Model::forward_hidden`]) but no logits.
+    pub fn can_generate(&self) -> bool {
+        !matches!(self.lm_head, LmHead::Absent)
     }
 
     /// The backend the model runs on.
@@ -283,9 +303,68 @@ impl<B: Backend> Model<B> {
         self.backend.sample(&state.logits, r, params, ids);
     }
 
+    /// Runs one step like [`Model::forward`] but stops before the head: `hidden` (`[R, C]`,
+    /// resized as needed) gets the final hidden state of each of `batch.logits_rows`, after
+    /// the last RMSNorm. Embedding models pool these.
+    pub fn forward_hidden(
+        &self,
+        state: &mut RunState<B>,
+        cache: &mut B::KvCache,
+        batch: &Batch,
+        hidden: &mut Vec<f32>,
+    ) {
+        let r = self.forward_layers(state, cache, batch);
+        if r == 0 {
+            hidden.clear();
+            return;
+        }
+        let b = &self.backend;
+        b.gather_rows(&state.x, batch, &mut state.last);
+        b.rms_norm(
+            &state.last,
+            &self.norm,
+            self.config.rms_norm_eps,
+            r,
+            &mut state.last_n,
+        );
+        hidden.resize(r * self.config.hidden_size, 0.0);
+        b.read(&state.last_n, r, hidden);
+    }
+
     /// The step up to the logits: leaves `[R, V]` in `state.logits` and returns R. Nothing
     /// is read back; with R = 0 the work stays recorded until the next step begins.
     fn forward_logits(
+        &self,
+        state: &mut RunState<B>,
+        cache: &mut B::KvCache,
+        batch: &Batch,
+    ) -> usize {
+        let r = self.forward_layers(state, cache, batch);
+        if r == 0 {
+            return 0;
+        }
+        let b = &self.backend;
+        b.gather_rows(&state.x, batch, &mut state.last);
+        let head = match &self.lm_head {
+            LmHead::Tied => &self.embed_tokens,
+            LmHead::Own(w) => w,
+            LmHead::Absent => panic!("the model has no lm_head: it gives hidden states only"),
+        };
+        b.rms_norm_matmul(
+            &state.last,
+            &self.norm,
+            self.config.rms_norm_eps,
+            head,
+            r,
+            &mut state.last_n,
+            &mut state.logits,
+        );
+        r
+    }
+
+    /// Embedding and every layer: leaves the residual stream `[T, C]` in `state.x` and
+    /// returns R, the number of rows wanted.
+    fn forward_layers(
         &self,
         state: &mut RunState<B>,
         cache: &mut B::KvCache,
@@ -336,20 +415,6 @@ impl<B: Backend> Model<B> {
         }
         let r = batch.logits_rows.len();
         assert!(r <= state.max_logits_rows, "{r} logits rows requested");
-        if r == 0 {
-            return 0;
-        }
-        b.gather_rows(&state.x, batch, &mut state.last);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        b.rms_norm_matmul(
-            &state.last,
-            &self.norm,
-            eps,
-            head,
-            r,
-            &mut state.last_n,
-            &mut state.logits,
-        );
         r
     }
 }

@@ -7,9 +7,10 @@
 //! ```
 //!
 //! - Endpoints: `/v1/chat/completions`, `/v1/completions` (both streaming and not),
-//!   `/v1/models`, `/health`, `/metrics` (Prometheus text), `/tokenize`, `/detokenize`;
-//!   unless `--no-ui`, the chat page `/`, the dashboard `/dashboard` and its data
-//!   `/dashboard/data`.
+//!   `/v1/embeddings` (with `--task embed`), `/v1/models`, `/health`, `/metrics` (Prometheus
+//!   text), `/tokenize`, `/detokenize`; unless `--no-ui`, the chat page `/`, the dashboard
+//!   `/dashboard` and its data `/dashboard/data`. An engine either generates or embeds: the
+//!   endpoints of the other task answer 400.
 //! - The server listens before the model is loaded: `/health` says 503 until the engine runs,
 //!   and again once draining starts.
 //! - Load: the engine's waiting queue is bounded (`--max-queue`); past it a request gets 429
@@ -31,7 +32,7 @@
 //!   limits.
 //!
 //! The files: [`request`] checks bodies and maps them to engine requests, [`response`] runs
-//! them and writes JSON or SSE, [`crate::text::tool_calls`] pulls Qwen3's `<tool_call>` blocks out of the
+//! them and writes JSON or SSE, [`embeddings`] is `/v1/embeddings`, [`crate::text::tool_calls`] pulls Qwen3's `<tool_call>` blocks out of the
 //! answer, [`error`] is the one error type, [`metrics`] renders `/metrics`, and
 //! [`bench`](mod@bench) is the `wick bench-serve` load generator. [`ui`] serves the chat page
 //! and the dashboard, whose samples [`history`] keeps.
@@ -39,6 +40,7 @@
 #[cfg(feature = "bench-serve")]
 pub mod bench;
 pub mod conn;
+pub mod embeddings;
 pub mod error;
 pub mod history;
 pub mod metrics;
@@ -344,6 +346,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let router = router
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings_route))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
@@ -437,7 +440,11 @@ async fn admit(st: &AppState, req: HttpRequest) -> Result<HttpRequest, ApiError>
     let takes_body = req.method() == axum::http::Method::POST
         && matches!(
             path,
-            "/v1/chat/completions" | "/v1/completions" | "/tokenize" | "/detokenize"
+            "/v1/chat/completions"
+                | "/v1/completions"
+                | "/v1/embeddings"
+                | "/tokenize"
+                | "/detokenize"
         );
     if !takes_body {
         return Ok(req);
@@ -606,6 +613,7 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let body = json_body(body, st.opts.max_body_bytes)?;
     let l = st.ready()?;
+    generates(l)?;
     let mut parsed = request::chat(&body, &l.defaults)?;
     st.check_model(parsed.model.as_deref())?;
     st.apply_render_policy(&mut parsed.prompts);
@@ -619,10 +627,30 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let body = json_body(body, st.opts.max_body_bytes)?;
     let l = st.ready()?;
+    generates(l)?;
     let mut parsed = request::completion(&body, &l.defaults)?;
     st.check_model(parsed.model.as_deref())?;
     st.fill_seed(&mut parsed.params);
     response::run(st.clone(), parsed, response::Kind::Completion).await
+}
+
+/// 400 for text generation on an engine that computes embeddings.
+fn generates(l: &Loaded) -> Result<(), ApiError> {
+    match l.engine.info().task {
+        crate::engine::Task::Generate => Ok(()),
+        crate::engine::Task::Embed => Err(ApiError::bad_request(
+            "this server runs an embedding model (`--task embed`): use /v1/embeddings",
+        )),
+    }
+}
+
+async fn embeddings_route(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = json_body(body, st.opts.max_body_bytes)?;
+    let req = embeddings::parse(&body)?;
+    embeddings::run(st.clone(), req).await
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains: `/health` and new requests

@@ -322,3 +322,76 @@ macro_rules! test_backends {
         }
     };
 }
+
+/// The tiny Qwen3 embedding checkpoint (`tests/fixtures/qwen3-embed-tiny`, made by
+/// `make_qwen3_embed_tiny.py`) assembled in a temporary directory with its tokenizer:
+/// qwen3-tiny's `tokenizer.json` with Qwen3-Embedding's post-processor, which appends
+/// `<|endoftext|>` (the same edit the script makes; the oracle's `input_ids` check it).
+pub fn qwen3_embed_tiny() -> tempfile::TempDir {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3-embed-tiny");
+    assert!(src.exists(), "fixture {} is missing", src.display());
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let to = dir.path().join(path.file_name().unwrap());
+        if path.is_dir() {
+            std::fs::create_dir(&to).unwrap();
+            for f in std::fs::read_dir(&path).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+            }
+        } else {
+            std::os::unix::fs::symlink(&path, &to).unwrap();
+        }
+    }
+    let text = std::fs::read_to_string(fixture("qwen3-tiny").join("tokenizer.json")).unwrap();
+    let mut tok: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let eot = tok["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["content"] == "<|endoftext|>")
+        .unwrap()["id"]
+        .clone();
+    tok["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+        ],
+        "pair": [
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+            {"SpecialToken": {"id": "<|endoftext|>", "type_id": 1}},
+        ],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [eot], "tokens": ["<|endoftext|>"]}},
+    });
+    std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).unwrap();
+    dir
+}
+
+/// The oracle of [`qwen3_embed_tiny`].
+pub fn embed_oracle() -> serde_json::Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qwen3-embed-tiny/oracle.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Cosine similarity of two vectors.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "vectors of different lengths");
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    (dot / (na * nb)) as f32
+}
+
+/// A list of floats from JSON.
+pub fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
