@@ -46,7 +46,7 @@ struct RowSampling {
     top_p: f32,     // >= 1 = off
     min_p: f32,     // <= 0 = off
     seed: u32,      // 32 random bits drawn on the host: seed the race noise
-    _pad0: u32,
+    mask: u32,      // index of the row's token mask in `masks`; NONE = every token allowed
     _pad1: u32,
     _pad2: u32,
 }
@@ -54,6 +54,7 @@ struct RowSampling {
 @group(0) @binding(0) var<storage, read> logits: array<f32>;            // [R, V]
 @group(0) @binding(1) var<storage, read> sampling: array<RowSampling>;  // [R]
 @group(0) @binding(2) var<storage, read_write> ids: array<u32>;         // [R]
+@group(0) @binding(3) var<storage, read> masks: array<u32>;             // [M, ceil(V / 32)]
 @group(1) @binding(0) var<uniform> p: Params;
 
 // [BINS, WG] per-thread measures of each digit, reduced into sums[d · WG]; [WG] for wg_sum.
@@ -67,6 +68,8 @@ var<workgroup> bcast_f: f32;
 // This thread's index and the row's state; the row state is the same in every thread.
 var<private> lid: u32;
 var<private> base: u32;
+// First word of the row's token mask in `masks`, NONE when the row has none.
+var<private> mask_base: u32;
 var<private> max_l: f32;
 var<private> inv_t: f32;
 var<private> floor_l: f32;
@@ -107,6 +110,14 @@ fn weight(l: f32) -> f32 {
 // Whether (key, i) is ranked at or above the cut (ckey, cid).
 fn within(key: u32, i: u32, ckey: u32, cid: u32) -> bool {
     return key > ckey || (key == ckey && i <= cid);
+}
+
+// Logit i of the row; -inf for a token the row's mask bans.
+fn logit(i: u32) -> f32 {
+    if mask_base != NONE && ((masks[mask_base + (i >> 5u)] >> (i & 31u)) & 1u) == 0u {
+        return bitcast<f32>(0xff800000u);
+    }
+    return logits[base + i];
 }
 
 // Whether token i with logit l survives min-p and the cuts made so far.
@@ -263,7 +274,7 @@ fn find_cut(goal: f32, by_weight: bool) -> vec3<u32> {
         let shift = 28u - 4u * step;
         var acc: array<f32, BINS>;
         for (var i = lid; i < v; i += WG) {
-            let l = logits[base + i];
+            let l = logit(i);
             if survives(i, l) {
                 let k = order_key(l);
                 if step == 0u || (k >> (shift + 4u)) == (key >> (shift + 4u)) {
@@ -287,7 +298,7 @@ fn find_cut(goal: f32, by_weight: bool) -> vec3<u32> {
         let shift = 4u * (passes - 1u - step);
         var acc: array<f32, BINS>;
         for (var i = lid; i < v; i += WG) {
-            let l = logits[base + i];
+            let l = logit(i);
             if survives(i, l) && order_key(l) == key {
                 if step == 0u || (i >> (shift + 4u)) == (id >> (shift + 4u)) {
                     acc[(i >> shift) & 15u] += measure(l, by_weight);
@@ -319,12 +330,13 @@ fn main(
     let v = p.vocab;
     base = row * v;
     let s = sampling[row];
+    mask_base = select(s.mask * ((v + 31u) / 32u), NONE, s.mask == NONE);
 
     // 1. Argmax: each thread's best (its lowest id among ties), then a tree.
     var bv = 0.0;
     var bi = NONE;
     for (var i = li; i < v; i += WG) {
-        let l = logits[base + i];
+        let l = logit(i);
         if !is_nan(l) && (bi == NONE || l > bv) {
             bv = l;
             bi = i;
@@ -360,7 +372,7 @@ fn main(
     if s.top_p < 1.0 {
         var m = 0.0;
         for (var i = li; i < v; i += WG) {
-            let l = logits[base + i];
+            let l = logit(i);
             if survives(i, l) {
                 m += weight(l);
             }
@@ -376,7 +388,7 @@ fn main(
     bv = 0.0;
     bi = NONE;
     for (var i = li; i < v; i += WG) {
-        let l = logits[base + i];
+        let l = logit(i);
         if survives(i, l) {
             let x = (l - max_l) * inv_t;
             if x >= -87.0 {

@@ -7,8 +7,9 @@
 //!   compiler. It is built on the first constrained request (a fraction of a second for
 //!   Qwen3's 151,936 tokens), never for a server that gets none.
 //! - [`Constraint`] is one request's parser state. Each step the engine asks it for the
-//!   tokens allowed next ([`Constraint::mask`]), bans the rest before sampling, and feeds it
-//!   the token drawn ([`Constraint::accept`]).
+//!   tokens allowed next ([`Constraint::next`]), bans the rest before sampling (a token mask
+//!   the backend's sampler applies, [`NextToken::mask_words`]), and feeds it the token drawn
+//!   ([`Constraint::accept`]).
 //!
 //! The parser is llguidance (an Earley parser over a lazy lexer, walking the token trie to
 //! compute a mask in tens of microseconds); the token trie is built here from wick's own
@@ -485,6 +486,29 @@ impl JsonScan {
     /// Whether the text ends inside a number.
     fn in_number(&self) -> bool {
         !self.in_string && matches!(self.last, b'0'..=b'9' | b'.' | b'-' | b'+' | b'e' | b'E')
+    }
+}
+
+impl NextToken {
+    /// The decision as a token mask of `words` u32 words (bit `i % 32` of word `i / 32` set
+    /// when token `i` is allowed), for a backend that samples where the logits are; `None`
+    /// when every token is allowed.
+    pub fn mask_words(&self, words: usize) -> Option<Vec<u32>> {
+        match self {
+            NextToken::Free => None,
+            NextToken::Allowed(mask) => {
+                let mut m: Vec<u32> = mask.as_slice().iter().copied().take(words).collect();
+                m.resize(words, 0);
+                Some(m)
+            }
+            NextToken::Forced(t) => {
+                let mut m = vec![0u32; words];
+                if let Some(w) = m.get_mut(*t as usize / 32) {
+                    *w |= 1 << (t % 32);
+                }
+                Some(m)
+            }
+        }
     }
 }
 

@@ -208,6 +208,7 @@ impl<B: Backend> Session<B> {
                         &mut self.cache,
                         b,
                         std::slice::from_ref(p),
+                        &[],
                         &mut self.sampled,
                     );
                     sampled = self.sampled.first().copied();

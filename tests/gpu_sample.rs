@@ -85,7 +85,7 @@ fn sample_on<B: Backend>(b: &B, rows: &[f32], vocab: usize, params: &[RowSamplin
     let r = params.len();
     let t = logits_tensor(b, rows, r, vocab);
     let mut ids = vec![u32::MAX; r];
-    b.sample(&t, r, params, &mut ids);
+    b.sample(&t, r, params, &[], &mut ids);
     ids
 }
 
@@ -242,6 +242,86 @@ fn seeded_draws_match_the_host_algorithm() {
     assert!(distinct > compared / 2, "{distinct} distinct of {compared}");
 }
 
+/// Token masks (a grammar's allowed tokens) on some rows: every backend draws only allowed
+/// tokens, the same ones as the host draws from logits with the banned ones at -inf.
+#[test]
+fn masked_rows_draw_only_allowed_tokens() {
+    let Some(g) = gpu() else { return };
+    let c = CpuBackend::new(2).unwrap();
+    for vocab in [33usize, 4097, 151936] {
+        let words = wick::backend::sample::mask_words(vocab);
+        let rows_n = 6;
+        let rows: Vec<f32> = uniforms(vocab * rows_n, vocab as u64)
+            .iter()
+            .map(|u| (u * 2.0 - 1.0) * 6.0)
+            .collect();
+        // Mask 0 allows a scattered few tokens, mask 1 exactly one; rows 1 and 4 unmasked.
+        let allow0: Vec<usize> = (0..vocab).filter(|i| i % 7 == 3).collect();
+        let allow1 = [vocab - 1];
+        let mut masks = vec![0u32; 2 * words];
+        for &i in &allow0 {
+            masks[i / 32] |= 1 << (i % 32);
+        }
+        for &i in &allow1 {
+            masks[words + i / 32] |= 1 << (i % 32);
+        }
+        let seeds = uniforms(rows_n, 77 + vocab as u64);
+        let params: Vec<RowSampling> = seeds
+            .iter()
+            .enumerate()
+            .map(|(i, &u)| {
+                let mut p = if i % 3 == 2 {
+                    RowSampling::greedy()
+                } else {
+                    RowSampling::new(0.9, 20, 0.95, 0.0, (u * 4294967296.0) as u32)
+                };
+                p.mask = match i {
+                    0 | 2 | 3 => 0,
+                    5 => 1,
+                    _ => wick::backend::sample::NO_MASK,
+                };
+                p
+            })
+            .collect();
+        // The host reference: banned logits at -inf, then the one algorithm.
+        let mut banned = rows.clone();
+        for (i, p) in params.iter().enumerate() {
+            if p.mask != wick::backend::sample::NO_MASK {
+                let m = &masks[p.mask as usize * words..(p.mask as usize + 1) * words];
+                wick::backend::sample::apply_mask(&mut banned[i * vocab..(i + 1) * vocab], m);
+            }
+        }
+        let want = host_ids(&banned, vocab, &params);
+        for (i, id) in want.iter().enumerate() {
+            match params[i].mask {
+                0 => assert!(allow0.contains(&(*id as usize)), "row {i}: {id}"),
+                1 => assert_eq!(*id as usize, vocab - 1),
+                _ => {}
+            }
+        }
+        for (name, ids) in [
+            ("gpu", masked_sample_on(&g, &rows, vocab, &params, &masks)),
+            ("cpu", masked_sample_on(&c, &rows, vocab, &params, &masks)),
+        ] {
+            assert_eq!(ids, want, "{name}, V = {vocab}");
+        }
+    }
+}
+
+fn masked_sample_on<B: Backend>(
+    b: &B,
+    rows: &[f32],
+    vocab: usize,
+    params: &[RowSampling],
+    masks: &[u32],
+) -> Vec<u32> {
+    let r = params.len();
+    let t = logits_tensor(b, rows, r, vocab);
+    let mut ids = vec![u32::MAX; r];
+    b.sample(&t, r, params, masks, &mut ids);
+    ids
+}
+
 /// Greedy decoding of the `qwen3-tiny` fixture: `forward_sample` gives the argmax of
 /// `forward`'s logits, with one read-back of 4 bytes per step.
 #[test]
@@ -298,6 +378,7 @@ fn forward_sample_decodes_like_forward_with_one_small_readback() {
                     &mut cache,
                     &batch,
                     &[RowSampling::greedy()],
+                    &[],
                     &mut ids,
                 );
                 ids[0]

@@ -454,15 +454,24 @@ pub trait Backend: Send + Sync + 'static {
     /// Chooses one token per row of `logits[rows, V]`, row `i` as `params[i]` says, into
     /// `out[rows]`, by [`sample::sample_row`], the one sampling algorithm (penalties and logprobs
     /// are the `Sampler`'s steps on the host). Like [`Backend::read`], this is the step's read-back; on a GPU
-    /// it brings back `rows` ids instead of `rows × V` logits.
+    /// it brings back `rows` ids instead of `rows × V` logits. `masks` holds the step's token
+    /// masks ([`sample::mask_words`] words each); a row whose [`RowSampling::mask`] names one
+    /// draws only among the tokens it allows.
     ///
     /// The default reads the logits to the host (allocating `[rows, V]`) and samples there.
-    fn sample(&self, logits: &Self::Tensor, rows: usize, params: &[RowSampling], out: &mut [u32]) {
+    fn sample(
+        &self,
+        logits: &Self::Tensor,
+        rows: usize,
+        params: &[RowSampling],
+        masks: &[u32],
+        out: &mut [u32],
+    ) {
         assert_eq!(params.len(), rows, "one RowSampling per row");
         assert_eq!(out.len(), rows, "one id per row");
         let vocab = self.tensor_cols(logits);
         let mut host = vec![0.0; rows * vocab];
         self.read(logits, rows, &mut host);
-        sample::sample_rows(&host, vocab, params, out, &mut Vec::new());
+        sample::sample_rows(&host, vocab, params, masks, out, &mut Vec::new());
     }
 }

@@ -47,8 +47,20 @@ pub struct RowSampling {
     /// 32 random bits drawn on the host from the request's seeded generator, one draw per
     /// step: they seed the race noise that picks the token. Unused when greedy.
     pub seed: u32,
+    /// Which of the step's token masks holds for this row ([`NO_MASK`]: none). A mask is
+    /// [`mask_words`] u32 words, bit `i % 32` of word `i / 32` set when token `i` may be
+    /// drawn (a grammar's allowed tokens, [`crate::grammar`]).
+    pub mask: u32,
     /// Padding to 32 bytes.
-    pub _pad: [u32; 3],
+    pub _pad: [u32; 2],
+}
+
+/// [`RowSampling::mask`] of a row every token of which may be drawn.
+pub const NO_MASK: u32 = u32::MAX;
+
+/// Words of one token mask over a vocabulary of `vocab` tokens.
+pub fn mask_words(vocab: usize) -> usize {
+    vocab.div_ceil(32)
 }
 
 impl RowSampling {
@@ -60,7 +72,8 @@ impl RowSampling {
             top_p: 1.0,
             min_p: 0.0,
             seed: 0,
-            _pad: [0; 3],
+            mask: NO_MASK,
+            _pad: [0; 2],
         }
     }
 
@@ -72,7 +85,8 @@ impl RowSampling {
             top_p,
             min_p,
             seed,
-            _pad: [0; 3],
+            mask: NO_MASK,
+            _pad: [0; 2],
         }
     }
 
@@ -224,11 +238,34 @@ pub fn sample_rows(
     logits: &[f32],
     vocab: usize,
     params: &[RowSampling],
+    masks: &[u32],
     out: &mut [u32],
     scratch: &mut Vec<(u32, f32)>,
 ) {
+    let words = mask_words(vocab);
     for ((row, p), o) in logits.chunks_exact(vocab).zip(params).zip(out.iter_mut()) {
-        *o = sample_row(row, p, scratch);
+        *o = match masks.get(p.mask as usize * words..(p.mask as usize + 1) * words) {
+            Some(mask) if p.mask != NO_MASK => {
+                let mut masked = row.to_vec();
+                apply_mask(&mut masked, mask);
+                sample_row(&masked, p, scratch)
+            }
+            _ => sample_row(row, p, scratch),
+        };
+    }
+}
+
+/// Sets every logit whose bit in `mask` is clear to -inf (the token cannot be drawn).
+pub fn apply_mask(logits: &mut [f32], mask: &[u32]) {
+    for (chunk, &word) in logits.chunks_mut(32).zip(mask) {
+        if word == u32::MAX {
+            continue;
+        }
+        for (j, l) in chunk.iter_mut().enumerate() {
+            if word >> j & 1 == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
     }
 }
 

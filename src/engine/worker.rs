@@ -13,6 +13,11 @@
 //! [`Model::forward`], and the host samples those rows with the same race
 //! ([`sample_row`]), so a seeded request draws the same tokens in any batch.
 //!
+//! A request with a grammar ([`crate::grammar`]) gets its allowed tokens computed before the
+//! step (the constrained rows in parallel); they travel with its draw as a token mask (on
+//! the GPU one bit per token is uploaded, for those rows only), or are applied to its
+//! logits on the host when the step samples there.
+//!
 //! An engine started with [`Task::Embed`] runs [`Model::forward_hidden`] instead, and each
 //! sequence whose last prompt chunk ran is answered with its last token's hidden state and
 //! freed ([`super::embed`]).
@@ -38,11 +43,11 @@ use super::scheduler::{Scheduler, SchedulerConfig, Sequence, StepPlan};
 use super::{
     Admitted, Command, Completion, EngineEvent, EngineInfo, EngineOptions, TextModel, Usage,
 };
-use crate::backend::sample::sample_row;
+use crate::backend::sample::{mask_words, sample_row};
 use crate::backend::{Backend, Batch, RowSampling};
 use crate::error::{Error, Result};
 use crate::generate::FinishReason;
-use crate::grammar::Constraint;
+use crate::grammar::{Constraint, NextToken};
 use crate::model::{Model, RunState};
 use crate::sampler::{Sampler, TokenLogprobs};
 use crate::text::chat_template::RenderOptions;
@@ -407,36 +412,13 @@ impl<B: Backend> Worker<B> {
         if self.task == Task::Embed {
             return self.embed_step(&plan, &sampled);
         }
-        // Each sampled row's draw, taken now so that its seed comes from the request's
-        // random stream in token order; `None` rows need their logits on the host.
-        let rows: Vec<Option<RowSampling>> = sampled
-            .iter()
-            .map(|id| match self.reqs.get_mut(id) {
-                // A grammar's mask is applied on the host.
-                Some(r) if r.constraint.is_some() => None,
-                Some(r) => r.sampler.device_sampling(),
-                None => Some(RowSampling::greedy()),
-            })
-            .collect();
-        let mut chosen: Vec<(u32, Option<TokenLogprobs>)> = Vec::with_capacity(rows.len());
+        // Grammar masks first, over the constrained rows in parallel: they depend only on
+        // the tokens so far.
+        let vocab = self.model.config.vocab_size;
+        let mut next: HashMap<usize, NextToken> = HashMap::new();
         // Requests whose grammar failed: they get an error instead of a token.
         let mut broken: Vec<(u64, String)> = Vec::new();
-        if rows.iter().all(Option::is_some) {
-            // The backend samples every row: on the GPU the step reads back R ids.
-            let params: Vec<RowSampling> = rows.into_iter().flatten().collect();
-            let mut ids = std::mem::take(&mut self.ids);
-            self.model.forward_sample(
-                &mut self.state,
-                &mut self.cache,
-                &self.batch,
-                &params,
-                &mut ids,
-            );
-            chosen.extend(ids.iter().map(|&t| (t, None)));
-            self.ids = ids;
-        } else {
-            // Grammar masks are computed while the model runs: they depend only on the
-            // tokens so far.
+        {
             let mut constrained: Vec<(usize, u64, &mut Constraint, usize)> = Vec::new();
             let mut by_id: HashMap<u64, &mut ReqState> =
                 self.reqs.iter_mut().map(|(&id, r)| (id, r)).collect();
@@ -447,33 +429,67 @@ impl<B: Backend> Worker<B> {
                     }
                 }
             }
-            let (model, state, cache, batch, logits) = (
-                &self.model,
+            let decided: Vec<_> = constrained
+                .par_iter_mut()
+                .map(|(row, id, c, left)| (*row, *id, c.next(Some(*left))))
+                .collect();
+            for (row, id, n) in decided {
+                match n {
+                    Ok(n) => {
+                        next.insert(row, n);
+                    }
+                    Err(e) => broken.push((id, e.to_string())),
+                }
+            }
+        }
+        // Each sampled row's draw, taken now so that its seed comes from the request's
+        // random stream in token order; `None` rows need their logits on the host. A
+        // grammar's mask goes with the draw.
+        let words = mask_words(vocab);
+        let mut masks: Vec<u32> = Vec::new();
+        let rows: Vec<Option<RowSampling>> = sampled
+            .iter()
+            .enumerate()
+            .map(|(row, id)| match self.reqs.get_mut(id) {
+                Some(r) => {
+                    let mut draw = r.sampler.device_sampling()?;
+                    if let Some(mask) = next.get(&row).and_then(|n| n.mask_words(words)) {
+                        draw.mask = (masks.len() / words) as u32;
+                        masks.extend_from_slice(&mask);
+                    }
+                    Some(draw)
+                }
+                None => Some(RowSampling::greedy()),
+            })
+            .collect();
+        let mut chosen: Vec<(u32, Option<TokenLogprobs>)> = Vec::with_capacity(rows.len());
+        if rows.iter().all(Option::is_some) {
+            // The backend samples every row: on the GPU the step reads back R ids (and
+            // uploads the masks of the constrained rows).
+            let params: Vec<RowSampling> = rows.into_iter().flatten().collect();
+            let mut ids = std::mem::take(&mut self.ids);
+            self.model.forward_sample(
+                &mut self.state,
+                &mut self.cache,
+                &self.batch,
+                &params,
+                &masks,
+                &mut ids,
+            );
+            chosen.extend(ids.iter().map(|&t| (t, None)));
+            self.ids = ids;
+        } else {
+            self.model.forward(
                 &mut self.state,
                 &mut self.cache,
                 &self.batch,
                 &mut self.logits,
             );
-            let ((), masks) = rayon::join(
-                || model.forward(state, cache, batch, logits),
-                || {
-                    constrained
-                        .par_iter_mut()
-                        .map(|(row, id, c, left)| (*row, *id, c.next(Some(*left))))
-                        .collect::<Vec<_>>()
-                },
-            );
-            drop(constrained);
-            let vocab = self.model.config.vocab_size;
-            for (row, id, next) in masks {
-                let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
-                match next {
-                    Ok(next) => Constraint::apply(&next, logits),
-                    Err(e) => broken.push((id, e.to_string())),
-                }
-            }
             for (row, (id, params)) in sampled.iter().zip(&rows).enumerate() {
                 let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
+                if let Some(n) = next.get(&row) {
+                    Constraint::apply(n, logits);
+                }
                 chosen.push(match (params, self.reqs.get_mut(id)) {
                     (Some(p), _) => (sample_row(logits, p, &mut self.scratch), None),
                     (None, Some(r)) => r.sampler.sample_with_logprobs(logits),

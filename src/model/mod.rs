@@ -279,7 +279,8 @@ impl<B: Backend> Model<B> {
     /// the token chosen from each row of logits, row `i` as `params[i]` says. On the GPU the
     /// step's one read-back is then R token ids instead of `[R, V]` logits.
     ///
-    /// `params` holds one entry per `batch.logits_rows`. Penalties and logprobs need the
+    /// `params` holds one entry per `batch.logits_rows`; `masks` the token masks rows name
+    /// ([`RowSampling::mask`](crate::backend::RowSampling::mask)). Penalties and logprobs need the
     /// logits on the host: use [`Model::forward`] and the [`crate::sampler::Sampler`] for those.
     pub fn forward_sample(
         &self,
@@ -287,6 +288,7 @@ impl<B: Backend> Model<B> {
         cache: &mut B::KvCache,
         batch: &Batch,
         params: &[RowSampling],
+        masks: &[u32],
         ids: &mut Vec<u32>,
     ) {
         assert_eq!(
@@ -300,7 +302,7 @@ impl<B: Backend> Model<B> {
             return;
         }
         ids.resize(r, 0);
-        self.backend.sample(&state.logits, r, params, ids);
+        self.backend.sample(&state.logits, r, params, masks, ids);
     }
 
     /// Runs one step like [`Model::forward`] but stops before the head: `hidden` (`[R, C]`,

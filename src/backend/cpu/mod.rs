@@ -413,7 +413,14 @@ impl Backend for CpuBackend {
         t.cols
     }
 
-    fn sample(&self, logits: &CpuTensor, rows: usize, params: &[RowSampling], out: &mut [u32]) {
+    fn sample(
+        &self,
+        logits: &CpuTensor,
+        rows: usize,
+        params: &[RowSampling],
+        masks: &[u32],
+        out: &mut [u32],
+    ) {
         assert_eq!(params.len(), rows, "one RowSampling per row");
         assert_eq!(out.len(), rows, "one id per row");
         // The logits are already on the host: sample them in place.
@@ -421,7 +428,14 @@ impl Backend for CpuBackend {
             .sample_scratch
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        super::sample::sample_rows(logits.rows(rows), logits.cols, params, out, &mut scratch);
+        super::sample::sample_rows(
+            logits.rows(rows),
+            logits.cols,
+            params,
+            masks,
+            out,
+            &mut scratch,
+        );
     }
 }
 

@@ -305,6 +305,8 @@ struct Inner {
     sampling: Option<GpuBuffer>,
     /// `[R]` u32 token ids the sample op writes.
     sample_ids: Option<GpuBuffer>,
+    /// The step's token masks of [`Backend::sample`] (grown to the largest seen).
+    sample_masks: Option<GpuBuffer>,
     /// `[T·H·splits, D + 2]` partial results of split decode attention.
     attn_part: Option<GpuBuffer>,
     rope: Option<RopeTable>,
@@ -379,6 +381,7 @@ impl WgpuBackend {
                 staging: None,
                 sampling: None,
                 sample_ids: None,
+                sample_masks: None,
                 attn_part: None,
                 rope: None,
                 stats: GpuStats::default(),
@@ -1615,7 +1618,14 @@ impl Backend for WgpuBackend {
         t.cols
     }
 
-    fn sample(&self, logits: &WgpuTensor, rows: usize, params: &[RowSampling], out: &mut [u32]) {
+    fn sample(
+        &self,
+        logits: &WgpuTensor,
+        rows: usize,
+        params: &[RowSampling],
+        masks: &[u32],
+        out: &mut [u32],
+    ) {
         assert!(rows <= logits.rows, "sample rows");
         assert_eq!(params.len(), rows, "one RowSampling per row");
         assert_eq!(out.len(), rows, "one id per row");
@@ -1650,12 +1660,29 @@ impl Backend for WgpuBackend {
             // The old buffer's bind groups go with it.
             inner.sample_ids = Some(new);
         }
+        // Masks only for the rows that have one; a word stands in when no row has.
+        let mask_bytes = (size_of_val(masks) as u64).max(4);
+        if inner
+            .sample_masks
+            .as_ref()
+            .is_none_or(|b| b.buf.size() < mask_bytes)
+        {
+            let new = self.buffer(mask_bytes.next_power_of_two(), usage, "wick token masks");
+            // The old buffer's bind groups go with it.
+            inner.sample_masks = Some(new);
+        }
         let sampling = inner.sampling.clone().expect("made above");
         let ids = inner.sample_ids.clone().expect("made above");
+        let mask_buf = inner.sample_masks.clone().expect("made above");
         // Lands before the submit below, so before the dispatch runs.
         self.ctx
             .queue
             .write_buffer(&sampling.buf, 0, bytemuck::cast_slice(params));
+        if !masks.is_empty() {
+            self.ctx
+                .queue
+                .write_buffer(&mask_buf.buf, 0, bytemuck::cast_slice(masks));
+        }
         let sp = SampleParams {
             num_rows: rows as u32,
             vocab: logits.cols as u32,
@@ -1665,7 +1692,7 @@ impl Backend for WgpuBackend {
         self.dispatch(
             inner,
             PipelineKey::plain(Kernel::Sample),
-            &[&logits.buf, &sampling, &ids],
+            &[&logits.buf, &sampling, &ids, &mask_buf],
             &sp,
             (gx, gy, 1),
         );

@@ -228,7 +228,7 @@ impl Kernel {
             ],
             Kernel::SiluMul => &[Read, ReadWrite],
             Kernel::GatherRows => &[Read, Read, ReadWrite],
-            Kernel::Sample => &[Read, Read, ReadWrite],
+            Kernel::Sample => &[Read, Read, ReadWrite, Read],
         }
     }
 
