@@ -424,12 +424,11 @@ async fn unimplemented_fields_are_refused_and_logit_bias_is_applied() {
     let post = |path: &'static str, body: Value| s.post_json(path, body);
     let msgs = json!([{"role": "user", "content": "Hi"}]);
     for (field, value) in [
-        ("response_format", json!({"type": "json_object"})),
-        (
-            "response_format",
-            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-        ),
-        ("guided_json", json!({"type": "object"})),
+        ("response_format", json!({"type": "xml"})),
+        ("structured_outputs", json!({"structural_tag": {}})),
+        ("guided_json", json!({"type": "no-such-type"})),
+        ("use_beam_search", json!(true)),
+        ("prompt_logprobs", json!(2)),
         ("best_of", json!(3)),
         ("min_tokens", json!(5)),
         ("functions", json!([{"name": "f"}])),
