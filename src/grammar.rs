@@ -133,19 +133,27 @@ fn lark_string(s: &str) -> String {
     Value::String(s.to_string()).to_string()
 }
 
-/// A grammar for a forced tool call in Qwen3's format: `<tool_call>\n{"name": ...,
-/// "arguments": {...}}\n</tool_call>`, the arguments held to each function's `parameters`
-/// schema. `tools` are OpenAI tool definitions. `prefix` is what the prompt already wrote of
-/// the call (`<tool_call>\n`, or also `{"name": "f", "arguments": ` for a named function):
-/// the grammar covers the rest. With `free_text`, the reply may instead be plain text, and a
-/// call may follow it (`tool_choice: auto` with `strict` tools).
-pub fn tool_call_grammar(
-    tools: &[Value],
-    prefix: &str,
-    free_text: bool,
-    open: &str,
-    close: &str,
-) -> Grammar {
+/// Where a tool call's grammar starts (see [`tool_call_grammar`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallStart<'a> {
+    /// After `<tool_call>\n`, which the prompt wrote (`tool_choice: required`).
+    Opened,
+    /// After `<tool_call>\n{"name": "NAME", "arguments": `, which the prompt wrote (a named
+    /// function).
+    Named(&'a str),
+    /// At the reply's start: text, then at most one call (`strict` tools under `auto`).
+    Free,
+}
+
+/// Qwen3's (Hermes') tool-call tags: added tokens, so a grammar names them unquoted.
+const CALL_OPEN: &str = "<tool_call>";
+const CALL_CLOSE: &str = "</tool_call>";
+
+/// A grammar for a tool call in Qwen3's format, `<tool_call>\n{"name": ..., "arguments":
+/// {...}}\n</tool_call>`, with the arguments held to the called function's `parameters`
+/// schema. `tools` are OpenAI tool definitions; `start` says how much of the call the prompt
+/// already wrote.
+pub fn tool_call_grammar(tools: &[Value], start: CallStart) -> Grammar {
     let params = |t: &Value| {
         t.pointer("/function/parameters")
             .cloned()
@@ -164,35 +172,24 @@ pub fn tool_call_grammar(
         })
     };
     let layout = |schema: Value| with_layout(&schema, None).to_string();
-    // What follows the prefix, up to the end of the call.
-    let body = if let Some(rest) = prefix.strip_prefix(&format!("{open}\n")) {
-        if rest.is_empty() {
-            let any = json!({"anyOf": tools.iter().map(call_schema).collect::<Vec<_>>()});
-            format!("%json {} \"\\n\" {close}", layout(any))
-        } else {
-            // A named call: the prompt ends inside the object, after `"arguments": `.
-            let name = rest
-                .split('"')
-                .nth(3)
-                .map(str::to_string)
-                .unwrap_or_default();
-            let tool = tools
+    let any_call = || layout(json!({"anyOf": tools.iter().map(call_schema).collect::<Vec<_>>()}));
+    let grammar = match start {
+        CallStart::Opened => format!("start: %json {} \"\\n\" {CALL_CLOSE}", any_call()),
+        CallStart::Named(name) => {
+            let args = tools
                 .iter()
-                .find(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(&name));
-            let args = tool
+                .find(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(name))
                 .map(params)
                 .unwrap_or_else(|| json!({"type": "object"}));
-            format!("%json {} \"}}\\n\" {close}", layout(args))
+            // The object the prompt opened closes after the arguments.
+            format!("start: %json {} \"}}\\n\" {CALL_CLOSE}", layout(args))
         }
-    } else {
-        let any = json!({"anyOf": tools.iter().map(call_schema).collect::<Vec<_>>()});
-        format!("{open} \"\\n\" %json {} \"\\n\" {close}", layout(any))
-    };
-    let grammar = if free_text {
-        // Text that is not a call, then optionally one call.
-        format!("start: TEXT | TEXT call\ncall: {body}\nTEXT: /(.|\\n)*/")
-    } else {
-        format!("start: {body}")
+        CallStart::Free => format!(
+            "start: TEXT | TEXT call\n\
+             call: {CALL_OPEN} \"\\n\" %json {} \"\\n\" {CALL_CLOSE}\n\
+             TEXT: /(.|\\n)*/",
+            any_call()
+        ),
     };
     Grammar::Lark { grammar }
 }

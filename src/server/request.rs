@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use crate::engine::Prompt;
-use crate::grammar::{tool_call_grammar, Grammar};
+use crate::grammar::{tool_call_grammar, CallStart, Grammar};
 use crate::sampler::SamplingParams;
 use crate::text::chat_template::RenderOptions;
 
@@ -722,13 +722,15 @@ pub fn chat(body: &Value, defaults: &SamplingParams) -> Result<Parsed, ApiError>
         render.enable_thinking = Some(false);
         render.assistant_prefix = Some(prefix.clone());
         // The rest of the call is held to the functions' parameter schemas.
-        params.grammar = Some(tool_call_grammar(
-            &usable_tools,
-            prefix,
-            false,
-            "<tool_call>",
-            "</tool_call>",
-        ));
+        let named = f
+            .get("tool_choice")
+            .and_then(|c| c.pointer("/function/name"))
+            .and_then(Value::as_str);
+        let start = match named {
+            Some(name) => CallStart::Named(name),
+            None => CallStart::Opened,
+        };
+        params.grammar = Some(tool_call_grammar(&usable_tools, start));
         grammar_field = "tools";
     } else if let Some((g, field)) = structured {
         params.grammar = Some(g);
@@ -738,13 +740,7 @@ pub fn chat(body: &Value, defaults: &SamplingParams) -> Result<Parsed, ApiError>
         .any(|t| t.pointer("/function/strict") == Some(&Value::Bool(true)))
     {
         // `strict` tools under `auto`: free text, or a call whose arguments match.
-        params.grammar = Some(tool_call_grammar(
-            &usable_tools,
-            "",
-            true,
-            "<tool_call>",
-            "</tool_call>",
-        ));
+        params.grammar = Some(tool_call_grammar(&usable_tools, CallStart::Free));
         grammar_field = "tools";
     }
     let mut parsed = Parsed {
