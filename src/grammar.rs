@@ -380,22 +380,22 @@ impl Grammars {
             (ReplyStart::InReasoning, Some(_)) => Phase::Thinking,
             (ReplyStart::MayReason, Some(_)) => Phase::MayThink,
         };
-        let unit = self.single_byte_tokens();
         Ok(Constraint {
             matcher,
             phase,
             think,
             eos: self.eos.clone(),
             closing: false,
-            closers: unit,
+            closers: self.single_byte_tokens(),
             scan: JsonScan::default(),
             env: self.factory()?.tok_env().clone(),
             last_estimate: None,
         })
     }
 
-    /// The ids of the one-byte tokens `"`, `}`, `]`, `0`, `[`, `{` when they exist: what the
-    /// shortest way to finish a JSON value is made of, in order of preference.
+    /// The ids of the one-byte tokens the shortest finish is made of, by byte: JSON's closers
+    /// and smallest values (`"`, `}`, `]`, `,`, `0`, `1`, `[`, `{`) and what string formats
+    /// need (`.`, `@`, `a`, `-`, `:`, `T`, `Z`), when the vocabulary has them.
     fn single_byte_tokens(&self) -> Vec<(u8, u32)> {
         let Ok(f) = self.factory() else {
             return Vec::new();
