@@ -280,3 +280,52 @@ fn what_cannot_be_honoured_is_refused_before_loading() {
         );
     }
 }
+
+/// vLLM's periodic statistics line: printed while requests run, every
+/// `--log-stats-interval` seconds, and not at all with `--disable-log-stats`.
+#[tokio::test]
+async fn a_statistics_line_is_printed_while_requests_run() {
+    let line = "Avg generation throughput";
+    for (args, printed) in [
+        (vec!["--log-stats-interval", "0.3"], true),
+        (
+            vec!["--log-stats-interval", "0.3", "--disable-log-stats"],
+            false,
+        ),
+    ] {
+        let s = Server::start(&args).await;
+        let r = chat(&s, json!({"max_tokens": 40, "ignore_eos": true})).await;
+        assert_eq!(r["usage"]["completion_tokens"], 40, "{r}");
+        tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+        let log = s.log.lock().unwrap().clone();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(line)).collect();
+        if printed {
+            assert!(!lines.is_empty(), "{log}");
+            let l = lines[0];
+            assert!(
+                l.contains("Running:") && l.contains("KV cache usage:"),
+                "{l}"
+            );
+            assert!(l.contains("Prefix cache hit rate:"), "{l}");
+            // Idle intervals print nothing: the lines stop once the request is done.
+            let before = lines.len();
+            tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+            let after = s.log.lock().unwrap().matches(line).count();
+            assert!(after <= before + 1, "{before} → {after}");
+        } else {
+            assert!(lines.is_empty(), "{log}");
+        }
+    }
+    // A bad interval is refused before loading.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+        .args([
+            "serve",
+            &server_common::tiny_model(),
+            "--log-stats-interval",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--log-stats-interval"));
+}

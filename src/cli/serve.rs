@@ -149,8 +149,63 @@ pub struct ServeArgs {
     /// Time-to-first-token P95 target in seconds, drawn on the dashboard's TTFT chart.
     #[arg(long, env = "WICK_SLO_TTFT", value_name = "SECONDS")]
     slo_ttft: Option<f64>,
+    /// Seconds between the statistics lines printed while requests run (prompt and
+    /// generation throughput, running and waiting requests, KV cache usage, prefix-cache hit
+    /// rate); `--disable-log-stats` turns them off.
+    #[arg(
+        long,
+        env = "VLLM_LOG_STATS_INTERVAL",
+        value_name = "SECONDS",
+        default_value_t = 10.0
+    )]
+    log_stats_interval: f64,
     #[command(flatten)]
     vllm: crate::vllm::VllmArgs,
+}
+
+/// Prints vLLM's periodic statistics line every `every` seconds while there is work:
+/// throughput over the interval, requests running and waiting, KV cache usage and the
+/// prefix-cache hit rate over the interval. Idle intervals print nothing.
+async fn log_stats(state: Arc<wick::server::AppState>, every: f64) {
+    let every = std::time::Duration::from_secs_f64(every.clamp(0.1, 86_400.0));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<(std::time::Instant, wick::engine::metrics::MetricsSnapshot)> = None;
+    loop {
+        tick.tick().await;
+        let Some(l) = state.loaded() else { continue };
+        let now = (std::time::Instant::now(), l.engine.metrics().snapshot());
+        if let Some((t0, s0)) = &last {
+            let s = &now.1;
+            let secs = now.0.duration_since(*t0).as_secs_f64().max(1e-3);
+            let prompt = s.prompt_tokens.saturating_sub(s0.prompt_tokens);
+            let generated = s.generation_tokens.saturating_sub(s0.generation_tokens);
+            if prompt + generated > 0 || s.running + s.waiting > 0 {
+                let kv = 100.0 * s.kv_blocks_used as f64 / s.kv_blocks_total.max(1) as f64;
+                let queried = s
+                    .prefix_cache_query_tokens
+                    .saturating_sub(s0.prefix_cache_query_tokens);
+                let hit = s
+                    .prefix_cache_hit_tokens
+                    .saturating_sub(s0.prefix_cache_hit_tokens);
+                let hit_rate = if queried > 0 {
+                    100.0 * hit as f64 / queried as f64
+                } else {
+                    0.0
+                };
+                eprintln!(
+                    "wick: Avg prompt throughput: {:.1} tokens/s, Avg generation throughput: \
+                     {:.1} tokens/s, Running: {} reqs, Waiting: {} reqs, KV cache usage: \
+                     {kv:.1}%, Prefix cache hit rate: {hit_rate:.1}%",
+                    prompt as f64 / secs,
+                    generated as f64 / secs,
+                    s.running,
+                    s.waiting,
+                );
+            }
+        }
+        last = Some(now);
+    }
 }
 
 /// `--allowed-origins` values: each comma-separated or a JSON list.
@@ -293,7 +348,11 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
         "--reasoning-field: give at least one field name"
     );
     let allowed_origins = origins(&a.allowed_origins)?;
-    for (flag, v) in [("--slo-p95", a.slo_p95), ("--slo-ttft", a.slo_ttft)] {
+    for (flag, v) in [
+        ("--slo-p95", a.slo_p95),
+        ("--slo-ttft", a.slo_ttft),
+        ("--log-stats-interval", Some(a.log_stats_interval)),
+    ] {
         if let Some(v) = v {
             anyhow::ensure!(
                 v.is_finite() && v > 0.0,
@@ -453,6 +512,9 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
                 }
             }
         });
+        if !a.vllm.disable_log_stats {
+            tokio::spawn(log_stats(state.clone(), a.log_stats_interval));
+        }
         // An engine that stopped by itself (its steps kept failing) would leave a server
         // answering 503 for ever: exit non-zero instead, for a supervisor to restart it.
         let watched = state.clone();

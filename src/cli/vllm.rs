@@ -56,9 +56,9 @@ pub struct VllmArgs {
     /// Accepted: wick does not log requests.
     #[arg(long, env = "WICK_DISABLE_LOG_REQUESTS", value_parser = clap::builder::BoolishValueParser::new())]
     disable_log_requests: bool,
-    /// Accepted: wick's statistics are at /metrics.
+    /// Print no periodic statistics line (see --log-stats-interval).
     #[arg(long, env = "WICK_DISABLE_LOG_STATS", value_parser = clap::builder::BoolishValueParser::new())]
-    disable_log_stats: bool,
+    pub disable_log_stats: bool,
     /// Accepted: wick runs no code from model repositories.
     #[arg(long, env = "WICK_TRUST_REMOTE_CODE", value_parser = clap::builder::BoolishValueParser::new())]
     trust_remote_code: bool,
@@ -265,11 +265,6 @@ impl VllmArgs {
                 self.disable_log_requests,
                 "--disable-log-requests",
                 "accepted; wick does not log requests",
-            ),
-            (
-                self.disable_log_stats,
-                "--disable-log-stats",
-                "accepted; statistics are at /metrics",
             ),
             (
                 self.trust_remote_code,
