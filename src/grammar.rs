@@ -388,7 +388,7 @@ impl Grammars {
             closing: false,
             closers: self.single_byte_tokens(),
             scan: JsonScan::default(),
-            env: self.factory()?.tok_env().clone(),
+            env: factory.tok_env().clone(),
             last_estimate: None,
         })
     }
@@ -699,13 +699,8 @@ impl Constraint {
     pub fn apply(next: &NextToken, logits: &mut [f32]) {
         match next {
             NextToken::Free => {}
-            NextToken::Allowed(mask) => {
-                for (i, l) in logits.iter_mut().enumerate() {
-                    if !mask.is_allowed(i as u32) {
-                        *l = f32::NEG_INFINITY;
-                    }
-                }
-            }
+            // The same words the backend's sampler reads.
+            NextToken::Allowed(mask) => crate::backend::sample::apply_mask(logits, mask.as_slice()),
             NextToken::Forced(t) => {
                 for (i, l) in logits.iter_mut().enumerate() {
                     if i as u32 != *t {

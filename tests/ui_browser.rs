@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use server_common::{tiny_model, Server};
+use server_common::Server;
 
 /// A chat template that opens a think block when thinking is on: the random-weight model
 /// never writes `<think>` itself, so with thinking on everything it writes is reasoning.
@@ -256,30 +256,18 @@ async fn chat_and_dashboard_in_headless_chromium() {
     let Some((_driver, b)) = browser().await else {
         return;
     };
-    let model = tiny_model();
-    let s = Server::start_with(
-        &[
-            "--model",
-            &model,
-            "--port",
-            "0",
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-            "--kv-cache-mb",
-            "64",
-            "--api-key",
-            "sekret",
-            "--slo-p95",
-            "1.5",
-            "--slo-ttft",
-            "0.5",
-            "--chat-template",
-            THINK_TEMPLATE,
-        ],
-        &[],
-    )
+    let s = Server::start(&[
+        "--kv-cache-mb",
+        "64",
+        "--api-key",
+        "sekret",
+        "--slo-p95",
+        "1.5",
+        "--slo-ttft",
+        "0.5",
+        "--chat-template",
+        THINK_TEMPLATE,
+    ])
     .await;
     let t = Duration::from_secs(30);
 

@@ -255,9 +255,11 @@ pub fn sample_rows(
     }
 }
 
-/// Sets every logit whose bit in `mask` is clear to -inf (the token cannot be drawn).
+/// Sets every logit whose bit in `mask` is clear (or past its end) to -inf: the token
+/// cannot be drawn.
 pub fn apply_mask(logits: &mut [f32], mask: &[u32]) {
-    for (chunk, &word) in logits.chunks_mut(32).zip(mask) {
+    for (c, chunk) in logits.chunks_mut(32).enumerate() {
+        let word = mask.get(c).copied().unwrap_or(0);
         if word == u32::MAX {
             continue;
         }

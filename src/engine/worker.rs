@@ -418,7 +418,10 @@ impl<B: Backend> Worker<B> {
         let mut next: HashMap<usize, NextToken> = HashMap::new();
         // Requests whose grammar failed: they get an error instead of a token.
         let mut broken: Vec<(u64, String)> = Vec::new();
-        {
+        let any_constrained = sampled
+            .iter()
+            .any(|id| self.reqs.get(id).is_some_and(|r| r.constraint.is_some()));
+        if any_constrained {
             let mut constrained: Vec<(usize, u64, &mut Constraint, usize)> = Vec::new();
             let mut by_id: HashMap<u64, &mut ReqState> =
                 self.reqs.iter_mut().map(|(&id, r)| (id, r)).collect();
