@@ -222,8 +222,9 @@ enum DeviceArg {
 /// environment (`WICK_` and the flag's name), as containers do.
 #[derive(Args)]
 pub struct ModelArgs {
-    /// A local model directory, a .gguf file, or a Hub id such as Qwen/Qwen3-0.6B (or as
-    /// --model).
+    /// A local model directory, a .gguf file (the first part of a split one), a Hub id such as
+    /// Qwen/Qwen3-0.6B, or a GGUF repository and quantization such as
+    /// Qwen/Qwen3-0.6B-GGUF:Q8_0 (or as --model).
     #[arg(
         value_name = "MODEL",
         required_unless_present = "model",

@@ -4,7 +4,8 @@
 //! `/{owner}/{name}/resolve/{revision}/{file}` with `x-repo-commit` and `etag`, range requests
 //! (`bytes=0-0` to learn the size from `Content-Range`), weight files answered with a redirect
 //! to a content store carrying `x-linked-etag` (as the Hub does for LFS files), and 404s with
-//! `x-error-code`. It logs every request so tests can check what went over the wire.
+//! `x-error-code`, and the file list at `/api/models/{owner}/{name}/revision/{revision}`. It
+//! logs every request so tests can check what went over the wire.
 
 #![cfg(feature = "hub")]
 
@@ -25,7 +26,19 @@ const SHARDED: &str = "Qwen/Qwen3-tiny-sharded";
 const GGUF_REPO: &str = "Qwen/Qwen3-tiny-GGUF";
 const GGUF_FILE: &str = "qwen3-tiny-q8_0.gguf";
 const EVIL: &str = "Qwen/escaping-index";
+/// A GGUF repository with one file per quantization: Q8_0 whole, Q4_0 split in three parts
+/// (by llama.cpp's Python writer, see `gguf_split.py`), and a projector that is not a model.
+const QUANTS: &str = "Qwen/Qwen3-tiny-quants-GGUF";
+/// The same with part 2 of the split model absent.
+const BROKEN_SPLIT: &str = "Qwen/Qwen3-tiny-broken-split-GGUF";
+const SPLIT_PARTS: [&str; 3] = [
+    "Qwen3-tiny-Q4_0-00001-of-00003.gguf",
+    "Qwen3-tiny-Q4_0-00002-of-00003.gguf",
+    "Qwen3-tiny-Q4_0-00003-of-00003.gguf",
+];
 const NO_COMMIT_HEADER: &str = "Qwen/no-commit-header";
+/// Only a README: neither a checkpoint nor GGUF files.
+const EVIL_NO_CONFIG: &str = "Qwen/readme-only";
 const CHECKPOINT_FILES: [&str; 5] = [
     "config.json",
     "generation_config.json",
@@ -188,6 +201,24 @@ impl HubServer {
         evil.add("model.safetensors.index.json", index.as_bytes().to_vec());
         repos.insert(EVIL.to_string(), evil);
 
+        let mut quants = HubRepo::default();
+        let mut broken = HubRepo::default();
+        quants.add("Qwen3-tiny-Q8_0.gguf", fixture("qwen3-tiny-q8_0.gguf"));
+        quants.add("mmproj-Qwen3-tiny-F16.gguf", b"not a model".to_vec());
+        quants.add("README.md", b"# tiny\n".to_vec());
+        for (i, part) in SPLIT_PARTS.iter().enumerate() {
+            let bytes = std::fs::read(split_fixture().join(part)).unwrap();
+            if i != 1 {
+                broken.add(part, bytes.clone());
+            }
+            quants.add(part, bytes);
+        }
+        repos.insert(QUANTS.to_string(), quants);
+        let mut readme = HubRepo::default();
+        readme.add("README.md", b"# nothing\n".to_vec());
+        repos.insert(EVIL_NO_CONFIG.to_string(), readme);
+        repos.insert(BROKEN_SPLIT.to_string(), broken);
+
         let mut bare = HubRepo {
             no_commit_header: true,
             ..HubRepo::default()
@@ -219,6 +250,29 @@ impl HubServer {
     fn clear(&self) {
         self.log.lock().unwrap().clear();
     }
+}
+
+/// The Q4_0 fixture split into three parts by llama.cpp's own Python writer, once per test
+/// process.
+fn split_fixture() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("wick-hub-split-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gguf_split.py");
+        let status = Command::new("python3")
+            .arg(script)
+            .arg(fixtures().join("qwen3-tiny-q4_0.gguf"))
+            .arg(dir.join("Qwen3-tiny-Q4_0.gguf"))
+            .arg("10")
+            .status()
+            .expect("python3 runs (with llama.cpp's `gguf` package: pip install gguf)");
+        assert!(status.success(), "gguf_split.py failed");
+        for part in SPLIT_PARTS {
+            assert!(dir.join(part).is_file(), "{part} not written");
+        }
+        dir
+    })
 }
 
 /// The two shards of the sharded repository: the halves of the fixture's weights.
@@ -355,6 +409,31 @@ fn route(
         return match file {
             Some(file) => Response::file(file, range),
             None => Response::not_found("EntryNotFound", false),
+        };
+    }
+    // The file list: `/api/models/{owner}/{name}/revision/{revision}`.
+    if let Some(rest) = target.strip_prefix("/api/models/") {
+        let segments: Vec<&str> = rest.splitn(4, '/').collect();
+        let [owner, name, "revision", revision] = segments.as_slice() else {
+            return Response::not_found("RepoNotFound", false);
+        };
+        let Some(repo) = repos.get(&format!("{owner}/{name}")) else {
+            return Response::not_found("RepoNotFound", false);
+        };
+        if *revision != "main" && *revision != COMMIT {
+            return Response::not_found("RevisionNotFound", false);
+        }
+        let siblings: Vec<_> = repo
+            .files
+            .keys()
+            .map(|f| serde_json::json!({ "rfilename": f }))
+            .collect();
+        let body = serde_json::json!({ "sha": COMMIT, "siblings": siblings }).to_string();
+        return Response {
+            status: "200 OK",
+            headers: vec![("content-type", "application/json".to_string())],
+            body: Arc::new(body.into_bytes()),
+            range: None,
         };
     }
     // `/{owner}/{name}/resolve/{revision}/{file...}`
@@ -851,6 +930,134 @@ fn downloads_report_their_bytes_to_a_progress_callback() {
         assert!(
             reports.windows(2).all(|w| w[0].0 <= w[1].0),
             "{name}: {reports:?}"
+        );
+    }
+}
+
+/// The bytes of every tensor of a GGUF model, by name.
+fn gguf_tensors(path: &Path) -> BTreeMap<String, Vec<u8>> {
+    let file = wick::loader::gguf::GgufFile::open(path).unwrap();
+    file.tensors()
+        .iter()
+        .map(|t| (t.name.clone(), file.tensor_data(t).as_slice().to_vec()))
+        .collect()
+}
+
+#[test]
+fn quantization_tag_picks_the_file_and_a_split_model_comes_whole() {
+    setup();
+    let server = HubServer::start();
+    let cache = TempDir::new("quant-tag");
+    let snapshot = snapshot_dir(&cache.0, QUANTS);
+
+    // Any case; the split model is fetched part by part and opened from its first part.
+    let model = resolve_model(&format!("{QUANTS}:q4_0"), &options(&server.url, &cache.0)).unwrap();
+    assert_eq!(model.dir, snapshot);
+    assert_eq!(model.kind, ModelKind::Gguf(snapshot.join(SPLIT_PARTS[0])));
+    for part in SPLIT_PARTS {
+        assert!(snapshot.join(part).is_file(), "{part} not downloaded");
+    }
+    let requests = server.requests();
+    assert!(requests
+        .iter()
+        .any(|r| r.starts_with(&format!("GET /api/models/{QUANTS}/revision/main"))));
+    for other in ["Q8_0", "mmproj", "README"] {
+        assert!(
+            !requests.iter().any(|r| r.contains(other)),
+            "{other} requested: {requests:#?}"
+        );
+    }
+    // One model: the same tensors, byte for byte, as the file before it was split, and
+    // the same configuration.
+    let whole = fixtures().join("qwen3-tiny-q4_0.gguf");
+    let (split, unsplit) = (
+        gguf_tensors(&snapshot.join(SPLIT_PARTS[0])),
+        gguf_tensors(&whole),
+    );
+    assert_eq!(split.len(), unsplit.len());
+    assert!(split == unsplit, "tensor bytes differ after the split");
+    let open = |p: &Path| {
+        wick::loader::gguf::GgufFile::open(p)
+            .unwrap()
+            .model_config()
+            .unwrap()
+    };
+    assert_eq!(
+        format!("{:?}", open(&snapshot.join(SPLIT_PARTS[0]))),
+        format!("{:?}", open(&whole))
+    );
+
+    // A single-file quantization; `Q4` names none (tags match whole).
+    let q8 = resolve_model(&format!("{QUANTS}:Q8_0"), &options(&server.url, &cache.0)).unwrap();
+    assert_eq!(
+        q8.kind,
+        ModelKind::Gguf(snapshot.join("Qwen3-tiny-Q8_0.gguf"))
+    );
+    let message = hub_message(
+        resolve_model(&format!("{QUANTS}:Q4"), &options(&server.url, &cache.0)),
+        QUANTS,
+    );
+    assert!(
+        message.contains("no GGUF file for quantization `Q4`"),
+        "{message}"
+    );
+    assert!(message.contains("Qwen3-tiny-Q8_0.gguf"), "{message}");
+    assert!(message.contains(SPLIT_PARTS[0]), "{message}");
+    assert!(!message.contains("mmproj"), "{message}");
+
+    // Offline, the cached snapshot is the file list.
+    server.clear();
+    let offline = HubOptions {
+        offline: true,
+        ..options(&server.url, &cache.0)
+    };
+    let again = resolve_model(&format!("{QUANTS}:Q4_0"), &offline).unwrap();
+    assert_eq!(again.kind, model.kind);
+    assert!(server.requests().is_empty());
+}
+
+#[test]
+fn gguf_repository_without_a_tag_gets_a_default() {
+    setup();
+    let server = HubServer::start();
+    let cache = TempDir::new("quant-default");
+    // No config.json, so not a safetensors checkpoint: Q4_K_M is absent, Q4_0 is next.
+    let model = resolve_model(QUANTS, &options(&server.url, &cache.0)).unwrap();
+    let snapshot = snapshot_dir(&cache.0, QUANTS);
+    assert_eq!(model.kind, ModelKind::Gguf(snapshot.join(SPLIT_PARTS[0])));
+
+    // A repository with neither config.json nor a GGUF file still says config.json is missing.
+    let message = hub_message(
+        resolve_model(EVIL_NO_CONFIG, &options(&server.url, &cache.0)),
+        EVIL_NO_CONFIG,
+    );
+    assert!(message.contains("config.json"), "{message}");
+}
+
+#[test]
+fn split_model_missing_a_part_is_refused_before_downloading() {
+    setup();
+    let server = HubServer::start();
+    let cache = TempDir::new("quant-broken");
+    let message = hub_message(
+        resolve_model(
+            &format!("{BROKEN_SPLIT}:Q4_0"),
+            &options(&server.url, &cache.0),
+        ),
+        BROKEN_SPLIT,
+    );
+    assert!(message.contains("lacks part 2"), "{message}");
+    assert!(!server.requests().iter().any(|r| r.contains("/resolve/")));
+
+    // Malformed tags are refused before anything is asked.
+    for spec in [
+        format!("{QUANTS}:"),
+        format!("{QUANTS}:Q4 0"),
+        format!("{QUANTS}:a/b"),
+    ] {
+        assert!(
+            resolve_model(&spec, &options(&server.url, &cache.0)).is_err(),
+            "{spec}"
         );
     }
 }

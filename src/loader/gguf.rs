@@ -23,6 +23,13 @@
 //! `fuzz/` holds a cargo-fuzz target for this parser. Tensor bytes are never copied: they stay
 //! [`Bytes`] slices of the map (except the Llama q/k rows, see below).
 //!
+//! **Split files.** llama.cpp's `gguf-split` (and its Python writer's `split_max_tensors`)
+//! cut a model into `NAME-00001-of-0000N.gguf` … `NAME-0000N-of-0000N.gguf`: the first part
+//! holds the metadata, every part holds some tensors, and `split.no` / `split.count` /
+//! `split.tensors.count` say how they fit. [`GgufFile::open`] on the first part opens the
+//! others from the same directory, checks that they belong together, and presents one file:
+//! each tensor's bytes stay in the map of the part that holds them.
+//!
 //! [`GgufFile::tensor_set`] hands tensors to the model under their Hugging Face names (through
 //! [`super::names`]) with outermost-first shapes, and [`GgufFile::model_config`] fills a
 //! [`ModelConfig`] from the metadata, so the rest of wick never sees GGUF conventions.
@@ -403,6 +410,8 @@ pub struct GgufTensorInfo {
     pub offset: u64,
     /// Bytes of data.
     pub size: u64,
+    /// Which part of a split model holds the bytes (0: the first, or only, file).
+    pub part: usize,
 }
 
 impl GgufTensorInfo {
@@ -418,13 +427,18 @@ impl GgufTensorInfo {
     }
 }
 
+/// The bytes a [`GgufFile`] reads: a memory map, or a buffer handed to [`GgufFile::parse`].
+type Owner = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
 /// A parsed GGUF file: metadata and tensor descriptions, with the bytes kept mapped.
 pub struct GgufFile {
     path: PathBuf,
-    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    owner: Owner,
     version: u32,
     alignment: u64,
     data_offset: usize,
+    /// The other parts of a split model (map and data offset), for tensors with `part > 0`.
+    parts: Vec<(Owner, usize)>,
     metadata: Vec<(String, MetaValue)>,
     meta_index: HashMap<String, usize>,
     tensors: Vec<GgufTensorInfo>,
@@ -442,6 +456,39 @@ impl fmt::Debug for GgufFile {
     }
 }
 
+const SPLIT_NO: &str = "split.no";
+const SPLIT_COUNT: &str = "split.count";
+const SPLIT_TENSORS: &str = "split.tensors.count";
+
+/// The file name of part `n` of `count` of the split model `first` belongs to
+/// (`NAME-00002-of-00003.gguf` for `NAME-00001-of-00003.gguf`), or `None` if `first` is not
+/// named that way.
+pub fn split_part_name(first: &Path, n: u32, count: u32) -> Option<String> {
+    let name = first.file_name()?.to_str()?;
+    let (stem, _) = split_suffix(name)?;
+    Some(format!("{stem}-{n:05}-of-{count:05}.gguf"))
+}
+
+/// `("NAME", (k, n))` for a file named `NAME-0000k-of-0000n.gguf` (any case of `.gguf`).
+pub fn split_suffix(name: &str) -> Option<(&str, (u32, u32))> {
+    let dot = name.len().checked_sub(5)?;
+    if !name.is_char_boundary(dot) || !name[dot..].eq_ignore_ascii_case(".gguf") {
+        return None;
+    }
+    let rest = &name[..dot];
+    // "-00001-of-00003": 15 bytes.
+    let cut = rest.len().checked_sub(15)?;
+    let (stem, suffix) = (rest.get(..cut)?, rest.get(cut..)?);
+    let b = suffix.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    if b[0] != b'-' || &suffix[6..10] != "-of-" || !digits(1..6) || !digits(10..15) {
+        return None;
+    }
+    let k = suffix[1..6].parse().ok()?;
+    let n = suffix[10..15].parse().ok()?;
+    (k >= 1 && k <= n).then_some((stem, (k, n)))
+}
+
 /// A memory map that can be shared by many [`Bytes`].
 struct MappedFile(Mmap);
 
@@ -452,14 +499,84 @@ impl AsRef<[u8]> for MappedFile {
 }
 
 impl GgufFile {
-    /// Maps the file at `path` and parses it.
+    /// Maps the file at `path` and parses it; the first part of a split model brings the
+    /// other parts with it (see the module doc).
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
+        let mut file = GgufFile::open_one(path)?;
+        let count = file.get_u32(SPLIT_COUNT)?.unwrap_or(1);
+        if count > 1 {
+            file.join_parts(count)?;
+        }
+        Ok(file)
+    }
+
+    fn open_one(path: &Path) -> Result<GgufFile> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; wick never writes to model files, and a file
         // truncated by another process while mapped is outside what any mmap loader can defend.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         GgufFile::parse(Arc::new(MappedFile(mmap)), path)
+    }
+
+    /// Opens parts 2…`count` of a split model whose first part is `self`, and adds their
+    /// tensors.
+    fn join_parts(&mut self, count: u32) -> Result<()> {
+        let no = self.get_u32(SPLIT_NO)?.unwrap_or(0);
+        if no != 0 {
+            return Err(self.malformed(format!(
+                "is part {} of a model split in {count}: open the first part ({})",
+                no + 1,
+                split_part_name(&self.path, 1, count).unwrap_or_else(|| "…-00001-of-….gguf".into())
+            )));
+        }
+        for n in 2..=count {
+            let name = split_part_name(&self.path, n, count).ok_or_else(|| {
+                self.malformed(format!(
+                    "is the first of {count} parts, but its name does not end in \
+                     `-00001-of-{count:05}.gguf`, so the other parts cannot be found"
+                ))
+            })?;
+            let path = self.path.with_file_name(&name);
+            if !path.exists() {
+                return Err(self.malformed(format!(
+                    "is the first of {count} parts, but part {n} ({}) is missing",
+                    path.display()
+                )));
+            }
+            let part = GgufFile::open_one(&path)?;
+            let (pn, pc) = (part.get_u32(SPLIT_NO)?, part.get_u32(SPLIT_COUNT)?);
+            if pn != Some(n - 1) || pc != Some(count) {
+                return Err(part.malformed(format!(
+                    "is not part {n} of {count} of {} (its split.no is {pn:?}, split.count {pc:?})",
+                    self.path.display()
+                )));
+            }
+            let index = self.parts.len() + 1;
+            for mut info in part.tensors {
+                if self.tensor_index.contains_key(&info.name) {
+                    return Err(self.malformed(format!(
+                        "tensor `{}` is in two parts (again in {})",
+                        info.name,
+                        path.display()
+                    )));
+                }
+                info.part = index;
+                self.tensor_index
+                    .insert(info.name.clone(), self.tensors.len());
+                self.tensors.push(info);
+            }
+            self.parts.push((part.owner, part.data_offset));
+        }
+        if let Some(total) = self.get_u64(SPLIT_TENSORS)? {
+            if total != self.tensors.len() as u64 {
+                return Err(self.malformed(format!(
+                    "the {count} parts hold {} tensors, but split.tensors.count says {total}",
+                    self.tensors.len()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Parses the GGUF bytes of `owner`; `path` only labels errors. Tests and the fuzzer
@@ -480,6 +597,7 @@ impl GgufFile {
             version: parsed.version,
             alignment: parsed.alignment,
             data_offset: parsed.data_offset,
+            parts: Vec::new(),
             metadata: parsed.metadata,
             meta_index: parsed.meta_index,
             tensors: parsed.tensors,
@@ -634,9 +752,16 @@ impl GgufFile {
     /// If `info` is not one of this file's [`GgufFile::tensors`] and lies outside the file:
     /// the bounds of the file's own tensors were checked when it was parsed.
     pub fn tensor_data(&self, info: &GgufTensorInfo) -> Bytes {
-        // Bounds were checked at parse time for every tensor of this file.
-        let start = self.data_offset + info.offset as usize;
-        Bytes::new(self.owner.clone(), start..start + info.size as usize)
+        // Bounds were checked at parse time for every tensor of this file (and of each part).
+        let (owner, data_offset) = match info.part {
+            0 => (&self.owner, self.data_offset),
+            p => {
+                let (owner, offset) = &self.parts[p - 1];
+                (owner, *offset)
+            }
+        };
+        let start = data_offset + info.offset as usize;
+        Bytes::new(owner.clone(), start..start + info.size as usize)
     }
 
     /// The tensor with GGUF name `name` exactly as stored: GGUF name, no row reordering,
@@ -1287,6 +1412,7 @@ impl<'a> Reader<'a> {
             dims,
             offset,
             size,
+            part: 0,
         })
     }
 }
@@ -1302,6 +1428,34 @@ fn bool_of(b: u8) -> Result<bool, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_names_are_read_and_made() {
+        assert_eq!(
+            split_suffix("m-Q4_0-00002-of-00003.gguf"),
+            Some(("m-Q4_0", (2, 3)))
+        );
+        assert_eq!(
+            split_suffix("dir/m-00001-of-00001.GGUF"),
+            Some(("dir/m", (1, 1)))
+        );
+        for not in [
+            "m-Q4_0.gguf",
+            "m-00004-of-00003.gguf",
+            "m-00000-of-00003.gguf",
+            "m-0001-of-0003.gguf",
+            "-00001-of-00002.gguf.bin",
+            "é-00001-of-00002gguf",
+        ] {
+            assert_eq!(split_suffix(not), None, "{not}");
+        }
+        let first = Path::new("/x/m-00001-of-00003.gguf");
+        assert_eq!(
+            split_part_name(first, 3, 3).as_deref(),
+            Some("m-00003-of-00003.gguf")
+        );
+        assert_eq!(split_part_name(Path::new("/x/m.gguf"), 2, 3), None);
+    }
 
     /// The converter's row order, written as its reshape/swap of axes: viewing the rows as
     /// `[n_head, 2, D/2]` and swapping the last two axes gives `[n_head, D/2, 2]`.

@@ -16,6 +16,14 @@
 //! `model.safetensors.index.json` and every shard it names. With [`HubOptions::gguf_file`]
 //! set, only that one GGUF file.
 //!
+//! **GGUF repositories** hold one file per quantization (`Qwen3-0.6B-Q8_0.gguf`,
+//! `Qwen3-0.6B-Q4_K_M.gguf`, …). `owner/name:QUANT` (as llama.cpp's `-hf` takes it) picks
+//! the file whose name carries that quantization (any case; `Q4_K` does not match `Q4_K_M`);
+//! `owner/name` alone, for a repository without `config.json`, picks Q4_K_M, else Q4_0, else
+//! Q8_0, else the first GGUF file, and logs which. A model split into
+//! `NAME-00001-of-0000N.gguf` … is downloaded whole. The file list comes from the Hub's
+//! `api/models/owner/name/revision/REV` (offline: from the cached snapshot).
+//!
 //! Files already in the cache are used without asking the Hub again (pin
 //! [`HubOptions::revision`] to a commit to be sure what you get). Offline
 //! ([`HubOptions::offline`], or `HF_HUB_OFFLINE=1`) nothing is requested at all and a missing
@@ -187,22 +195,161 @@ pub struct ResolvedModel {
 /// the Hub does not have, a file missing from the cache when offline, a network failure
 /// (with the URL).
 pub fn resolve_model(spec: &str, opts: &HubOptions) -> Result<ResolvedModel> {
-    let repo_id = match classify(spec)? {
+    let (repo_id, quant) = match classify(spec)? {
         Spec::Local(resolved) => return Ok(resolved),
-        Spec::Hub(id) => id,
+        Spec::Hub(id, quant) => (id, quant),
     };
     let opts = opts.clone().or_env(process_env);
     let hub = HubRepo::open(repo_id, &opts)?;
-    match &opts.gguf_file {
-        Some(file) => {
-            let path = hub.require(file)?;
-            Ok(ResolvedModel {
-                dir: snapshot_root(&path, file),
-                kind: ModelKind::Gguf(path),
-            })
-        }
-        None => fetch_checkpoint(&hub),
+    if let Some(file) = &opts.gguf_file {
+        let path = hub.require(file)?;
+        return Ok(ResolvedModel {
+            dir: snapshot_root(&path, file),
+            kind: ModelKind::Gguf(path),
+        });
     }
+    if quant.is_some() {
+        return fetch_gguf(&hub, &gguf_models(&hub.list()?), quant);
+    }
+    // A repository of GGUF files has no config.json.
+    if hub.fetch("config.json")?.is_none() {
+        let models = hub.list().map(|f| gguf_models(&f)).unwrap_or_default();
+        if models.is_empty() {
+            return Err(hub.missing("config.json"));
+        }
+        return fetch_gguf(&hub, &models, None);
+    }
+    fetch_checkpoint(&hub)
+}
+
+/// The quantizations picked, in this order, when a GGUF repository is named without one
+/// (llama.cpp's default is Q4_K_M too).
+const DEFAULT_QUANTS: [&str; 3] = ["Q4_K_M", "Q4_0", "Q8_0"];
+
+/// Downloads the GGUF model of the repository that carries quantization `quant` (or the
+/// default one) and returns its first file.
+fn fetch_gguf(hub: &HubRepo, models: &[GgufModel], quant: Option<&str>) -> Result<ResolvedModel> {
+    if models.is_empty() {
+        return Err(hub.error(format!(
+            "the repository has no .gguf file (revision `{}`{})",
+            hub.revision,
+            if hub.is_online() {
+                ""
+            } else {
+                ", as far as the cache knows"
+            }
+        )));
+    }
+    let available = || {
+        models
+            .iter()
+            .map(|m| m.parts[0].as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let chosen = match quant {
+        Some(q) => models
+            .iter()
+            .find(|m| names_quant(&m.stem, q))
+            .ok_or_else(|| {
+                hub.error(format!(
+                    "no GGUF file for quantization `{q}` (revision `{}`); the repository has: {}",
+                    hub.revision,
+                    available()
+                ))
+            })?,
+        None => {
+            let m = DEFAULT_QUANTS
+                .iter()
+                .find_map(|q| models.iter().find(|m| names_quant(&m.stem, q)))
+                .unwrap_or(&models[0]);
+            tracing::info!(
+                model = %hub.id,
+                file = %m.parts[0],
+                "no quantization given (owner/name:QUANT): picked {} of {}",
+                m.parts[0],
+                available()
+            );
+            m
+        }
+    };
+    if let Some(missing) = &chosen.missing {
+        return Err(hub.error(format!(
+            "the split model {} lacks part {missing}",
+            chosen.parts[0]
+        )));
+    }
+    let mut first = None;
+    for part in &chosen.parts {
+        let path = hub.require(part)?;
+        first.get_or_insert((snapshot_root(&path, part), path));
+    }
+    let (dir, path) = first.expect("a model has at least one file");
+    Ok(ResolvedModel {
+        dir,
+        kind: ModelKind::Gguf(path),
+    })
+}
+
+/// One GGUF model of a repository: a file, or the parts of a split file.
+#[derive(Debug, PartialEq)]
+struct GgufModel {
+    /// The path without `.gguf` and without the split suffix.
+    stem: String,
+    /// Its files, the first part first.
+    parts: Vec<String>,
+    /// The number of a part the listing lacks, if any.
+    missing: Option<u32>,
+}
+
+/// The GGUF models among a repository's files (multimodal projectors left out), sorted.
+fn gguf_models(files: &[String]) -> Vec<GgufModel> {
+    let mut models: Vec<GgufModel> = Vec::new();
+    let mut split: std::collections::BTreeMap<String, (u32, BTreeSet<u32>)> = Default::default();
+    let mut names: Vec<&String> = files.iter().filter(|f| has_gguf_extension(f)).collect();
+    names.sort();
+    for name in names {
+        let file = name.rsplit('/').next().unwrap_or(name);
+        if file.to_ascii_lowercase().contains("mmproj") {
+            continue;
+        }
+        match super::gguf::split_suffix(name) {
+            Some((stem, (k, n))) => {
+                let entry = split
+                    .entry(stem.to_string())
+                    .or_insert((n, BTreeSet::new()));
+                if entry.0 == n {
+                    entry.1.insert(k);
+                }
+            }
+            None => models.push(GgufModel {
+                stem: name[..name.len() - 5].to_string(),
+                parts: vec![name.clone()],
+                missing: None,
+            }),
+        }
+    }
+    for (stem, (n, present)) in split {
+        models.push(GgufModel {
+            parts: (1..=n)
+                .map(|k| format!("{stem}-{k:05}-of-{n:05}.gguf"))
+                .collect(),
+            missing: (1..=n).find(|k| !present.contains(k)),
+            stem,
+        });
+    }
+    models.sort_by(|a, b| a.stem.cmp(&b.stem));
+    models
+}
+
+/// Whether a GGUF path (without `.gguf`) names quantization `quant`: the tag appears, in any
+/// case, between separators (`-`, `.`, `/` or the ends; `_` belongs to the tag, so `Q4_K`
+/// does not match `Q4_K_M`).
+fn names_quant(stem: &str, quant: &str) -> bool {
+    let (stem, quant) = (stem.to_ascii_lowercase(), quant.to_ascii_lowercase());
+    let sep = |c: Option<char>| c.is_none_or(|c| matches!(c, '-' | '.' | '/'));
+    stem.match_indices(&quant)
+        .any(|(i, m)| sep(stem[..i].chars().next_back()) && sep(stem[i + m.len()..].chars().next()))
 }
 
 /// Fetches the files of a safetensors checkpoint and returns their snapshot directory.
@@ -294,8 +441,8 @@ fn shard_names(index: &Path) -> Result<BTreeSet<String>> {
 enum Spec<'a> {
     /// An existing local checkpoint.
     Local(ResolvedModel),
-    /// A well-formed Hub id.
-    Hub(&'a str),
+    /// A well-formed Hub id, and the GGUF quantization after `:` if one was given.
+    Hub(&'a str, Option<&'a str>),
 }
 
 fn classify(spec: &str) -> Result<Spec<'_>> {
@@ -343,8 +490,26 @@ fn classify(spec: &str) -> Result<Spec<'_>> {
             ),
         ));
     }
+    if let Some((id, quant)) = spec.rsplit_once(':') {
+        validate_repo_id(id)?;
+        let ok = !quant.is_empty()
+            && quant.len() <= 64
+            && quant
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !ok {
+            return Err(Error::Hub {
+                model: spec.to_string(),
+                message: format!(
+                    "`{quant}` after `:` is not a quantization name (owner/name:QUANT, e.g. \
+                     Qwen/Qwen3-0.6B-GGUF:Q8_0)"
+                ),
+            });
+        }
+        return Ok(Spec::Hub(id, Some(quant)));
+    }
     validate_repo_id(spec)?;
-    Ok(Spec::Hub(spec))
+    Ok(Spec::Hub(spec, None))
 }
 
 /// Whether a string that names nothing on disk was meant as a path rather than a Hub id.
@@ -557,6 +722,64 @@ impl HubRepo {
                 api.url(file)
             )),
         }
+    }
+
+    /// Whether files can be downloaded.
+    fn is_online(&self) -> bool {
+        #[cfg(feature = "hub")]
+        return self.api.is_some();
+        #[cfg(not(feature = "hub"))]
+        return false;
+    }
+
+    /// The repository's files at the revision: asked of the Hub, or offline (and in a build
+    /// without downloads) the files of the cached snapshot.
+    fn list(&self) -> Result<Vec<String>> {
+        #[cfg(feature = "hub")]
+        if let Some(api) = &self.api {
+            let url = format!(
+                "{}/api/models/{}/revision/{}",
+                self.endpoint, self.id, self.revision
+            );
+            return match api.info() {
+                Ok(info) => Ok(info
+                    .siblings
+                    .into_iter()
+                    .map(|s| s.rfilename)
+                    .filter(|f| is_plain_relative(f))
+                    .collect()),
+                Err(e) => Err(self.error(match self.describe(e, &url) {
+                    Failure::NotFound => format!("repository not found ({url} answered 404)"),
+                    Failure::Other(message) => message,
+                })),
+            };
+        }
+        let Some(commit) = self.cached_commit() else {
+            return Err(self.error(format!(
+                "nothing of revision `{}` is in the Hub cache {} (looked in {}), so its files \
+                 are unknown; run once with network access",
+                self.revision,
+                self.cache_dir.display(),
+                self.repo_dir.display(),
+            )));
+        };
+        let root = self.repo_dir.join("snapshots").join(commit);
+        let mut files = Vec::new();
+        let mut dirs = vec![root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.exists() {
+                    if let Ok(rel) = path.strip_prefix(&root) {
+                        files.push(rel.to_string_lossy().replace('\\', "/"));
+                    }
+                }
+            }
+        }
+        Ok(files)
     }
 
     /// The local path of a file the checkpoint cannot do without.
@@ -971,6 +1194,79 @@ mod tests {
         // and reading the environment twice changes nothing
         let once = HubOptions::from_env_with(env(&[("HF_HOME", "/h"), ("HF_HUB_OFFLINE", "1")]));
         assert_eq!(once.clone().or_env(env(&[])), once);
+    }
+
+    #[test]
+    fn quantization_tags_match_whole() {
+        assert!(names_quant("Qwen3-0.6B-Q8_0", "q8_0"));
+        assert!(names_quant("Qwen3-0.6B-Q4_K_M", "Q4_K_M"));
+        assert!(!names_quant("Qwen3-0.6B-Q4_K_M", "Q4_K"));
+        assert!(!names_quant("Qwen3-0.6B-Q4_K_M", "K_M"));
+        assert!(names_quant("Q4_K_M/Qwen3-0.6B-Q4_K_M", "Q4_K_M"));
+        assert!(names_quant("qwen3-0.6b.Q6_K", "Q6_K"));
+        assert!(names_quant("Qwen3-0.6B-UD-Q4_K_XL", "UD-Q4_K_XL"));
+        assert!(!names_quant("Qwen3-0.6B-BF16", "F16"));
+    }
+
+    #[test]
+    fn gguf_models_group_split_parts_and_skip_projectors() {
+        let files: Vec<String> = [
+            "README.md",
+            "b-Q8_0.gguf",
+            "a-Q4_0-00002-of-00002.gguf",
+            "a-Q4_0-00001-of-00002.gguf",
+            "big/c-F16-00001-of-00003.gguf",
+            "big/c-F16-00003-of-00003.gguf",
+            "mmproj-F16.gguf",
+        ]
+        .map(String::from)
+        .to_vec();
+        let models = gguf_models(&files);
+        assert_eq!(
+            models,
+            [
+                GgufModel {
+                    stem: "a-Q4_0".into(),
+                    parts: vec![
+                        "a-Q4_0-00001-of-00002.gguf".into(),
+                        "a-Q4_0-00002-of-00002.gguf".into()
+                    ],
+                    missing: None,
+                },
+                GgufModel {
+                    stem: "b-Q8_0".into(),
+                    parts: vec!["b-Q8_0.gguf".into()],
+                    missing: None,
+                },
+                GgufModel {
+                    stem: "big/c-F16".into(),
+                    parts: (1..=3)
+                        .map(|k| format!("big/c-F16-0000{k}-of-00003.gguf"))
+                        .collect(),
+                    missing: Some(2),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn hub_ids_may_carry_a_quantization() {
+        assert!(matches!(
+            classify("Qwen/Qwen3-0.6B-GGUF:Q8_0"),
+            Ok(Spec::Hub("Qwen/Qwen3-0.6B-GGUF", Some("Q8_0")))
+        ));
+        assert!(matches!(
+            classify("Qwen/Qwen3-0.6B"),
+            Ok(Spec::Hub("Qwen/Qwen3-0.6B", None))
+        ));
+        for bad in [
+            "Qwen/Qwen3-0.6B-GGUF:",
+            "Qwen/Qwen3-0.6B-GGUF:Q8 0",
+            "Qwen3:Q8_0",
+            "Qwen/a--b:Q8_0",
+        ] {
+            assert!(classify(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
