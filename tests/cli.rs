@@ -112,6 +112,33 @@ fn missing_model_fails_with_a_message() {
 }
 
 #[test]
+fn quantized_checkpoint_is_refused_naming_its_method() {
+    // qwen3-tiny with a GPTQ `quantization_config`, as a GPTQ build's config.json has it.
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("qwen3-tiny");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        if name == "config.json" {
+            let mut config: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            config["quantization_config"] = serde_json::json!({
+                "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": false
+            });
+            std::fs::write(dir.path().join(name), config.to_string()).unwrap();
+        } else {
+            std::os::unix::fs::symlink(&path, dir.path().join(name)).unwrap();
+        }
+    }
+    let model = dir.path().to_str().unwrap();
+    let out = wick(&["run", "--device", "cpu", "--model", model, "--prompt", "hi"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("quant_method `gptq`"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn prompt_longer_than_the_context_is_a_clear_error() {
     let dir = fixture("qwen3-tiny");
     let long = "word ".repeat(200);
