@@ -162,36 +162,6 @@ struct RawConfig {
     bos_token_id: Option<u32>,
     #[serde(default)]
     eos_token_id: Option<Value>,
-    #[serde(default)]
-    quantization_config: Option<Value>,
-}
-
-/// The refusal of a checkpoint whose `config.json` has a `quantization_config` (GPTQ, AWQ,
-/// FP8, compressed-tensors, bitsandbytes, …): it names the method, and what wick loads
-/// instead.
-fn unsupported_quantization(q: &Value) -> String {
-    let field = |k: &str| q.get(k).map(|v| v.to_string());
-    let method = q
-        .get("quant_method")
-        .and_then(Value::as_str)
-        .map(|m| format!("`{m}`"))
-        .unwrap_or_else(|| "(none given)".into());
-    let details: Vec<String> = ["bits", "format", "fmt", "weight_block_size"]
-        .into_iter()
-        .filter_map(|k| field(k).map(|v| format!("{k} {v}")))
-        .collect();
-    let details = if details.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", details.join(", "))
-    };
-    format!(
-        "the checkpoint is quantized: quantization_config.quant_method {method}{details}, which \
-         wick does not load. Supported: unquantized safetensors (F32, F16, BF16), optionally \
-         quantized at load with --quantization q8_0|q4_0|q4_k (or fp8, taken as q8_0), and GGUF \
-         files (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K; from the Hub as \
-         owner/name:QUANT, e.g. Qwen/Qwen3-0.6B-GGUF:Q8_0)"
-    )
 }
 
 fn default_eps() -> f32 {
@@ -221,9 +191,6 @@ impl RawConfig {
             return Err(Error::UnsupportedModel(
                 "attention_bias = true is not supported".into(),
             ));
-        }
-        if let Some(q) = self.quantization_config.as_ref().filter(|q| !q.is_null()) {
-            return Err(Error::UnsupportedModel(unsupported_quantization(q)));
         }
         // The RoPE base may sit at the top level or inside `rope_parameters`; any scaling
         // other than the default would silently change positions, so it is refused.
@@ -377,45 +344,6 @@ mod tests {
         );
         let err = ModelConfig::from_json_str(&text).unwrap_err().to_string();
         assert!(err.contains("yarn"), "{err}");
-    }
-
-    #[test]
-    fn refuses_quantized_checkpoints_naming_the_method() {
-        let with = |q: &str| {
-            let text = QWEN3_06B.replacen('{', &format!("{{\"quantization_config\": {q},"), 1);
-            ModelConfig::from_json_str(&text)
-        };
-        for (q, named) in [
-            (
-                r#"{"quant_method": "gptq", "bits": 4, "group_size": 128}"#,
-                ["`gptq`", "bits 4"],
-            ),
-            (
-                r#"{"quant_method": "awq", "bits": 4, "version": "gemm"}"#,
-                ["`awq`", "bits 4"],
-            ),
-            (
-                r#"{"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}"#,
-                ["`fp8`", "weight_block_size [128,128]"],
-            ),
-            (
-                r#"{"quant_method": "compressed-tensors", "format": "pack-quantized"}"#,
-                ["`compressed-tensors`", "format \"pack-quantized\""],
-            ),
-            (r#"{"bits": 8}"#, ["(none given)", "bits 8"]),
-        ] {
-            match with(q) {
-                Err(Error::UnsupportedModel(m)) => {
-                    for n in named {
-                        assert!(m.contains(n), "{q}: {m}");
-                    }
-                    assert!(m.contains("Q4_K") && m.contains("--quantization"), "{m}");
-                }
-                other => panic!("{q}: {other:?}"),
-            }
-        }
-        // `null` is no quantization.
-        assert!(with("null").is_ok());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use common::*;
 use wick::backend::{Backend, KvDtype};
 use wick::config::ModelConfig;
-use wick::loader::safetensors::load_dir;
+use wick::loader::safetensors::{load_dir, load_dir_with};
 use wick::model::Model;
 use wick::session::{Session, SessionOptions, WantLogits};
 
@@ -58,6 +58,7 @@ fn long_prompt<B: Backend + 'static>(m: &Model<B>) -> usize {
 }
 
 test_backends!(
+    fp8_checkpoint_follows_its_oracle,
     logits_and_topk_match_oracle,
     teacher_forced_greedy_follows_oracle,
     cached_decode_equals_full_recompute,
@@ -216,4 +217,145 @@ fn f16_kv_cache_follows_the_oracle<B: Backend + 'static>(backend: B) {
     let oracle = Oracle::load("qwen3-tiny/oracle.json", "qwen3-tiny/oracle.safetensors");
     let worst = check_oracle_cases(&oracle, || session(&m, 64), 37, long, TOL_F16_KV);
     eprintln!("f16 KV cache: worst last-logits max |Δ| = {worst:.2e}");
+}
+
+/// qwen3-tiny as an FP8 checkpoint (block-wise e4m3, as Qwen/Qwen3-0.6B-FP8; quantized by
+/// transformers), loaded as `wick` loads it: into Q8_0.
+fn fp8_checkpoint() -> (tempfile::TempDir, wick::loader::checkpoint::Checkpoint) {
+    let dir = qwen3_tiny_fp8();
+    let ckpt = wick::loader::checkpoint::Checkpoint::open_dir(dir.path(), "fp8".into()).unwrap();
+    (dir, ckpt)
+}
+
+/// The FP8 fixture's oracle: transformers' float32 forward on the weights dequantized by
+/// transformers, and per case `q8_0_requantized`, what llama.cpp's own Q8_0 quantizer makes
+/// of the same weights (the largest |Δ| of the last logits).
+fn fp8_oracle() -> (Oracle, impl Fn(&str) -> f32) {
+    let fixtures = local_fixture("qwen3-tiny-fp8");
+    let oracle = Oracle::load_paths(
+        &fixtures.join("oracle.json"),
+        &fixtures.join("oracle.safetensors"),
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("oracle.json")).unwrap()).unwrap();
+    let requantized = move |case: &str| -> f32 {
+        let cases = json["cases"].as_array().unwrap();
+        let c = cases.iter().find(|c| c["name"] == case).unwrap();
+        c["q8_0_requantized"].as_f64().unwrap() as f32
+    };
+    (oracle, requantized)
+}
+
+/// The last logits and the teacher-forced argmaxes of `case` on `m`.
+fn run_case<B: Backend>(m: &Arc<Model<B>>, case: &Case) -> (Vec<f32>, Vec<usize>) {
+    let mut s = session(m, 512);
+    let mut last = Vec::new();
+    s.extend(&case.input_ids, WantLogits::Last, |_, row| {
+        last = row.to_vec()
+    })
+    .unwrap();
+    let mut argmaxes = vec![argmax(&last)];
+    for &id in &case.greedy_ids[..case.greedy_ids.len() - 1] {
+        s.extend(&[id], WantLogits::Last, |_, row| argmaxes.push(argmax(row)))
+            .unwrap();
+    }
+    (last, argmaxes)
+}
+
+/// The FP8 checkpoint as `wick` loads it (Q8_0) on every backend. The requantization moves
+/// the logits by itself (`q8_0_requantized`, llama.cpp's figure for the same Q8_0 blocks):
+/// the GPU computes in f32 on the Q8_0 weights and must land on that figure within 2e-3;
+/// the CPU's default 8-bit activations get the README's 0.1 for 8-bit activations on top.
+fn fp8_checkpoint_follows_its_oracle<B: Backend + 'static>(backend: B) {
+    let (_dir, ckpt) = fp8_checkpoint();
+    let q = ckpt
+        .tensors
+        .get("model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
+    assert_eq!(q.dtype, wick::quant::DType::Q8_0);
+    assert!(ckpt
+        .tensors
+        .try_get("model.layers.0.self_attn.q_proj.weight_scale_inv")
+        .is_none());
+    let gpu = as_gpu(&backend).is_some();
+    let m = Model::load(backend, ckpt.config.clone(), &ckpt.tensors).unwrap();
+    let m = Arc::new(m.with_kv_dtype(KvDtype::F32));
+    let (oracle, requantized) = fp8_oracle();
+    for case in &oracle.cases {
+        // The 1500-token prompt costs minutes on lavapipe; the chat cases cover the GPU.
+        if gpu && case.input_ids.len() > LONG {
+            continue;
+        }
+        let (last, argmaxes) = run_case(&m, case);
+        let d = max_abs_diff(&last, &oracle.last_logits(&case.name));
+        let want = requantized(&case.name);
+        eprintln!(
+            "{}: last logits |Δ| {d}, llama.cpp's Q8_0 {want}",
+            case.name
+        );
+        if gpu {
+            // f32 compute on the Q8_0 weights: llama.cpp's figure.
+            assert!(
+                (d - want).abs() <= TOL,
+                "{}: |Δ| {d}, llama.cpp's Q8_0 {want}",
+                case.name
+            );
+        } else {
+            assert!(
+                d <= want + 0.1,
+                "{}: |Δ| {d}, llama.cpp's Q8_0 {want}",
+                case.name
+            );
+        }
+        assert!(
+            check_greedy(case, &argmaxes, want + 0.1) > 0,
+            "{}",
+            case.name
+        );
+    }
+}
+
+/// The FP8 checkpoint's exact path and its Q8_0 blocks, on the CPU: read into f32
+/// ([`Fp8Scheme::exact`]) it meets the README's rule for exact weights (2e-3); read into Q8_0
+/// and run with 16-bit activations it lands on llama.cpp's own Q8_0 figure within 2e-3 (the
+/// blocks are llama.cpp's, bit for bit).
+#[test]
+fn fp8_exact_path_and_q8_0_blocks_match_the_oracle() {
+    use wick::backend::cpu::{ActQuant, CpuBackend};
+    use wick::loader::fp8::{scheme_of, Fp8Scheme};
+    let (dir, ckpt) = fp8_checkpoint();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap()).unwrap();
+    let scheme: Fp8Scheme = scheme_of(&config).unwrap().unwrap();
+    let exact = load_dir_with(dir.path(), Some(scheme.exact())).unwrap();
+    let q = "model.layers.0.mlp.down_proj.weight";
+    assert_eq!(exact.get(q).unwrap().dtype, wick::quant::DType::F32);
+    let (oracle, requantized) = fp8_oracle();
+    let load = |tensors: &wick::loader::TensorSet, act: ActQuant| {
+        let b = CpuBackend::with_act(2, act).unwrap();
+        let m = Model::load(b, ckpt.config.clone(), tensors).unwrap();
+        Arc::new(m.with_kv_dtype(KvDtype::F32))
+    };
+    let (exact, q16) = (
+        load(&exact, ActQuant::F32),
+        load(&ckpt.tensors, ActQuant::Q16),
+    );
+    for case in &oracle.cases {
+        let (last, argmaxes) = run_case(&exact, case);
+        let d = max_abs_diff(&last, &oracle.last_logits(&case.name));
+        assert!(d <= TOL, "exact {}: last logits max |Δ| {d}", case.name);
+        assert!(check_greedy(case, &argmaxes, TOL) > 0, "{}", case.name);
+        let (last, _) = run_case(&q16, case);
+        let d = max_abs_diff(&last, &oracle.last_logits(&case.name));
+        let want = requantized(&case.name);
+        eprintln!(
+            "{}: exact ok; Q8_0 with 16-bit activations |Δ| {d}, llama.cpp's Q8_0 {want}",
+            case.name
+        );
+        assert!(
+            (d - want).abs() <= TOL,
+            "{}: |Δ| {d}, llama.cpp's Q8_0 {want}",
+            case.name
+        );
+    }
 }

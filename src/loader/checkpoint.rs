@@ -8,7 +8,7 @@ use super::gguf::GgufFile;
 use super::hub::{resolve_model, HubOptions, ModelKind};
 use super::TensorSet;
 use crate::config::{GenerationConfig, ModelConfig};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::loader::gguf_tokenizer::tokenizer_from_gguf;
 use crate::text::chat_template::ChatTemplate;
 use crate::text::tokenizer::Tokenizer;
@@ -85,7 +85,13 @@ impl Checkpoint {
         } else {
             None
         };
-        let tensors = super::safetensors::load_dir(dir)?;
+        let config_path = dir.join("config.json");
+        let config_json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?,
+        )
+        .map_err(|e| Error::json(&config_path, e))?;
+        let fp8 = super::fp8::scheme_of(&config_json)?;
+        let tensors = super::safetensors::load_dir_with(dir, fp8)?;
         Ok(Checkpoint {
             name,
             config,

@@ -7,6 +7,7 @@
 //! in place; a GPU backend uploads once).
 //!
 //! - [`safetensors`]: Hugging Face `model.safetensors` and sharded checkpoints.
+//! - [`fp8`]: `quantization_config` read: FP8 checkpoints into Q8_0, other methods refused.
 //! - [`gguf`]: llama.cpp's GGUF files (quantized weights, tokenizer and template in one file).
 //! - [`gguf_write`]: writing GGUF files (`wick quantize`).
 //! - [`names`]: the GGUF → Hugging Face tensor name table.
@@ -16,6 +17,7 @@
 //! quantization and putting the weights on the device (tensors).
 
 pub mod checkpoint;
+pub mod fp8;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod gguf_write;
@@ -215,6 +217,11 @@ impl TensorSet {
             });
         }
         Ok(t)
+    }
+
+    /// Takes the tensor called `name` out of the set.
+    pub fn remove(&mut self, name: &str) -> Option<HostTensor> {
+        self.tensors.remove(name)
     }
 
     /// All tensor names, sorted.

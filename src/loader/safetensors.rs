@@ -26,8 +26,37 @@ impl AsRef<[u8]> for MappedFile {
     }
 }
 
-/// Loads every tensor of the checkpoint in `dir` (single file or sharded).
+/// Loads every tensor of the checkpoint in `dir` (single file or sharded). With `fp8`, the
+/// `F8_E4M3` weights and their scales become Q8_0 ([`super::fp8`]).
+pub fn load_dir_with(dir: &Path, fp8: Option<super::fp8::Fp8Scheme>) -> Result<TensorSet> {
+    let mut raw = Vec::new();
+    let mut set = load_files(dir, &mut raw)?;
+    match fp8 {
+        Some(scheme) => super::fp8::convert(scheme, raw, &mut set)?,
+        None => {
+            if let Some((name, _, _)) = raw.first() {
+                return Err(Error::UnsupportedDType {
+                    name: name.clone(),
+                    dtype:
+                        "F8_E4M3 (an FP8 weight, but config.json has no FP8 quantization_config)"
+                            .into(),
+                });
+            }
+        }
+    }
+    Ok(set)
+}
+
+/// Loads every tensor of the checkpoint in `dir` (single file or sharded); FP8 weights are
+/// refused.
 pub fn load_dir(dir: &Path) -> Result<TensorSet> {
+    load_dir_with(dir, None)
+}
+
+/// An `F8_E4M3` tensor as read: name, shape, bytes.
+type RawFp8 = (String, Vec<usize>, Bytes);
+
+fn load_files(dir: &Path, raw: &mut Vec<RawFp8>) -> Result<TensorSet> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let mut set = TensorSet::default();
@@ -47,10 +76,10 @@ pub fn load_dir(dir: &Path) -> Result<TensorSet> {
                     format!("bad shard file name `{shard}`"),
                 ));
             }
-            load_file_into(&dir.join(shard), &mut set)?;
+            load_file(&dir.join(shard), &mut set, raw)?;
         }
     } else if single.exists() {
-        load_file_into(&single, &mut set)?;
+        load_file(&single, &mut set, raw)?;
     } else {
         return Err(Error::UnsupportedModel(format!(
             "{} has neither model.safetensors nor model.safetensors.index.json",
@@ -62,6 +91,19 @@ pub fn load_dir(dir: &Path) -> Result<TensorSet> {
 
 /// Maps one `.safetensors` file and adds its tensors to `set`.
 pub fn load_file_into(path: &Path, set: &mut TensorSet) -> Result<()> {
+    let mut raw = Vec::new();
+    load_file(path, set, &mut raw)?;
+    match raw.first() {
+        Some((name, _, _)) => Err(Error::UnsupportedDType {
+            name: name.clone(),
+            dtype: "F8_E4M3".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// [`load_file_into`], keeping `F8_E4M3` tensors aside in `raw`.
+fn load_file(path: &Path, set: &mut TensorSet, raw: &mut Vec<RawFp8>) -> Result<()> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the map is read-only; wick never writes to checkpoint files, and a file
     // truncated by another process while mapped is outside what any mmap loader can defend.
@@ -80,6 +122,27 @@ pub fn load_file_into(path: &Path, set: &mut TensorSet) -> Result<()> {
             safetensors::Dtype::F32 => DType::F32,
             safetensors::Dtype::F16 => DType::F16,
             safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F8_E4M3 => {
+                let numel = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+                let (start, end) = info.data_offsets;
+                let range = data_start + start..data_start + end;
+                if numel != Some(end.saturating_sub(start))
+                    || range.end > bytes.len()
+                    || start > end
+                {
+                    return Err(malformed(format!(
+                        "tensor `{name}`: {} bytes for F8_E4M3 shape {:?}",
+                        end.saturating_sub(start),
+                        info.shape
+                    )));
+                }
+                raw.push((
+                    super::names::with_model_prefix(&name),
+                    info.shape.clone(),
+                    Bytes::new(owner.clone(), range),
+                ));
+                continue;
+            }
             other => {
                 return Err(Error::UnsupportedDType {
                     name,

@@ -62,11 +62,15 @@ pub struct Oracle {
 impl Oracle {
     /// Reads `<json>` and `<tensors>` from the fixtures.
     pub fn load(json: &str, tensors: &str) -> Oracle {
-        let j: OracleJson =
-            serde_json::from_str(&std::fs::read_to_string(fixture(json)).unwrap()).unwrap();
+        Oracle::load_paths(&fixture(json), &fixture(tensors))
+    }
+
+    /// Reads an oracle from two paths.
+    pub fn load_paths(json: &std::path::Path, tensors: &std::path::Path) -> Oracle {
+        let j: OracleJson = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
         Oracle {
             cases: j.cases,
-            tensors: std::fs::read(fixture(tensors)).unwrap(),
+            tensors: std::fs::read(tensors).unwrap(),
         }
     }
 
@@ -394,4 +398,49 @@ pub fn floats(v: &serde_json::Value) -> Vec<f32> {
         .iter()
         .map(|x| x.as_f64().unwrap() as f32)
         .collect()
+}
+
+/// This repository's own fixtures (`tests/fixtures/NAME`), made by the scripts beside them.
+pub fn local_fixture(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    assert!(p.exists(), "fixture {} is missing", p.display());
+    p
+}
+
+/// qwen3-tiny as an FP8 checkpoint (`tests/fixtures/qwen3-tiny-fp8`, made by
+/// `make_qwen3_tiny_fp8.py` with transformers' FP8 quantizer), assembled in a temporary
+/// directory as that script assembles it: qwen3-tiny's config with the FP8
+/// `quantization_config`, its tokenizer, and one `model.safetensors` holding its bf16
+/// embedding and norms beside the e4m3 linear weights and their `weight_scale_inv`.
+pub fn qwen3_tiny_fp8() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("qwen3-tiny");
+    let fp8 = local_fixture("qwen3-tiny-fp8");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base.join("config.json")).unwrap()).unwrap();
+    config["quantization_config"] =
+        serde_json::from_slice(&std::fs::read(fp8.join("quantization_config.json")).unwrap())
+            .unwrap();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(base.join(name), dir.path().join(name)).unwrap();
+    }
+    let bf16 = std::fs::read(base.join("model.safetensors")).unwrap();
+    let quantized = std::fs::read(fp8.join("fp8.safetensors")).unwrap();
+    let bf16 = safetensors::SafeTensors::deserialize(&bf16).unwrap();
+    let quantized = safetensors::SafeTensors::deserialize(&quantized).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = quantized.tensors();
+    for (name, view) in bf16.tensors() {
+        if quantized.tensor(&name).is_err() {
+            tensors.push((name, view));
+        }
+    }
+    safetensors::serialize_to_file(tensors, None, &dir.path().join("model.safetensors")).unwrap();
+    dir
 }
