@@ -12,7 +12,7 @@ mod server_common;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use server_common::Server;
+use server_common::{assert_error_shape, wait_idle, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -57,19 +57,6 @@ async fn exchange(s: &Server, request: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Asserts OpenAI's error shape.
-fn assert_error_shape(status: u16, body: &str) {
-    let v: Value =
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {body}"));
-    let e = &v["error"];
-    assert!(
-        e["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{status}: {v}"
-    );
-    assert!(e["type"].is_string(), "{status}: {v}");
-    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
-}
-
 /// How long until the peer closes `c` (reading and discarding whatever it sends), up to
 /// `limit`; `None` if it is still open then.
 async fn closed_within(c: &mut TcpStream, limit: Duration) -> Option<Duration> {
@@ -82,34 +69,6 @@ async fn closed_within(c: &mut TcpStream, limit: Duration) -> Option<Duration> {
             Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
             Ok(Ok(_)) => {}
         }
-    }
-}
-
-/// Waits until `/metrics` shows nothing running, waiting or holding KV blocks.
-async fn wait_idle(s: &Server, key: Option<&str>) {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut r = client.get(s.url("/metrics"));
-        if let Some(k) = key {
-            r = r.bearer_auth(k);
-        }
-        let text = r.send().await.unwrap().text().await.unwrap();
-        let m = server_common::parse_metrics(&text);
-        let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
-        let (run, wait, kv) = (
-            get("wick_num_requests_running"),
-            get("wick_num_requests_waiting"),
-            get("wick_kv_blocks_used"),
-        );
-        if run == 0.0 && wait == 0.0 && kv == 0.0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still busy: running {run}, waiting {wait}, kv blocks {kv}\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
