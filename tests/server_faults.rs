@@ -1,8 +1,8 @@
-//! `wick serve` when something inside it fails, against the real binary: a step of the
-//! engine that panics (through the `WICK_FAULT_STEP_PANIC` test hook), and steps that keep
-//! failing. Each test checks what the client sees (status and OpenAI's error shape), what the
-//! process does (goes on, or exits non-zero within a bound) and that `/metrics` comes back
-//! to zero.
+//! `wick serve` when something inside it fails or runs out, against the real binary: a step
+//! of the engine that panics (through the `WICK_FAULT_STEP_PANIC` test hook), steps that keep
+//! failing, and a KV pool that one long request fills. Each test checks what the client sees
+//! (status and OpenAI's error shape), what the process does (goes on, or exits non-zero
+//! within a bound) and that `/metrics` comes back to zero.
 
 // The HTTP client is the bench-serve feature's.
 #![cfg(feature = "bench-serve")]
@@ -131,4 +131,62 @@ async fn steps_failing_in_a_row_make_the_server_exit_70() {
         client.get(s.url("/health")).send().await.is_err(),
         "something still answers"
     );
+}
+
+#[tokio::test]
+async fn one_request_filling_the_kv_pool_beside_others_ends_without_deadlock() {
+    // 8 blocks of 16 tokens: one sequence of max_model_len 128 fills the pool.
+    let s = Server::start(&[
+        "--num-gpu-blocks-override",
+        "8",
+        "--max-model-len",
+        "128",
+        "--max-num-seqs",
+        "4",
+    ])
+    .await;
+    let start = Instant::now();
+    // Asks for far more than the pool holds: capped at max_model_len, so it needs every
+    // block; three shorter requests beside it need 3 blocks each by their end.
+    let long = json!({"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": true,
+                      "temperature": 0});
+    let short = json!({"prompt": "The quick brown fox", "max_tokens": 40, "ignore_eos": true,
+                       "temperature": 0});
+    let mut tasks = Vec::new();
+    for body in [short.clone(), long, short.clone(), short] {
+        let base = s.base.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(format!("{base}/v1/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (st, v) = tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .unwrap_or_else(|_| panic!("request {i} did not end within 120 s"))
+            .unwrap();
+        assert_eq!(st, 200, "request {i}: {v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+        let usage = &v["usage"];
+        let (prompt, completion) = (
+            usage["prompt_tokens"].as_u64().unwrap(),
+            usage["completion_tokens"].as_u64().unwrap(),
+        );
+        if i == 1 {
+            assert_eq!(prompt + completion, 128, "the long one fills the pool: {v}");
+        } else {
+            assert_eq!(completion, 40, "{v}");
+        }
+    }
+    let took = start.elapsed();
+    wait_idle(&s, None).await;
+    let m = s.metrics().await;
+    assert!(m["wick_preemptions_total"] > 0.0, "{m:?}");
+    assert_eq!(m["wick_kv_blocks_total"], 8.0);
+    eprintln!("four requests on a full pool: {took:?}");
 }
