@@ -1,14 +1,19 @@
-//! `wick serve` when something inside it fails or runs out, against the real binary: a step
+//! `wick serve` when something inside it or under it fails, against the real binary: a step
 //! of the engine that panics (through the `WICK_FAULT_STEP_PANIC` test hook), steps that keep
-//! failing, and a KV pool that one long request fills. Each test checks what the client sees
-//! (status and OpenAI's error shape), what the process does (goes on, or exits non-zero
-//! within a bound) and that `/metrics` comes back to zero.
+//! failing, a KV pool that one long request fills, and model files that are truncated before
+//! loading or changed while mapped. Each test checks what the client sees (status and
+//! OpenAI's error shape), what the process does (goes on, or exits non-zero within a bound)
+//! and that `/metrics` comes back to zero.
 
 // The HTTP client is the bench-serve feature's.
 #![cfg(feature = "bench-serve")]
 
 mod server_common;
 
+#[cfg(unix)]
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -189,4 +194,163 @@ async fn one_request_filling_the_kv_pool_beside_others_ends_without_deadlock() {
     assert!(m["wick_preemptions_total"] > 0.0, "{m:?}");
     assert_eq!(m["wick_kv_blocks_total"], 8.0);
     eprintln!("four requests on a full pool: {took:?}");
+}
+
+/// A copy of the tiny checkpoint in a fresh directory (removed on drop).
+struct ModelCopy(PathBuf);
+
+impl ModelCopy {
+    fn new(name: &str) -> ModelCopy {
+        let dir = std::env::temp_dir().join(format!("wick-faults-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = PathBuf::from(tiny_model());
+        for f in [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "model.safetensors",
+        ] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        ModelCopy(dir)
+    }
+
+    fn weights(&self) -> PathBuf {
+        self.0.join("model.safetensors")
+    }
+}
+
+impl Drop for ModelCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `wick serve --model <model>` to its end (60 s at most): exit code and stderr.
+fn serve_to_exit(model: &Path) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wick"))
+        .args(["serve", "--port", "0", "--device", "cpu", "--threads", "1"])
+        .arg("--model")
+        .arg(model)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("wick serve on {} still runs after 60 s", model.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Asserts a clean refusal at load: exit code 1 (not a signal), a message naming the file
+/// and the problem, no panic.
+fn assert_refused(model: &Path, named: &Path, needles: &[&str]) {
+    let (code, log) = serve_to_exit(model);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains(&named.display().to_string()), "{log}");
+    assert!(
+        needles.iter().any(|n| log.contains(n)),
+        "{needles:?}: {log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn truncated_model_files_are_refused_at_load() {
+    let st = ModelCopy::new("truncated-st");
+    let full = std::fs::metadata(st.weights()).unwrap().len();
+    for cut in [full - 1, full / 2, 100] {
+        std::fs::File::options()
+            .write(true)
+            .open(st.weights())
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        assert_refused(&st.0, &st.weights(), &["truncated"]);
+    }
+
+    let gguf_src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/qwen3-tiny-q8_0.gguf");
+    let bytes = std::fs::read(&gguf_src).unwrap();
+    let gguf = st.0.join("cut.gguf");
+    for cut in [bytes.len() - 1, bytes.len() / 2, 1000] {
+        std::fs::write(&gguf, &bytes[..cut]).unwrap();
+        assert_refused(&gguf, &gguf, &["truncated"]);
+    }
+}
+
+/// A greedy completion's text.
+async fn greedy_text(s: &Server) -> Result<String, reqwest::Error> {
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/completions"))
+        .json(
+            &json!({"prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": true,
+                      "temperature": 0}),
+        )
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await?;
+    Ok(v["choices"][0]["text"].as_str().unwrap().to_string())
+}
+
+/// The weights stay mapped while the server runs (the CPU backend reads them in place). A
+/// new file renamed over the old one, as downloaders and `mv` do, leaves the mapped one
+/// intact: the server answers as before. Cutting the mapped file itself takes its pages away
+/// under the server: the next read of them is a SIGBUS, which no check at load can prevent;
+/// the process dies (it does not hang or answer garbage) saying why, and a restart refuses
+/// the file.
+#[cfg(unix)]
+#[tokio::test]
+async fn model_files_changed_while_served() {
+    let m = ModelCopy::new("changed-while-served");
+    let mut s = Server::start_model(m.0.to_str().unwrap(), &[]).await;
+    let before = greedy_text(&s).await.unwrap();
+
+    let fresh = m.0.join("model.safetensors.new");
+    std::fs::write(&fresh, b"not weights").unwrap();
+    std::fs::rename(&fresh, m.weights()).unwrap();
+    assert_eq!(greedy_text(&s).await.unwrap(), before);
+
+    // Put the real weights back, in a file the server has not mapped, and serve them.
+    drop(s);
+    std::fs::copy(
+        PathBuf::from(tiny_model()).join("model.safetensors"),
+        m.weights(),
+    )
+    .unwrap();
+    s = Server::start_model(m.0.to_str().unwrap(), &[]).await;
+    assert_eq!(greedy_text(&s).await.unwrap(), before);
+    let len = std::fs::metadata(m.weights()).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(m.weights())
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(30), greedy_text(&s))
+        .await
+        .expect("no answer nor exit within 30 s");
+    assert!(answer.is_err(), "answered from a truncated map: {answer:?}");
+    let status = s.wait_exit(Duration::from_secs(10)).expect("still running");
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
+    // The reader of its stderr may lag behind the exit a little.
+    let said = "wick: SIGBUS: a memory-mapped file could no longer be read";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.log.lock().unwrap().contains(said) {
+        assert!(Instant::now() < deadline, "{}", s.log.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_refused(&m.0, &m.weights(), &["truncated"]);
 }
