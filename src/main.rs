@@ -164,6 +164,10 @@ pub struct EngineArgs {
     /// KV cache budget in MiB (default 1024, and never less than one max-model-len sequence).
     #[arg(long, env = "WICK_KV_CACHE_MB")]
     kv_cache_mb: Option<usize>,
+    /// KV blocks (of 16 tokens) in the cache, whatever --kv-cache-mb says: vLLM's flag, for
+    /// testing preemption with a small pool. At least one max-model-len sequence.
+    #[arg(long, env = "WICK_NUM_GPU_BLOCKS_OVERRIDE")]
+    num_gpu_blocks_override: Option<usize>,
     /// Do not reuse cached KV blocks across requests (also --no-enable-prefix-caching).
     #[arg(
         long,
@@ -185,6 +189,7 @@ impl EngineArgs {
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_model_len,
             kv_cache_mb: self.kv_cache_mb,
+            num_blocks: self.num_gpu_blocks_override,
             enable_prefix_caching: !self.no_prefix_caching,
             ..wick::engine::EngineOptions::default()
         }

@@ -834,6 +834,96 @@ fn child_resolves_with_the_process_environment() {
     assert_eq!(model.dir, snapshot_dir(&home.join("hub"), REPO));
 }
 
+/// `wick run` on the stand-in's tiny repository with `HF_HOME` at `home`. With `limit`, no
+/// file the process writes can grow past that many bytes (RLIMIT_FSIZE, SIGXFSZ ignored):
+/// the write that would cross it fails with EFBIG, as one fails with ENOSPC on a full disk.
+#[cfg(unix)]
+fn wick_run(server: &HubServer, home: &Path, limit: Option<u64>) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wick"));
+    cmd.args(["run", REPO, "--prompt", "Hi", "--max-tokens", "1"])
+        .args(["--device", "cpu", "--threads", "1"])
+        .env("HF_ENDPOINT", &server.url)
+        .env("HF_HOME", home)
+        .env("HF_HUB_DISABLE_PROGRESS_BARS", "1");
+    for key in PROXY_VARS.iter().chain(HUB_VARS.iter()) {
+        if !["HF_ENDPOINT", "HF_HOME", "HF_HUB_DISABLE_PROGRESS_BARS"].contains(key) {
+            cmd.env_remove(key);
+        }
+    }
+    if let Some(limit) = limit {
+        // SAFETY: between fork and exec only async-signal-safe calls (signal, setrlimit).
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let r = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.output().unwrap()
+}
+
+/// The disk fills up while the weights download: the run fails with an error naming the
+/// cache, and nothing in the snapshot passes for the file. The next run fetches the rest and
+/// the file is whole.
+#[cfg(unix)]
+#[test]
+fn a_disk_that_fills_up_while_downloading_leaves_no_file_passing_for_whole() {
+    setup();
+    let server = HubServer::start();
+    let home = TempDir::new("disk-full");
+    let weights = fixture("qwen3-tiny/model.safetensors");
+    // Room for the tokenizer (11 MB), not for the weights (19.6 MB).
+    let limit = 14_000_000u64;
+    assert!(weights.len() as u64 > limit);
+
+    let out = wick_run(&server, &home.0, Some(limit));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let cache = home.0.join("hub");
+    assert!(
+        stderr.contains(&format!("writing into the Hub cache {}", cache.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("File too large"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let snapshot = snapshot_dir(&cache, REPO);
+    assert!(snapshot.join("tokenizer.json").is_file());
+    assert!(!snapshot.join("model.safetensors").exists());
+    // The bytes that made it are kept only under a `.part` name.
+    let blobs = cache.join("models--Qwen--Qwen3-tiny-test/blobs");
+    let etag = etag_of(&weights);
+    assert!(!blobs.join(&etag).exists());
+    let part = std::fs::metadata(blobs.join(format!("{etag}.part"))).unwrap();
+    assert_eq!(part.len(), limit);
+
+    server.clear();
+    let out = wick_run(&server, &home.0, None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(std::fs::read(snapshot.join("model.safetensors")).unwrap() == weights);
+    assert!(!blobs.join(format!("{etag}.part")).exists());
+    // Only the weights were fetched again, from where the first run stopped.
+    let requests = server.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.starts_with("GET /cdn/") && r.ends_with(&format!("bytes={limit}-"))),
+        "{requests:#?}"
+    );
+    assert!(
+        !requests.iter().any(|r| r.contains("tokenizer.json")),
+        "{requests:#?}"
+    );
+}
+
 #[test]
 fn local_paths_are_returned_as_is() {
     setup();

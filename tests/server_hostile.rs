@@ -1,8 +1,9 @@
 //! `wick serve` against careless and hostile clients, over raw sockets against the real
 //! binary: clients that trickle headers, stall their bodies, stop reading replies or leave
-//! sockets open; requests without the key or with the wrong content type; too many
-//! connections; a shutdown with such clients still attached. Each test checks the outcome
-//! (status and error shape, a time bound, and `/metrics` back at zero).
+//! sockets open, or send half a request and vanish; requests without the key or with the
+//! wrong content type; too many connections; a burst of ten times the queue; a shutdown with
+//! such clients still attached. Each test checks the outcome (status and error shape, a
+//! time bound, and `/metrics` back at zero).
 
 // The HTTP client is the bench-serve feature's.
 #![cfg(feature = "bench-serve")]
@@ -12,7 +13,7 @@ mod server_common;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use server_common::Server;
+use server_common::{assert_error_shape, wait_idle, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -57,19 +58,6 @@ async fn exchange(s: &Server, request: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Asserts OpenAI's error shape.
-fn assert_error_shape(status: u16, body: &str) {
-    let v: Value =
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {body}"));
-    let e = &v["error"];
-    assert!(
-        e["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{status}: {v}"
-    );
-    assert!(e["type"].is_string(), "{status}: {v}");
-    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
-}
-
 /// How long until the peer closes `c` (reading and discarding whatever it sends), up to
 /// `limit`; `None` if it is still open then.
 async fn closed_within(c: &mut TcpStream, limit: Duration) -> Option<Duration> {
@@ -82,34 +70,6 @@ async fn closed_within(c: &mut TcpStream, limit: Duration) -> Option<Duration> {
             Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
             Ok(Ok(_)) => {}
         }
-    }
-}
-
-/// Waits until `/metrics` shows nothing running, waiting or holding KV blocks.
-async fn wait_idle(s: &Server, key: Option<&str>) {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut r = client.get(s.url("/metrics"));
-        if let Some(k) = key {
-            r = r.bearer_auth(k);
-        }
-        let text = r.send().await.unwrap().text().await.unwrap();
-        let m = server_common::parse_metrics(&text);
-        let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
-        let (run, wait, kv) = (
-            get("wick_num_requests_running"),
-            get("wick_num_requests_waiting"),
-            get("wick_kv_blocks_used"),
-        );
-        if run == 0.0 && wait == 0.0 && kv == 0.0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still busy: running {run}, waiting {wait}, kv blocks {kv}\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -604,6 +564,138 @@ async fn a_full_queue_refuses_at_once_and_memory_stays_put() {
         after < warm + 64.0 * 1048576.0,
         "resident memory grew from {warm} to {after} over three bursts"
     );
+}
+
+#[tokio::test]
+async fn clients_that_send_half_a_request_and_vanish_cost_nothing() {
+    // Timeouts far away and two connection slots: only a server that notices the hang-up
+    // at once has a slot free for the next client.
+    let s = Server::start(&[
+        "--max-connections",
+        "2",
+        "--header-timeout",
+        "60",
+        "--body-timeout",
+        "60",
+        "--idle-timeout",
+        "60",
+    ])
+    .await;
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 50, "stream": true}).to_string();
+    let full = raw(
+        "POST",
+        "/v1/completions",
+        &[("content-type", "application/json")],
+        &body,
+    );
+    let head_len = full.find("\r\n\r\n").unwrap() + 4;
+    // Half the headers; the headers and half the body; all but the body's last byte.
+    let halves = [
+        &full[..head_len / 2],
+        &full[..head_len + body.len() / 2],
+        &full[..full.len() - 1],
+    ];
+    for round in 0..3 {
+        for half in halves {
+            let mut c = connect(&s).await;
+            c.write_all(half.as_bytes()).await.unwrap();
+            c.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(c);
+        }
+        let start = Instant::now();
+        loop {
+            let (st, _) = exchange(&s, &raw("GET", "/health", &[], "")).await;
+            if st == 200 {
+                break;
+            }
+            assert_eq!(st, 503, "round {round}");
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "round {round}: no connection slot 2 s after the clients vanished"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Nothing reached the engine, and it is idle.
+    wait_idle(&s, None).await;
+    let m = s.metrics().await;
+    assert_eq!(m["wick_requests_submitted_total"], 0.0, "{m:?}");
+    // The same request sent whole is served.
+    let (st, b) = exchange(&s, &full).await;
+    assert_eq!(st, 200, "{b}");
+    assert!(b.contains("data: [DONE]"), "{b}");
+}
+
+#[tokio::test]
+async fn a_burst_of_ten_times_the_queue_is_refused_at_once_in_openai_shape() {
+    let s = Server::start(&["--max-queue", "4", "--max-num-seqs", "2"]).await;
+    let client = reqwest::Client::new();
+    let mut all = Vec::new();
+    for _ in 0..40 {
+        let r = client
+            .post(s.url("/v1/completions"))
+            .json(&json!({"prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": true}))
+            .send();
+        all.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let r = r.await.unwrap();
+            let status = r.status().as_u16();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body = r.text().await.unwrap();
+            (status, retry, body, start.elapsed())
+        }));
+    }
+    let (mut served, mut refused) = (0, 0);
+    let mut slowest_refusal = Duration::ZERO;
+    for r in all {
+        let (status, retry, body, took) = r.await.unwrap();
+        match status {
+            200 => {
+                served += 1;
+                let v: Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(v["usage"]["completion_tokens"], 16, "{v}");
+            }
+            429 => {
+                refused += 1;
+                assert_error_shape(status, &body);
+                let v: Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(v["error"]["type"], "rate_limit_error", "{v}");
+                let secs: u64 = retry.expect("Retry-After").parse().unwrap();
+                assert!(secs >= 1);
+                slowest_refusal = slowest_refusal.max(took);
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    // Everything the queue holds is served; most of the burst is refused, each at once
+    // (the tiny model takes about a second for the served ones).
+    eprintln!(
+        "burst of 40: served {served}, refused {refused}, slowest refusal {slowest_refusal:?}"
+    );
+    assert!(served >= 4, "served {served}, refused {refused}");
+    assert!(refused >= 20, "served {served}, refused {refused}");
+    assert!(
+        slowest_refusal < Duration::from_secs(2),
+        "a refusal took {slowest_refusal:?}"
+    );
+    wait_idle(&s, None).await;
+    let m = s.metrics().await;
+    assert_eq!(m["wick_http_responses_total{code=\"429\"}"], refused as f64);
+    assert_eq!(
+        m["wick_requests_finished_total{reason=\"length\"}"],
+        served as f64
+    );
+    let (st, v) = s
+        .post_json(
+            "/v1/completions",
+            json!({"prompt": "Once", "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
 }
 
 /// The tiny model with its embedding cut to `rows` rows, fewer than the tokenizer's entries

@@ -166,6 +166,32 @@ pub struct ServeArgs {
 /// Prints vLLM's periodic statistics line every `every` seconds while there is work:
 /// throughput over the interval, requests running and waiting, KV cache usage and the
 /// prefix-cache hit rate over the interval. Idle intervals print nothing.
+/// Makes a SIGBUS say what most likely caused it before it ends the process as it would
+/// anyway. The CPU backend reads the weights in place from their memory map
+/// ([`wick::loader`]); a model file truncated (or rewritten) in place while it is served takes
+/// those pages away, and the next read of them raises SIGBUS. No check at load can prevent
+/// that; files replaced by renaming a new one over them (as downloaders and `mv` do) are safe.
+#[cfg(unix)]
+fn explain_sigbus() {
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MSG: &[u8] = b"wick: SIGBUS: a memory-mapped file could no longer be read, most \
+            likely a model file truncated or rewritten in place while served; replace model \
+            files by renaming a new file over them, then restart\n";
+        // SAFETY: write(2) is async-signal-safe and the buffer is static.
+        unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+        // SA_RESETHAND has restored the default action: returning retries the read, which
+        // raises SIGBUS again and ends the process with it.
+    }
+    // SAFETY: a zeroed sigaction is valid; the handler only calls write(2).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigbus as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESETHAND;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+    }
+}
+
 async fn log_stats(state: Arc<wick::server::AppState>, every: f64) {
     let every = std::time::Duration::from_secs_f64(every.clamp(0.1, 86_400.0));
     let mut tick = tokio::time::interval(every);
@@ -318,6 +344,8 @@ impl GenerationFlags {
 pub fn serve(mut a: ServeArgs) -> Result<()> {
     use wick::server::{AppState, Loaded, OverloadPolicy, ServerOptions};
     let secs = |s: u64| std::time::Duration::from_secs(s.max(1));
+    #[cfg(unix)]
+    explain_sigbus();
 
     // Every flag is checked before the model loads, so a mistake costs no loading time.
     let vllm = a.vllm.apply(a.model.model())?;

@@ -25,8 +25,19 @@
 //! Chat replies that end normally leave behind a prefix-cache fill: the conversation as the
 //! chat template will render it on the next turn (the answer without its reasoning), which
 //! is computed when no request is waiting and released into the prefix cache.
+//!
+//! A step that panics fails the requests it was computing and the engine goes on; after
+//! three such steps in a row it stops (its state is then not to be trusted), and
+//! `wick serve` exits non-zero (70) for a supervisor to restart it.
+//!
+//! Test hook: `WICK_FAULT_STEP_PANIC=<k>[,<k>…]` makes the model steps numbered `k` (from 1,
+//! counting the steps that run the model) panic before the model runs; `every` makes every
+//! step panic. It lets tests against the real binary check what a failed step does to its
+//! requests, to `/metrics` and to the process. The variable is read once, when the engine
+//! starts (a value that is not such a list refuses to start it, and a set one is logged as a
+//! warning); unset, it costs one comparison per step.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -99,6 +110,10 @@ pub(crate) fn spawn<B: Backend>(
             num_blocks = fit;
         }
     }
+    let faults = StepFaults::from_env()?;
+    if faults != StepFaults::None {
+        tracing::warn!("{}: steps {faults:?} will fail on purpose", StepFaults::VAR);
+    }
     let cache = model.kv_cache(model.kv_layout(num_blocks, bs))?;
     let max_num_seqs = opts.max_num_seqs;
     let state = model.run_state(opts.max_num_batched_tokens, max_num_seqs);
@@ -143,6 +158,8 @@ pub(crate) fn spawn<B: Backend>(
         cache_replies: opts.cache_replies && opts.enable_prefix_caching,
         shutting_down: false,
         panics_in_a_row: 0,
+        faults,
+        model_steps: 0,
     };
     let handle = std::thread::Builder::new()
         .name("wick-engine".into())
@@ -190,10 +207,66 @@ struct Worker<B: Backend> {
     shutting_down: bool,
     /// Steps that panicked since the last one that did not.
     panics_in_a_row: u32,
+    /// The test hook's steps (see the module docs).
+    faults: StepFaults,
+    /// Steps that ran (or were about to run) the model.
+    model_steps: u64,
 }
 
 /// Panicking steps in a row after which the engine stops.
 const MAX_STEP_PANICS: u32 = 3;
+
+/// The steps the `WICK_FAULT_STEP_PANIC` test hook makes panic.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+enum StepFaults {
+    /// None: the variable is unset or empty.
+    #[default]
+    None,
+    /// These model steps, numbered from 1.
+    Steps(BTreeSet<u64>),
+    /// Every step.
+    Every,
+}
+
+impl StepFaults {
+    const VAR: &'static str = "WICK_FAULT_STEP_PANIC";
+
+    fn from_env() -> Result<Self> {
+        match std::env::var_os(Self::VAR) {
+            None => Ok(StepFaults::None),
+            Some(v) => Self::parse(&v.to_string_lossy()),
+        }
+    }
+
+    /// `every`, or step numbers separated by commas; empty is none.
+    fn parse(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Ok(StepFaults::None);
+        }
+        if s.eq_ignore_ascii_case("every") {
+            return Ok(StepFaults::Every);
+        }
+        s.split(',')
+            .map(|k| k.trim().parse::<u64>().ok().filter(|&k| k > 0))
+            .collect::<Option<BTreeSet<u64>>>()
+            .map(StepFaults::Steps)
+            .ok_or_else(|| {
+                Error::Engine(format!(
+                    "{}=`{s}`: expected step numbers from 1, separated by commas, or `every`",
+                    Self::VAR
+                ))
+            })
+    }
+
+    fn hits(&self, step: u64) -> bool {
+        match self {
+            StepFaults::None => false,
+            StepFaults::Steps(steps) => steps.contains(&step),
+            StepFaults::Every => true,
+        }
+    }
+}
 
 impl<B: Backend> Worker<B> {
     fn run(mut self, commands: Receiver<Command>) {
@@ -361,6 +434,9 @@ impl<B: Backend> Worker<B> {
                     "a step failed ({what}); failing its requests ({} in a row)",
                     self.panics_in_a_row
                 );
+                // Counted before the requests hear of it, so that a client that got its 500
+                // finds the failure in /metrics.
+                Metrics::add(&self.metrics.step_failures, 1);
                 let running: Vec<u64> = self
                     .reqs
                     .iter()
@@ -379,7 +455,6 @@ impl<B: Backend> Worker<B> {
                     }
                     self.sched.finish(id);
                 }
-                Metrics::add(&self.metrics.step_failures, 1);
                 self.panics_in_a_row < MAX_STEP_PANICS
             }
         }
@@ -407,6 +482,14 @@ impl<B: Backend> Worker<B> {
         }
         if plan.seqs.is_empty() {
             return;
+        }
+        self.model_steps += 1;
+        if self.faults.hits(self.model_steps) {
+            panic!(
+                "{} made step {} fail on purpose",
+                StepFaults::VAR,
+                self.model_steps
+            );
         }
         let sampled = self.build_batch(&plan);
         if self.task == Task::Embed {
@@ -718,5 +801,25 @@ impl<B: Backend> Worker<B> {
         // Nothing to gain below one block; nothing that could not be a prompt.
         (common > self.sched.kv().block_size() && common < self.max_model_len)
             .then(|| a[..common].to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StepFaults;
+
+    #[test]
+    fn the_fault_hook_reads_step_lists_and_every() {
+        assert_eq!(StepFaults::parse("").unwrap(), StepFaults::None);
+        assert_eq!(StepFaults::parse(" ").unwrap(), StepFaults::None);
+        let f = StepFaults::parse("1, 4").unwrap();
+        assert!(f.hits(1) && f.hits(4) && !f.hits(2) && !f.hits(5));
+        let f = StepFaults::parse("Every").unwrap();
+        assert!(f.hits(1) && f.hits(1000));
+        assert!(!StepFaults::None.hits(1));
+        for bad in ["0", "x", "1,,2", "-1", "1;2", "all"] {
+            let e = StepFaults::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("WICK_FAULT_STEP_PANIC"), "{bad}: {e}");
+        }
     }
 }

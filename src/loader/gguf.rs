@@ -1162,7 +1162,7 @@ fn check_tensor_extents(
         if end.is_none_or(|end| end > data_len) || data_offset > file_len {
             return Err(format!(
                 "tensor `{}`: bytes {}..{} of the data section lie outside it ({data_len} bytes \
-                 from offset {data_offset})",
+                 from offset {data_offset}): the file is truncated or damaged",
                 t.name,
                 t.offset,
                 end.map_or("overflow".into(), |e| e.to_string()),

@@ -15,6 +15,15 @@
 //!
 //! Loading reports its progress to a [`Progress`] callback: Hub downloads (bytes), load-time
 //! quantization and putting the weights on the device (tensors).
+//!
+//! Files are checked whole when they are loaded: every tensor must lie inside its file, so a
+//! truncated file is refused, with the sizes, before anything runs. A file changed after
+//! loading is another matter, since its bytes are the map's (`MAP_SHARED`, read-only). A new
+//! file renamed over it (as downloaders, the Hub cache and `mv` do) leaves the mapped one
+//! intact until it is unmapped. A file truncated in place takes the mapped pages away: the
+//! next read of them raises SIGBUS, which no check at load can prevent (`wick serve` says so
+//! before it dies, and a restart refuses the file). A file rewritten in place changes the
+//! bytes the CPU backend reads in place.
 
 pub mod checkpoint;
 pub mod fp8;
@@ -117,7 +126,6 @@ impl HostTensor {
     }
 }
 
-/// The tensors of a checkpoint, by Hugging Face name.
 /// What loading has done so far, as a [`Progress`] callback sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LoadProgress {
@@ -176,6 +184,7 @@ impl PartialEq for Progress {
 
 impl Eq for Progress {}
 
+/// The tensors of a checkpoint, by Hugging Face name.
 #[derive(Default, Debug)]
 pub struct TensorSet {
     tensors: BTreeMap<String, HostTensor>,

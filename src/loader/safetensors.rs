@@ -114,8 +114,8 @@ fn load_file(path: &Path, set: &mut TensorSet, raw: &mut Vec<RawFp8>) -> Result<
         path: path.to_path_buf(),
         message,
     };
-    let (header_len, meta) =
-        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| malformed(format!("{e:?}")))?;
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| malformed(describe_header_error(&e, bytes)))?;
     let data_start = 8 + header_len;
     for (name, info) in meta.tensors() {
         let dtype = match info.dtype {
@@ -178,6 +178,53 @@ fn load_file(path: &Path, set: &mut TensorSet, raw: &mut Vec<RawFp8>) -> Result<
     Ok(())
 }
 
+/// The `safetensors` crate's refusal of a file, said so that a truncated file is called
+/// truncated, with the sizes.
+fn describe_header_error(e: &safetensors::SafeTensorError, bytes: &[u8]) -> String {
+    use safetensors::SafeTensorError as E;
+    let len = bytes.len() as u64;
+    let header_len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    match e {
+        E::HeaderTooSmall => {
+            format!("the file has {len} bytes, fewer than the 8 of the header length (truncated?)")
+        }
+        E::InvalidHeaderLength => format!(
+            "the header is {} bytes long, but the file has only {} after the length \
+             (truncated, or not a safetensors file)",
+            header_len.unwrap_or(0),
+            len.saturating_sub(8)
+        ),
+        E::MetadataIncompleteBuffer => match header_len.and_then(|n| declared_len(bytes, n)) {
+            Some(want) if want > len => {
+                format!("truncated: the header describes {want} bytes, the file has {len}")
+            }
+            Some(want) => format!(
+                "the header describes {want} bytes, but the file has {len} (the tensors do \
+                 not cover it)"
+            ),
+            None => e.to_string(),
+        },
+        _ => e.to_string(),
+    }
+}
+
+/// The file size a safetensors header implies: length, header, and up to the last tensor's
+/// end; `None` if the header cannot be read that far.
+fn declared_len(bytes: &[u8], header_len: u64) -> Option<u64> {
+    let end = 8usize.checked_add(usize::try_from(header_len).ok()?)?;
+    let header: Value = serde_json::from_slice(bytes.get(8..end)?).ok()?;
+    let data_end = header
+        .as_object()?
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .filter_map(|(_, t)| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    (end as u64).checked_add(data_end)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,8 +266,32 @@ mod tests {
             let p = dir.join("model.safetensors");
             std::fs::write(&p, &src[..cut]).unwrap();
             let mut set = TensorSet::default();
-            assert!(load_file_into(&p, &mut set).is_err(), "cut at {cut}");
+            let e = load_file_into(&p, &mut set).unwrap_err().to_string();
+            assert!(
+                e.contains("model.safetensors") && e.contains("truncated"),
+                "cut at {cut}: {e}"
+            );
         }
+        // Past the header, the message has both sizes.
+        let p = dir.join("model.safetensors");
+        std::fs::write(&p, &src[..src.len() / 2]).unwrap();
+        let e = load_file_into(&p, &mut TensorSet::default())
+            .unwrap_err()
+            .to_string();
+        let want = format!(
+            "describes {} bytes, the file has {}",
+            src.len(),
+            src.len() / 2
+        );
+        assert!(e.contains(&want), "{e}");
+        // Bytes appended are not a truncation, and not accepted either.
+        let mut longer = src.clone();
+        longer.extend_from_slice(&[0; 5]);
+        std::fs::write(&p, &longer).unwrap();
+        let e = load_file_into(&p, &mut TensorSet::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("do not cover it"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -35,6 +35,11 @@ impl Server {
 
     /// [`Server::start`] on another model.
     pub async fn start_model(model: &str, extra: &[&str]) -> Server {
+        Self::start_model_env(model, extra, &[]).await
+    }
+
+    /// [`Server::start_model`] with these environment variables set.
+    pub async fn start_model_env(model: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut args = vec![
             "--model",
             model,
@@ -46,7 +51,7 @@ impl Server {
             "1",
         ];
         args.extend_from_slice(extra);
-        Self::start_with(&args, &[]).await
+        Self::start_with(&args, env).await
     }
 
     /// `wick serve ARGS` with these environment variables set, as given (the arguments must
@@ -209,6 +214,49 @@ pub async fn wait_metrics(
             return;
         }
         assert!(Instant::now() < deadline, "{what}: metrics {m:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asserts OpenAI's error shape: `{"error": {"message": "...", "type": "...", "param": ...,
+/// "code": ...}}` with a message.
+pub fn assert_error_shape(status: u16, body: &str) {
+    let v: Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {body}"));
+    let e = &v["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{status}: {v}"
+    );
+    assert!(e["type"].is_string(), "{status}: {v}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+}
+
+/// Waits (30 s at most) until `/metrics` shows nothing running, waiting or holding KV
+/// blocks; `key` is the API key, if `/metrics` needs one.
+pub async fn wait_idle(s: &Server, key: Option<&str>) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut r = client.get(s.url("/metrics"));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        let text = r.send().await.unwrap().text().await.unwrap();
+        let m = parse_metrics(&text);
+        let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+        let (run, wait, kv) = (
+            get("wick_num_requests_running"),
+            get("wick_num_requests_waiting"),
+            get("wick_kv_blocks_used"),
+        );
+        if run == 0.0 && wait == 0.0 && kv == 0.0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still busy: running {run}, waiting {wait}, kv blocks {kv}\n{text}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
