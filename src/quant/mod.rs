@@ -8,8 +8,9 @@
 //! - [`q4_k`], [`q5_k`], [`q6_k`]: 256-element super-blocks with quantized sub-block scales.
 //!
 //! Every format has a reference quantizer (`quantize_row_ref`), byte-exact with GGML's
-//! `quantize_row_*_ref` (what llama-quantize runs without an importance matrix); [`scheme`]
-//! picks the format of each tensor of a checkpoint the way llama-quantize does.
+//! `quantize_row_*_ref` (what llama-quantize runs without an importance matrix);
+//! [`crate::convert::scheme`] picks the format of each tensor of a checkpoint the way
+//! llama-quantize does.
 
 pub mod q4_0;
 pub mod q4_1;
@@ -17,7 +18,6 @@ pub mod q4_k;
 pub mod q5_k;
 pub mod q6_k;
 pub mod q8_0;
-pub mod scheme;
 
 use std::fmt;
 
