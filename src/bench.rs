@@ -233,3 +233,98 @@ pub fn run_counting(
         tg_readback_bytes_per_tok: per_tok.map(|p| p[3]),
     })
 }
+
+/// A [`BenchReport`] with what `wick bench` prints around it: the model, the device, and the
+/// machine's bandwidth (the ceiling of tg) when measured.
+#[derive(Clone, Debug)]
+pub struct BenchSummary {
+    /// The model's name.
+    pub model: String,
+    /// The device it ran on.
+    pub device: String,
+    /// How the KV cache stored keys and values.
+    pub kv_cache_dtype: crate::backend::KvDtype,
+    /// CPU threads (as asked; 0 = one per core).
+    pub threads: usize,
+    /// Memory read bandwidth in GB/s, measured in the same run (CPU only).
+    pub memory_bandwidth: Option<f64>,
+    /// Every GPU buffer wick holds after the run (GPU only).
+    pub gpu_memory_bytes: Option<u64>,
+    /// The measurements.
+    pub report: BenchReport,
+}
+
+impl BenchSummary {
+    /// The report as JSON, with the summary's fields and the tg ceiling added.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(&self.report).expect("plain numbers serialize");
+        v["model"] = self.model.clone().into();
+        v["device"] = self.device.clone().into();
+        v["gpu_memory_bytes"] = self.gpu_memory_bytes.into();
+        v["cpu_isa"] = crate::backend::cpu::isa::Isa::current().name().into();
+        if let Some(bw) = self.memory_bandwidth {
+            let bytes = self.report.weight_bytes_per_token;
+            v["memory_bandwidth_gb_s"] = bw.into();
+            v["tg_ceiling_tok_s"] = (bw * 1e9 / bytes as f64).into();
+            v["tg_share_of_ceiling"] = self.report.tg_gb_s.map(|gb| gb / bw).into();
+        }
+        v
+    }
+}
+
+impl std::fmt::Display for BenchSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = &self.report;
+        let bytes = r.weight_bytes_per_token;
+        write!(
+            f,
+            "model {} on {}, {} KV cache",
+            self.model, self.device, self.kv_cache_dtype
+        )?;
+        let at = if r.depth > 0 {
+            format!(" @ d{}", r.depth)
+        } else {
+            String::new()
+        };
+        if let Some(pp) = r.pp_tok_s {
+            write!(f, "\npp{}{at} {:8.1} tok/s", r.n_prompt, pp)?;
+        }
+        if let (Some(tg), Some(ms), Some(gb)) = (r.tg_tok_s, r.tg_ms_per_tok, r.tg_gb_s) {
+            write!(
+                f,
+                "\ntg{}{at} {:8.1} tok/s  {:7.2} ms/tok  {:6.2} GB/s ({:.1} MB of weights per token)",
+                r.n_gen,
+                tg,
+                ms,
+                gb,
+                bytes as f64 / 1e6
+            )?;
+        }
+        if let (Some(bw), Some(gb)) = (self.memory_bandwidth, r.tg_gb_s) {
+            write!(
+                f,
+                "\nmemory read bandwidth {bw:.2} GB/s ({} threads): tg ceiling {:.1} tok/s, \
+                 tg runs at {:.0}% of it",
+                self.threads,
+                bw * 1e9 / bytes as f64,
+                100.0 * gb / bw
+            )?;
+        }
+        if let (Some(d), Some(rb)) = (r.tg_dispatches_per_tok, r.tg_readbacks_per_tok) {
+            write!(
+                f,
+                "\ngpu work per decoded token: {d:.1} dispatches, {rb:.1} blocking read-back(s), \
+                 {:.1} submit(s)",
+                r.tg_submits_per_tok.unwrap_or(0.0)
+            )?;
+        }
+        if let Some(m) = self.gpu_memory_bytes {
+            write!(
+                f,
+                "\ngpu memory {:.1} MiB (every buffer wick created: weights, KV cache, activations)",
+                m as f64 / (1 << 20) as f64
+            )?;
+        }
+        Ok(())
+    }
+}

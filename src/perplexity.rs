@@ -74,6 +74,8 @@ pub struct PerplexityReport {
     pub tokens: usize,
     /// Tokens scored.
     pub scored: usize,
+    /// Tokens per chunk.
+    pub ctx: usize,
     /// Running perplexity after each chunk.
     pub running: Vec<f64>,
 }
@@ -182,6 +184,7 @@ fn score_text(
         chunks: n_chunks,
         tokens: tokens.len(),
         scored: count,
+        ctx,
         running,
     })
 }
@@ -823,6 +826,165 @@ pub fn kl_divergence(
         chunks,
         ctx,
     })
+}
+
+/// The closing line of `wick perplexity`, as llama-perplexity prints it.
+impl std::fmt::Display for PerplexityReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Final estimate: PPL = {:.4} +/- {:.5} ({} tokens, {} chunks of {})",
+            self.ppl, self.ppl_err, self.tokens, self.chunks, self.ctx
+        )
+    }
+}
+
+/// What the base file holds, in one line.
+impl std::fmt::Display for KlBase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} chunks of {} tokens, vocabulary {}",
+            self.path.display(),
+            self.chunks(),
+            self.ctx,
+            self.n_vocab
+        )
+    }
+}
+
+/// One row of `wick perplexity --kl-divergence`'s running table: the statistics after chunk
+/// `chunk` (counted from 0), as llama-perplexity prints them.
+pub struct KlProgress<'a> {
+    /// The chunk just compared.
+    pub chunk: usize,
+    /// The running statistics.
+    pub summary: &'a KlSummary,
+}
+
+impl KlProgress<'_> {
+    /// The table's header line.
+    pub fn header() -> String {
+        format!(
+            "chunk  {:>21}  {:>23}  {:>23}  {:>19}  {:>19}",
+            "PPL", "ln(PPL(Q)/PPL(base))", "KL divergence", "RMS Δp", "same top p"
+        )
+    }
+}
+
+impl std::fmt::Display for KlProgress<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.summary;
+        write!(
+            f,
+            "{:>5}  {:>9.4} ± {:>9.4}  {:>10.5} ± {:>10.5}  {:>10.5} ± {:>10.5}  \
+             {:>6.3} ± {:>6.3} %  {:>6.3} ± {:>6.3} %",
+            self.chunk + 1,
+            s.ppl,
+            s.ppl_err,
+            s.ln_ppl_ratio,
+            s.ln_ppl_ratio_err,
+            s.mean_kld,
+            s.kld_err,
+            100.0 * s.rms_dp,
+            100.0 * s.rms_dp_err,
+            100.0 * s.same_top_p,
+            100.0 * s.same_top_p_err
+        )
+    }
+}
+
+/// The final statistics of `wick perplexity --kl-divergence`, laid out as llama-perplexity
+/// prints them.
+impl std::fmt::Display for KlReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.summary;
+        let pct = |x: f64| 100.0 * x;
+        writeln!(f, "Perplexity ({} tokens)", s.scored)?;
+        writeln!(
+            f,
+            "  PPL(Q)              {:>10.6} ± {:.6}",
+            s.ppl, s.ppl_err
+        )?;
+        writeln!(
+            f,
+            "  PPL(base)           {:>10.6} ± {:.6}",
+            s.base_ppl, s.base_ppl_err
+        )?;
+        writeln!(f, "  correlation         {:>9.2} %", pct(s.ppl_cor))?;
+        writeln!(
+            f,
+            "  ln(PPL(Q)/PPL(base)) {:>9.6} ± {:.6}",
+            s.ln_ppl_ratio, s.ln_ppl_ratio_err
+        )?;
+        writeln!(
+            f,
+            "  PPL(Q)/PPL(base)    {:>10.6} ± {:.6}",
+            s.ppl_ratio, s.ppl_ratio_err
+        )?;
+        writeln!(
+            f,
+            "  PPL(Q)-PPL(base)    {:>10.6} ± {:.6}",
+            s.ppl_diff, s.ppl_diff_err
+        )?;
+        writeln!(f)?;
+        writeln!(f, "KL divergence")?;
+        writeln!(f, "  mean     {:>10.6} ± {:.6}", s.mean_kld, s.kld_err)?;
+        let k = &self.kld_percentiles;
+        for (name, v) in [
+            ("max", k.max),
+            ("99.9%", k.p99_9),
+            ("99%", k.p99),
+            ("95%", k.p95),
+            ("90%", k.p90),
+            ("median", k.median),
+            ("10%", k.p10),
+            ("5%", k.p5),
+            ("1%", k.p1),
+            ("0.1%", k.p0_1),
+            ("min", k.min),
+        ] {
+            writeln!(f, "  {name:<8} {v:>10.6}")?;
+        }
+        writeln!(f)?;
+        writeln!(f, "Probability of the next token, Δp = p(Q) - p(base)")?;
+        writeln!(
+            f,
+            "  mean     {:>7.3} ± {:.3} %",
+            pct(s.mean_dp),
+            pct(s.dp_err)
+        )?;
+        let d = &self.dp_percentiles;
+        for (name, v) in [
+            ("max", d.max),
+            ("99.9%", d.p99_9),
+            ("99%", d.p99),
+            ("95%", d.p95),
+            ("90%", d.p90),
+            ("75%", d.p75),
+            ("median", d.median),
+            ("25%", d.p25),
+            ("10%", d.p10),
+            ("5%", d.p5),
+            ("1%", d.p1),
+            ("0.1%", d.p0_1),
+            ("min", d.min),
+        ] {
+            writeln!(f, "  {name:<8} {:>7.3} %", pct(v))?;
+        }
+        writeln!(
+            f,
+            "  RMS      {:>7.3} ± {:.3} %",
+            pct(s.rms_dp),
+            pct(s.rms_dp_err)
+        )?;
+        write!(
+            f,
+            "Same top p: {:.3} ± {:.3} %",
+            pct(s.same_top_p),
+            pct(s.same_top_p_err)
+        )
+    }
 }
 
 #[cfg(test)]

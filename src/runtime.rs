@@ -32,6 +32,7 @@ use crate::backend::cpu::{ActQuant, CpuBackend};
 use crate::backend::GpuStats;
 use crate::backend::KvDtype;
 use crate::config::{GenerationConfig, ModelConfig};
+use crate::convert::scheme::{quantize_set, QuantScheme};
 use crate::engine::{
     Engine, EngineEvent, EngineOptions, Prepared, Prompt, TextModel, DEFAULT_KV_CACHE_MB,
 };
@@ -41,7 +42,6 @@ use crate::loader::checkpoint::Checkpoint;
 use crate::loader::hub::HubOptions;
 use crate::loader::{LoadProgress, Progress};
 use crate::model::Model;
-use crate::quant::scheme::{quantize_set, QuantScheme};
 use crate::resources::Fences;
 use crate::sampler::SamplingParams;
 use crate::session::SequenceRunner;
@@ -78,7 +78,7 @@ pub struct RuntimeOptions {
     /// `--adapter`: which GPU adapter (an index of `wick info`, or part of its name);
     /// `None` takes the first.
     pub adapter: Option<String>,
-    /// Quantize float weights at load ([`crate::quant::scheme`]); `None` keeps them as stored.
+    /// Quantize float weights at load ([`crate::convert::scheme`]); `None` keeps them as stored.
     pub quantize: Option<QuantScheme>,
     /// How the KV cache stores keys and values (f16 by default, as llama.cpp's).
     pub kv_dtype: KvDtype,
@@ -120,6 +120,84 @@ pub const MIN_CONTEXT: usize = 1024;
 /// What a build without the `gpu` feature answers to `--device gpu`.
 pub const NO_GPU: &str = "this build of wick has no GPU support (it was built without the \
                           `gpu` feature); use the CPU";
+
+/// What `wick info` reports: the process's limits, the CPU's kernel tier, the GPU adapters
+/// in `--adapter` order and what `--device auto` picks (the rule of
+/// [`Runtime::from_checkpoint`]).
+pub struct MachineReport {
+    /// CPU and memory limits.
+    pub fences: Fences,
+    /// The kernel tier in use.
+    pub isa: crate::backend::cpu::isa::Isa,
+    /// Every tier this CPU can run.
+    pub supported: Vec<crate::backend::cpu::isa::Isa>,
+    /// The adapters, most capable first.
+    #[cfg(feature = "gpu")]
+    pub adapters: Vec<crate::backend::wgpu::AdapterInfoSummary>,
+}
+
+impl MachineReport {
+    /// Looks at this machine (enumerating GPU adapters takes a moment).
+    pub fn detect() -> MachineReport {
+        use crate::backend::cpu::isa::Isa;
+        MachineReport {
+            fences: Fences::detect(),
+            isa: Isa::current(),
+            supported: Isa::supported(),
+            #[cfg(feature = "gpu")]
+            adapters: crate::backend::wgpu::list_adapters(),
+        }
+    }
+}
+
+impl std::fmt::Display for MachineReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "limits: {}", self.fences)?;
+        writeln!(
+            f,
+            "cpu: {} threads, kernels {} (this CPU has: {}; WICK_ISA=<tier> forces a lower one)",
+            self.fences.default_threads(),
+            self.isa,
+            self.supported
+                .iter()
+                .map(|i| i.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+        #[cfg(not(feature = "gpu"))]
+        return write!(f, "gpu: {NO_GPU}\n--device auto: cpu");
+        #[cfg(feature = "gpu")]
+        {
+            let adapters = &self.adapters;
+            if adapters.is_empty() {
+                writeln!(
+                    f,
+                    "no GPU adapter with compute shaders (on Linux: apt-get install \
+                     mesa-vulkan-drivers)"
+                )?;
+            }
+            for a in adapters {
+                writeln!(f, "{a}")?;
+            }
+            // The rule of `Runtime::from_checkpoint`: a hardware GPU if there is one, else
+            // the CPU (a software rasterizer such as lavapipe is slower than the CPU backend).
+            match adapters.iter().find(|a| a.is_hardware_gpu) {
+                Some(_) => write!(
+                    f,
+                    "--device auto: gpu, adapter 0 ({})",
+                    adapters.first().map_or("", |a| a.name.as_str())
+                ),
+                None => write!(
+                    f,
+                    "--device auto: cpu (no hardware GPU; --device gpu runs on adapter 0{})",
+                    adapters
+                        .first()
+                        .map_or(String::new(), |a| format!(", {}", a.name))
+                ),
+            }
+        }
+    }
+}
 
 /// Whether a hardware GPU (not a software rasterizer) is usable.
 fn has_hardware_gpu() -> bool {

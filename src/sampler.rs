@@ -39,9 +39,7 @@ use crate::backend::sample::sample_row;
 use crate::backend::RowSampling;
 use crate::error::{Error, Result};
 
-/// Temperatures below this sample greedily. Dividing by a tiny temperature only overflows on
-/// the way to the same argmax; vLLM uses the same cut-off.
-pub const GREEDY_TEMPERATURE: f32 = 1e-5;
+pub use crate::backend::sample::GREEDY_TEMPERATURE;
 
 /// The most top logprobs a request may ask for (the OpenAI limit, and vLLM's default).
 pub const MAX_TOP_LOGPROBS: usize = 20;

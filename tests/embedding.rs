@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use wick::convert::scheme::QuantScheme;
 use wick::engine::{Engine, RequestStream};
 use wick::loader::{LoadProgress, Progress};
-use wick::quant::scheme::QuantScheme;
 use wick::runtime::{Device, Runtime, RuntimeOptions};
 
 fn assert_send<T: Send>() {}

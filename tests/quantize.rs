@@ -17,8 +17,8 @@ use std::process::{Command, Stdio};
 use common::{fixture, max_abs_diff, Oracle};
 use wick::backend::cpu::ActQuant;
 use wick::backend::KvDtype;
+use wick::convert::scheme::QuantScheme;
 use wick::loader::gguf::GgufFile;
-use wick::quant::scheme::QuantScheme;
 use wick::quant::{dequantize_row, DType};
 use wick::runtime::{Device, Runtime, RuntimeOptions};
 
@@ -329,7 +329,7 @@ fn k_quantizers_round_trip_and_gguf_py_agrees() {
         (DType::Q6_K, 31.0),
     ] {
         let mut q = vec![0u8; dtype.bytes_for(x.len()).unwrap()];
-        wick::quant::scheme::quantize_row(dtype, &x, &mut q);
+        wick::convert::scheme::quantize_row(dtype, &x, &mut q);
         let mut ours = vec![0f32; x.len()];
         dequantize_row(dtype, &q, &mut ours);
         let (qin, qout) = (dir.0.join("q.bin"), dir.0.join("f.bin"));
@@ -358,7 +358,7 @@ fn k_quantizers_round_trip_and_gguf_py_agrees() {
         }
         // And the fit is worth its bits: less squared error than Q4_0 on the same rows.
         let mut q40 = vec![0u8; DType::Q4_0.bytes_for(x.len()).unwrap()];
-        wick::quant::scheme::quantize_row(DType::Q4_0, &x, &mut q40);
+        wick::convert::scheme::quantize_row(DType::Q4_0, &x, &mut q40);
         let mut y40 = vec![0f32; x.len()];
         dequantize_row(DType::Q4_0, &q40, &mut y40);
         let sq = |y: &[f32]| x.iter().zip(y).map(|(a, b)| (a - b) * (a - b)).sum::<f32>();
@@ -384,7 +384,8 @@ fn quantize_at_load_equals_the_written_file() {
             "qwen3-tiny".into(),
         )
         .unwrap();
-        let set = wick::quant::scheme::quantize_set(&ckpt.tensors, scheme, 2, &mut |_| {}).unwrap();
+        let set =
+            wick::convert::scheme::quantize_set(&ckpt.tensors, scheme, 2, &mut |_| {}).unwrap();
         let file = GgufFile::open(fixture(&format!("qwen3-tiny-{tag}.gguf"))).unwrap();
         let theirs = file.tensor_set(&file.model_config().unwrap()).unwrap();
         for name in theirs.names() {

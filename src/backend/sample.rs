@@ -24,7 +24,9 @@
 
 use std::cmp::Ordering;
 
-pub use crate::sampler::GREEDY_TEMPERATURE;
+/// Temperatures below this sample greedily. Dividing by a tiny temperature only overflows on
+/// the way to the same argmax; vLLM uses the same cut-off.
+pub const GREEDY_TEMPERATURE: f32 = 1e-5;
 
 /// Slack when deciding where the top-p nucleus ends, relative to the total probability, so
 /// that a cumulative probability landing exactly on `top_p` (0.5 + 0.3 for `top_p = 0.8`) is

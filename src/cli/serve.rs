@@ -393,8 +393,12 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
         a.override_generation_config.as_deref(),
     )?;
     if let Some(t) = &a.model.chat_template {
-        wick::text::chat_template::ChatTemplate::new(&crate::chat_template_source(t)?, None, None)
-            .context("--chat-template")?;
+        wick::text::chat_template::ChatTemplate::new(
+            &crate::args::chat_template_source(t)?,
+            None,
+            None,
+        )
+        .context("--chat-template")?;
     }
 
     let mut engine_opts = a.engine.options(a.model.max_model_len);

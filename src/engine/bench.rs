@@ -258,3 +258,66 @@ pub fn run(engine: &Engine, o: &ConcurrencyOptions) -> Result<ConcurrencyReport>
         requests,
     })
 }
+
+/// A [`ConcurrencyReport`] with the model and device, as `wick bench --concurrency` prints it.
+#[derive(Clone, Debug)]
+pub struct ConcurrencySummary {
+    /// The model's name.
+    pub model: String,
+    /// The device it ran on.
+    pub device: String,
+    /// Every GPU buffer wick holds after the run (GPU only).
+    pub gpu_memory_bytes: Option<u64>,
+    /// The measurements.
+    pub report: ConcurrencyReport,
+}
+
+impl ConcurrencySummary {
+    /// The report as JSON, with the summary's fields added.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(&self.report).expect("plain numbers serialize");
+        v["model"] = self.model.clone().into();
+        v["device"] = self.device.clone().into();
+        v["gpu_memory_bytes"] = self.gpu_memory_bytes.into();
+        v
+    }
+}
+
+impl std::fmt::Display for ConcurrencySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = &self.report;
+        let n = r.concurrency;
+        writeln!(f, "model {} on {}", self.model, self.device)?;
+        writeln!(
+            f,
+            "{n} requests, {} prompt tokens ({} shared), {} generated each",
+            r.n_prompt, r.shared_prefix, r.n_gen
+        )?;
+        writeln!(
+            f,
+            "decode: 1 request {:.1} tok/s; {n} together {:.1} tok/s aggregate ({:.2}x); \
+             end to end {:.1} tok/s",
+            r.single_decode_tok_s, r.aggregate_decode_tok_s, r.speedup, r.end_to_end_tok_s
+        )?;
+        write!(
+            f,
+            "prefill: {} prompt tokens computed, {} reused from the prefix cache; {} preemptions",
+            r.prefill_computed, r.prefill_reused, r.preemptions
+        )?;
+        if let Some(s) = r.min_shared_reused_after_first {
+            write!(
+                f,
+                "\nshared prefix reused by every request after the first: at least {:.0}%",
+                s * 100.0
+            )?;
+        }
+        for (i, q) in r.requests.iter().enumerate() {
+            write!(
+                f,
+                "\n  request {i}: {} cached, {} computed, ttft {:.0} ms",
+                q.cached_tokens, q.computed_tokens, q.ttft_ms
+            )?;
+        }
+        Ok(())
+    }
+}

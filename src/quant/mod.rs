@@ -8,8 +8,9 @@
 //! - [`q4_k`], [`q5_k`], [`q6_k`]: 256-element super-blocks with quantized sub-block scales.
 //!
 //! Every format has a reference quantizer (`quantize_row_ref`), byte-exact with GGML's
-//! `quantize_row_*_ref` (what llama-quantize runs without an importance matrix); [`scheme`]
-//! picks the format of each tensor of a checkpoint the way llama-quantize does.
+//! `quantize_row_*_ref` (what llama-quantize runs without an importance matrix);
+//! [`crate::convert::scheme`] picks the format of each tensor of a checkpoint the way
+//! llama-quantize does.
 
 pub mod q4_0;
 pub mod q4_1;
@@ -17,7 +18,6 @@ pub mod q4_k;
 pub mod q5_k;
 pub mod q6_k;
 pub mod q8_0;
-pub mod scheme;
 
 use std::fmt;
 
@@ -102,6 +102,36 @@ impl DType {
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// Quantizes `src` (f32, a whole number of `dtype` blocks) into `dst` with the reference
+/// quantizer of `dtype`. Float types are converted (round to nearest even).
+///
+/// Panics if the lengths do not match (`dst.len() == dtype.bytes_for(src.len())`).
+pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) {
+    match dtype {
+        DType::F32 => {
+            for (d, v) in dst.chunks_exact_mut(4).zip(src) {
+                d.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (d, v) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (d, v) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+            }
+        }
+        DType::Q8_0 => q8_0::quantize_row_ref(src, dst),
+        DType::Q4_0 => q4_0::quantize_row_ref(src, dst),
+        DType::Q4_K => q4_k::quantize_row_ref(src, dst),
+        DType::Q5_K => q5_k::quantize_row_ref(src, dst),
+        DType::Q6_K => q6_k::quantize_row_ref(src, dst),
+        DType::Q4_1 => q4_1::quantize_row_ref(src, dst),
     }
 }
 

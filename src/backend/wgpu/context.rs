@@ -246,3 +246,37 @@ impl GpuContext {
         })
     }
 }
+
+/// The block `wick info` prints for the adapter: features and the limits that decide how
+/// weights are split.
+impl std::fmt::Display for AdapterInfoSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        writeln!(f, "adapter {}: {}", self.index, self.name)?;
+        writeln!(f, "  backend      {}", self.backend)?;
+        writeln!(f, "  device type  {}", self.device_type)?;
+        writeln!(f, "  driver       {}", self.driver)?;
+        writeln!(
+            f,
+            "  features     shader-f16: {}, subgroups: {}",
+            yes(self.shader_f16),
+            yes(self.subgroup)
+        )?;
+        writeln!(
+            f,
+            "  limits       max_storage_buffer_binding_size {} ({:.0} MiB), max_buffer_size {} \
+             ({:.0} MiB),",
+            self.max_storage_buffer_binding_size,
+            mib(self.max_storage_buffer_binding_size),
+            self.max_buffer_size,
+            mib(self.max_buffer_size)
+        )?;
+        write!(
+            f,
+            "               max_compute_workgroup_size_x {}, \
+             max_compute_invocations_per_workgroup {}",
+            self.max_compute_workgroup_size_x, self.max_compute_invocations_per_workgroup
+        )
+    }
+}

@@ -22,9 +22,9 @@ use std::fmt;
 
 use rayon::prelude::*;
 
-use super::DType;
 use crate::error::{Error, Result};
 use crate::loader::{names, Bytes, HostTensor, TensorSet};
+use crate::quant::{self, DType};
 
 /// A quantization mix, named after llama.cpp's file types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -142,35 +142,7 @@ fn fallback(wanted: DType, cols: usize) -> DType {
     }
 }
 
-/// Quantizes `src` (f32, a whole number of `dtype` blocks) into `dst` with the reference
-/// quantizer of `dtype`. Float types are converted (round to nearest even).
-///
-/// Panics if the lengths do not match (`dst.len() == dtype.bytes_for(src.len())`).
-pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) {
-    match dtype {
-        DType::F32 => {
-            for (d, v) in dst.chunks_exact_mut(4).zip(src) {
-                d.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        DType::F16 => {
-            for (d, v) in dst.chunks_exact_mut(2).zip(src) {
-                d.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
-            }
-        }
-        DType::BF16 => {
-            for (d, v) in dst.chunks_exact_mut(2).zip(src) {
-                d.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
-            }
-        }
-        DType::Q8_0 => super::q8_0::quantize_row_ref(src, dst),
-        DType::Q4_0 => super::q4_0::quantize_row_ref(src, dst),
-        DType::Q4_K => super::q4_k::quantize_row_ref(src, dst),
-        DType::Q5_K => super::q5_k::quantize_row_ref(src, dst),
-        DType::Q6_K => super::q6_k::quantize_row_ref(src, dst),
-        DType::Q4_1 => super::q4_1::quantize_row_ref(src, dst),
-    }
-}
+pub use crate::quant::quantize_row;
 
 /// Converts `t` to `dtype` (through f32), rows in parallel on the rayon pool.
 ///
@@ -205,7 +177,7 @@ pub fn convert_tensor(t: &HostTensor, dtype: DType) -> Result<HostTensor> {
         .try_for_each(|(dst, src)| {
             let mut f = vec![0f32; cols];
             for (d, s) in dst.chunks_exact_mut(out_row).zip(src.chunks_exact(in_row)) {
-                super::dequantize_row(t.dtype, s, &mut f);
+                quant::dequantize_row(t.dtype, s, &mut f);
                 if f.iter().any(|v| !v.is_finite()) {
                     return Err(Error::InvalidRequest(format!(
                         "cannot quantize tensor `{}`: it holds NaN or infinite values",

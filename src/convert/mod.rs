@@ -11,19 +11,22 @@
 //! - `tokenizer.*`: the byte-level BPE vocabulary, token types, merges, special token ids,
 //!   `add_bos_token` and the chat template, from `tokenizer.json` / `tokenizer_config.json`.
 //!
-//! Tensor types follow [`QuantScheme`]; names go through the loader's one name table.
+//! Tensor types follow [`QuantScheme`] (the mixes of llama-quantize, in [`scheme`], which
+//! also quantizes a checkpoint at load); names go through the loader's one name table.
+
+pub mod scheme;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use self::scheme::{convert_tensor, QuantScheme};
 use crate::config::{Architecture, GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
 use crate::loader::gguf::{MetaArray, MetaValue};
 use crate::loader::gguf_write::GgufWriter;
 use crate::loader::{names, safetensors, HostTensor, TensorSet};
-use crate::quant::scheme::{convert_tensor, QuantScheme};
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
 const TOKEN_NORMAL: i32 = 1;
@@ -324,6 +327,40 @@ fn looks_special(t: &str) -> bool {
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::json(path, e))
+}
+
+/// A file `wick quantize` wrote, as it reports it.
+#[derive(Clone, Debug)]
+pub struct QuantizedFile {
+    /// Where.
+    pub path: PathBuf,
+    /// With which scheme.
+    pub scheme: QuantScheme,
+    /// Its size in bytes (0 when it cannot be read).
+    pub bytes: u64,
+}
+
+impl QuantizedFile {
+    /// The file at `path`, quantized with `scheme`, with its size as it is now.
+    pub fn stat(path: &Path, scheme: QuantScheme) -> QuantizedFile {
+        QuantizedFile {
+            path: path.to_path_buf(),
+            scheme,
+            bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+        }
+    }
+}
+
+impl std::fmt::Display for QuantizedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "wrote {} ({}, {:.1} MiB)",
+            self.path.display(),
+            self.scheme,
+            self.bytes as f64 / (1 << 20) as f64
+        )
+    }
 }
 
 #[cfg(test)]
