@@ -3,7 +3,8 @@
 //! A [`PipelineKey`] names one compiled variant: the kernel, the weight format it reads (for
 //! kernels that read weights), whether it uses subgroup operations, and how it widens f16. The key alone decides
 //! which `shaders/` file is used and which `#ifdef`s are set, so the same key drives
-//! preprocessing, the pipeline cache, and the naga validation test of every variant.
+//! preprocessing, the pipeline cache, and the naga tests of every variant (validation, and
+//! translation to MSL and HLSL as wgpu's Metal and DX12 back ends do it).
 //!
 //! Every kernel has the same two bind groups: group 0 holds its storage buffers (the
 //! read-only ones first, as listed by [`Kernel::bindings`]), group 1 a slot of the
@@ -592,6 +593,19 @@ mod tests {
         v
     }
 
+    /// The preprocessed source of a variant, parsed and validated with only the capabilities
+    /// the variant may assume; panics with the variant's label and naga's message.
+    fn validated(key: &PipelineKey) -> (naga::Module, naga::valid::ModuleInfo) {
+        let label = key.label();
+        let src = key.source().unwrap_or_else(|e| panic!("{label}: {e}"));
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string(&src)));
+        let info = validator(key)
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string(&src)));
+        (module, info)
+    }
+
     /// Every variant preprocesses, parses and validates with only the capabilities it is
     /// allowed to use (so a plain variant needs neither subgroups nor f16 support), its
     /// uniform struct has the size of the Rust mirror, and its storage bindings are those
@@ -602,13 +616,7 @@ mod tests {
         assert!(keys.len() >= 20, "{} variants", keys.len());
         for key in keys {
             let label = key.label();
-            let src = key.source().unwrap_or_else(|e| panic!("{label}: {e}"));
-            let module = naga::front::wgsl::parse_str(&src)
-                .unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string(&src)));
-            let info = validator(&key)
-                .validate(&module)
-                .unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string(&src)));
-            drop(info);
+            let (module, _) = validated(&key);
             assert!(
                 module.entry_points.iter().any(|e| e.name == "main"),
                 "{label}: no entry point `main`"
@@ -649,5 +657,203 @@ mod tests {
                 .collect();
             assert_eq!(storage, want, "{label}: group 0 bindings");
         }
+    }
+
+    /// The MSL version the Metal writer targets: 2.3, which wgpu picks on macOS 11, the
+    /// oldest macOS of the Apple-silicon Macs (their GPUs have the SIMD-group operations the
+    /// subgroup variants use; wgpu picks a newer version on a newer macOS).
+    const MSL_VERSION: (u8, u8) = (2, 3);
+
+    /// The HLSL shader models a variant is written for: 6.0 (the least wgpu's DX12 back end
+    /// accepts from DXC, and the first with wave operations) for every variant, and 5.1 (what
+    /// it uses when it falls back to FXC, and then exposes no subgroups) for the variants
+    /// without subgroup operations.
+    fn hlsl_shader_models(key: &PipelineKey) -> &'static [naga::back::hlsl::ShaderModel] {
+        use naga::back::hlsl::ShaderModel;
+        if key.subgroup {
+            &[ShaderModel::V6_0]
+        } else {
+            &[ShaderModel::V6_0, ShaderModel::V5_1]
+        }
+    }
+
+    /// The module's MSL, with the resource slots wgpu-hal's Metal back end assigns for our
+    /// pipeline layout: buffers numbered through the groups in order (group 0's storage
+    /// buffers, then group 1's uniform slot), then the buffer of runtime-array sizes; and the
+    /// checks wgpu asks for by default (bounds checks, loop bounding, zeroed workgroup memory).
+    fn write_msl(
+        key: &PipelineKey,
+        module: &naga::Module,
+        info: &naga::valid::ModuleInfo,
+    ) -> Result<String, String> {
+        use naga::back::msl;
+        use naga::proc::{BoundsCheckPolicies, BoundsCheckPolicy};
+        let bindings = key.kernel.bindings();
+        let mut resources = msl::BindingMap::new();
+        for (i, access) in bindings.iter().enumerate() {
+            let target = msl::BindTarget {
+                buffer: Some(i as msl::Slot),
+                mutable: *access == ReadWrite,
+                ..Default::default()
+            };
+            resources.insert(
+                naga::ResourceBinding {
+                    group: 0,
+                    binding: i as u32,
+                },
+                target,
+            );
+        }
+        let params = naga::ResourceBinding {
+            group: 1,
+            binding: 0,
+        };
+        let params_slot = bindings.len() as msl::Slot;
+        resources.insert(
+            params,
+            msl::BindTarget {
+                buffer: Some(params_slot),
+                ..Default::default()
+            },
+        );
+        let entry = msl::EntryPointResources {
+            resources,
+            immediates_buffer: None,
+            sizes_buffer: Some(params_slot + 1),
+        };
+        let options = msl::Options {
+            lang_version: MSL_VERSION,
+            per_entry_point_map: msl::EntryPointResourceMap::from([("main".to_string(), entry)]),
+            fake_missing_bindings: false,
+            bounds_check_policies: BoundsCheckPolicies {
+                index: BoundsCheckPolicy::Restrict,
+                buffer: BoundsCheckPolicy::Restrict,
+                image_load: BoundsCheckPolicy::Restrict,
+                binding_array: BoundsCheckPolicy::Unchecked,
+            },
+            zero_initialize_workgroup_memory: true,
+            force_loop_bounding: true,
+            emit_int_div_checks: true,
+            ..Default::default()
+        };
+        let pipeline = msl::PipelineOptions {
+            entry_point: Some((naga::ShaderStage::Compute, "main".to_string())),
+            vertex_pulling_transform: true,
+            ..Default::default()
+        };
+        let (text, translation) =
+            msl::write_string(module, info, &options, &pipeline).map_err(|e| format!("{e:?}"))?;
+        // A missing binding fails the entry point, not the writer: wgpu-hal checks both.
+        match translation.entry_point_names.as_slice() {
+            [Ok(_)] => Ok(text),
+            other => Err(format!("entry points {other:?}")),
+        }
+    }
+
+    /// The module's HLSL for `shader_model`, with the registers wgpu-hal's DX12 back end
+    /// assigns for our pipeline layout (all in space 0): read-only storage buffers as SRVs
+    /// t0.., read-write ones as UAVs u0.., the dynamic-offset uniform slot as the root CBV
+    /// b0, and b1 for the constants that carry `num_workgroups` (wgpu-core asks for them in
+    /// every pipeline layout); and the checks wgpu asks for by default.
+    fn write_hlsl(
+        key: &PipelineKey,
+        module: &naga::Module,
+        info: &naga::valid::ModuleInfo,
+        shader_model: naga::back::hlsl::ShaderModel,
+    ) -> Result<String, String> {
+        use naga::back::hlsl;
+        let mut binding_map = hlsl::BindingMap::new();
+        let (mut srv, mut uav) = (0, 0);
+        for (i, access) in key.kernel.bindings().iter().enumerate() {
+            let counter = match access {
+                Read => &mut srv,
+                ReadWrite => &mut uav,
+            };
+            let target = hlsl::BindTarget {
+                register: *counter,
+                ..Default::default()
+            };
+            *counter += 1;
+            binding_map.insert(
+                naga::ResourceBinding {
+                    group: 0,
+                    binding: i as u32,
+                },
+                target,
+            );
+        }
+        binding_map.insert(
+            naga::ResourceBinding {
+                group: 1,
+                binding: 0,
+            },
+            hlsl::BindTarget {
+                register: 0,
+                restrict_indexing: true,
+                ..Default::default()
+            },
+        );
+        let options = hlsl::Options {
+            shader_model,
+            binding_map,
+            fake_missing_bindings: false,
+            special_constants_binding: Some(hlsl::BindTarget {
+                register: 1,
+                ..Default::default()
+            }),
+            zero_initialize_workgroup_memory: true,
+            restrict_indexing: true,
+            force_loop_bounding: true,
+            ..Default::default()
+        };
+        let pipeline = hlsl::PipelineOptions {
+            entry_point: Some((naga::ShaderStage::Compute, "main".to_string())),
+        };
+        let mut text = String::new();
+        let reflection = hlsl::Writer::new(&mut text, &options, &pipeline)
+            .write(module, info, None)
+            .map_err(|e| format!("{e:?}"))?;
+        match reflection.entry_point_names.as_slice() {
+            [Ok(_)] => Ok(text),
+            other => Err(format!("entry points {other:?}")),
+        }
+    }
+
+    /// Every variant also translates, as wgpu would translate it, to the Metal Shading
+    /// Language (Metal on macOS and iOS) and to HLSL (DX12 on Windows), so a shader that
+    /// naga cannot write for Metal or DX12 fails here rather than when a Mac or a Windows
+    /// machine first builds its pipeline. Translation only: the Metal and DXC compilers that
+    /// would compile the output do not run on Linux.
+    #[test]
+    fn every_shader_variant_translates_to_msl_and_hlsl() {
+        let (mut msl_count, mut hlsl_count) = (0, 0);
+        for key in PipelineKey::all() {
+            let label = key.label();
+            let (module, info) = validated(&key);
+            // wgpu resolves pipeline-overridable constants first (we set none).
+            let (module, info) = naga::back::pipeline_constants::process_overrides(
+                &module,
+                &info,
+                Some((naga::ShaderStage::Compute, "main")),
+                &Default::default(),
+            )
+            .unwrap_or_else(|e| panic!("{label}: overrides: {e}"));
+            let msl = write_msl(&key, &module, &info)
+                .unwrap_or_else(|e| panic!("{label}: MSL {MSL_VERSION:?}: {e}"));
+            assert!(msl.contains("kernel void"), "{label}: MSL without a kernel");
+            msl_count += 1;
+            for &model in hlsl_shader_models(&key) {
+                let hlsl = write_hlsl(&key, &module, &info, model)
+                    .unwrap_or_else(|e| panic!("{label}: HLSL {model:?}: {e}"));
+                assert!(
+                    hlsl.contains("[numthreads("),
+                    "{label}: HLSL without numthreads"
+                );
+                hlsl_count += 1;
+            }
+        }
+        eprintln!(
+            "{msl_count} variants to MSL, {hlsl_count} (variant, shader model) pairs to HLSL"
+        );
     }
 }
