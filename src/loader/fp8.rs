@@ -10,7 +10,7 @@
 //! `[⌈rows/bᵣ⌉, ⌈cols/b꜀⌉]`. Block `(i, j)` covers rows `bᵣ·i …` and columns `b꜀·j …`, the
 //! last ones partial at the edges, as vLLM and DeepSeek's reference kernel read them:
 //! `w[r][c] = e4m3(q[r][c]) · scale_inv[r / bᵣ][c / b꜀]`. Without `weight_block_size` the
-//! scale is one number for the whole matrix. Embeddings and norms stay bf16.
+//! scale is one number for the whole matrix. The embedding and the norms are bf16 in the file.
 //!
 //! **Why Q8_0.** The weights are dequantized exactly (an e4m3 value times an f32 scale is
 //! an f32 product) and requantized to Q8_0, wick's native 8-bit format: 34 bytes per 32
@@ -23,6 +23,9 @@
 //! is not whole Q8_0 blocks stay f32. [`Fp8Scheme::exact`] reads the weights into f32
 //! instead: exact, four times the memory. A native FP8 path would save 6% of the bytes and
 //! needs e4m3 decoding in every kernel.
+//!
+//! Read into Q8_0, the bf16 embedding becomes Q8_0 too (a tied model reads it whole for every
+//! token's logits), as in llama.cpp's Q8_0 files; the norms stay as they are.
 //!
 //! Static activation scales (`activation_scheme: static`) are refused: wick quantizes
 //! activations itself, per block, which is what `dynamic` means.
