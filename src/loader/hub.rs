@@ -20,7 +20,7 @@
 //! `Qwen3-0.6B-Q4_K_M.gguf`, …). `owner/name:QUANT` (as llama.cpp's `-hf` takes it) picks
 //! the file whose name carries that quantization (any case; `Q4_K` does not match `Q4_K_M`);
 //! `owner/name` alone, for a repository without `config.json`, picks Q4_K_M, else Q4_0, else
-//! Q8_0, else the first GGUF file, and logs which. A model split into
+//! Q8_0, else the first GGUF file, and says which in a warning. A model split into
 //! `NAME-00001-of-0000N.gguf` … is downloaded whole. The file list comes from the Hub's
 //! `api/models/owner/name/revision/REV` (offline: from the cached snapshot).
 //!
@@ -263,12 +263,14 @@ fn fetch_gguf(hub: &HubRepo, models: &[GgufModel], quant: Option<&str>) -> Resul
                 .iter()
                 .find_map(|q| models.iter().find(|m| names_quant(&m.stem, q)))
                 .unwrap_or(&models[0]);
-            tracing::info!(
-                model = %hub.id,
-                file = %m.parts[0],
-                "no quantization given (owner/name:QUANT): picked {} of {}",
+            // A warning, so that the default log level shows which file a bare id gave.
+            tracing::warn!(
+                "{}: no quantization given, using {} (the repository has {}; pick one with \
+                 {}:QUANT)",
+                hub.id,
                 m.parts[0],
-                available()
+                available(),
+                hub.id
             );
             m
         }
