@@ -20,11 +20,9 @@
 
 use std::fmt;
 
-use rayon::prelude::*;
-
 use crate::error::{Error, Result};
-use crate::loader::{names, Bytes, HostTensor, TensorSet};
-use crate::quant::{self, DType};
+use crate::loader::{names, TensorSet};
+use crate::quant::DType;
 
 /// A quantization mix, named after llama.cpp's file types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -144,57 +142,7 @@ fn fallback(wanted: DType, cols: usize) -> DType {
 
 pub use crate::quant::quantize_row;
 
-/// Converts `t` to `dtype` (through f32), rows in parallel on the rayon pool.
-///
-/// Errors if the rows are not whole blocks of `dtype` or the tensor holds NaN or infinity
-/// (the quantizers' scale searches would produce garbage).
-pub fn convert_tensor(t: &HostTensor, dtype: DType) -> Result<HostTensor> {
-    if t.dtype == dtype {
-        return Ok(t.clone());
-    }
-    let (rows, cols) = t.rows_cols();
-    let in_row = t.dtype.bytes_for(cols);
-    let out_row = dtype.bytes_for(cols);
-    let (Some(in_row), Some(out_row)) = (in_row, out_row) else {
-        return Err(Error::InvalidRequest(format!(
-            "cannot store tensor `{}` ({} per row) as {dtype}: rows are not whole blocks",
-            t.name, cols
-        )));
-    };
-    let src = t.data.as_slice();
-    if src.len() < rows * in_row {
-        return Err(Error::ShapeMismatch {
-            name: t.name.clone(),
-            expected: t.shape.clone(),
-            found: vec![src.len()],
-        });
-    }
-    let mut out = vec![0u8; rows * out_row];
-    // Groups of rows big enough to amortise rayon's overhead on narrow matrices.
-    let per_job = (65536 / cols.max(1)).max(1);
-    out.par_chunks_mut(per_job * out_row)
-        .zip(src[..rows * in_row].par_chunks(per_job * in_row))
-        .try_for_each(|(dst, src)| {
-            let mut f = vec![0f32; cols];
-            for (d, s) in dst.chunks_exact_mut(out_row).zip(src.chunks_exact(in_row)) {
-                quant::dequantize_row(t.dtype, s, &mut f);
-                if f.iter().any(|v| !v.is_finite()) {
-                    return Err(Error::InvalidRequest(format!(
-                        "cannot quantize tensor `{}`: it holds NaN or infinite values",
-                        t.name
-                    )));
-                }
-                quantize_row(dtype, &f, d);
-            }
-            Ok(())
-        })?;
-    Ok(HostTensor {
-        name: t.name.clone(),
-        dtype,
-        shape: t.shape.clone(),
-        data: Bytes::from_vec(out),
-    })
-}
+pub use crate::loader::convert_tensor;
 
 /// The storage type `scheme` gives Hugging Face tensor `hf_name`, or `None` for tensors the
 /// GGUF name table does not know (they are left as they are).

@@ -250,23 +250,7 @@ pub fn convert(
             });
             if convert {
                 let t = set.remove(name).expect("present");
-                let cols = *t.shape.last().expect("a matrix");
-                let (src_bytes, row_bytes) = (t.dtype.bytes_for(cols), DType::Q8_0.bytes_for(cols));
-                let (src_bytes, row_bytes) =
-                    (src_bytes.expect("floats"), row_bytes.expect("blocks"));
-                let mut out = vec![0u8; t.numel() / cols * row_bytes];
-                out.par_chunks_mut(row_bytes)
-                    .zip(t.data.as_slice().par_chunks(src_bytes))
-                    .for_each(|(dst, src)| {
-                        let mut row = vec![0.0f32; cols];
-                        crate::quant::dequantize_row(t.dtype, src, &mut row);
-                        crate::quant::quantize_row(DType::Q8_0, &row, dst);
-                    });
-                set.insert(HostTensor {
-                    dtype: DType::Q8_0,
-                    data: Bytes::from_vec(out),
-                    ..t
-                })?;
+                set.insert(super::convert_tensor(&t, DType::Q8_0)?)?;
             }
         }
     }

@@ -118,31 +118,12 @@ fn load_file(path: &Path, set: &mut TensorSet, raw: &mut Vec<RawFp8>) -> Result<
         .map_err(|e| malformed(describe_header_error(&e, bytes)))?;
     let data_start = 8 + header_len;
     for (name, info) in meta.tensors() {
+        // `None`: an FP8 weight (one byte per element), kept aside for [`super::fp8`].
         let dtype = match info.dtype {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::BF16 => DType::BF16,
-            safetensors::Dtype::F8_E4M3 => {
-                let numel = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-                let (start, end) = info.data_offsets;
-                let range = data_start + start..data_start + end;
-                if numel != Some(end.saturating_sub(start))
-                    || range.end > bytes.len()
-                    || start > end
-                {
-                    return Err(malformed(format!(
-                        "tensor `{name}`: {} bytes for F8_E4M3 shape {:?}",
-                        end.saturating_sub(start),
-                        info.shape
-                    )));
-                }
-                raw.push((
-                    super::names::with_model_prefix(&name),
-                    info.shape.clone(),
-                    Bytes::new(owner.clone(), range),
-                ));
-                continue;
-            }
+            safetensors::Dtype::F32 => Some(DType::F32),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            safetensors::Dtype::F8_E4M3 => None,
             other => {
                 return Err(Error::UnsupportedDType {
                     name,
@@ -156,7 +137,9 @@ fn load_file(path: &Path, set: &mut TensorSet, raw: &mut Vec<RawFp8>) -> Result<
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .ok_or_else(|| malformed(format!("tensor `{name}`: shape overflows")))?;
-        if dtype.bytes_for(numel) != Some(end.saturating_sub(start)) {
+        let expected = dtype.map_or(Some(numel), |d| d.bytes_for(numel));
+        if expected != Some(end.saturating_sub(start)) {
+            let dtype = dtype.map_or("F8_E4M3".to_string(), |d| d.to_string());
             return Err(malformed(format!(
                 "tensor `{name}`: {} bytes for shape {:?} of {dtype}",
                 end.saturating_sub(start),
@@ -167,13 +150,18 @@ fn load_file(path: &Path, set: &mut TensorSet, raw: &mut Vec<RawFp8>) -> Result<
         if range.end > bytes.len() || start > end {
             return Err(malformed(format!("tensor `{name}`: data outside the file")));
         }
-        set.insert(HostTensor {
-            // Bare-model exports (Qwen3-Embedding) name tensors without `model.`.
-            name: super::names::with_model_prefix(&name),
-            dtype,
-            shape: info.shape.clone(),
-            data: Bytes::new(owner.clone(), range),
-        })?;
+        // Bare-model exports (Qwen3-Embedding) name tensors without `model.`.
+        let name = super::names::with_model_prefix(&name);
+        let data = Bytes::new(owner.clone(), range);
+        match dtype {
+            Some(dtype) => set.insert(HostTensor {
+                name,
+                dtype,
+                shape: info.shape.clone(),
+                data,
+            })?,
+            None => raw.push((name, info.shape.clone(), data)),
+        }
     }
     Ok(())
 }
