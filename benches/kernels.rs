@@ -1,9 +1,14 @@
-//! Kernel throughput on the Qwen3-0.6B shapes: the decode dot products per weight format and
-//! the prefill tile, reported as weight bytes per second (criterion's throughput).
+//! Kernel throughput on the Qwen3-0.6B shapes: the decode dot products per weight format, the
+//! interleaved 8-bit-activation kernels of the VNNI tiers (one token, as decode, and four, as
+//! a prompt's tile) and the prefill tile, reported as weight bytes per second (criterion's
+//! throughput). The weights fit in the L2 cache, so these are the kernels' compute rates,
+//! the ceiling decode reaches when memory keeps up.
 //!
 //! `cargo bench --bench kernels`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use wick::backend::cpu::isa::Isa;
+use wick::backend::cpu::q8::{self, interleave::Interleaved, Q8Act, Q8KAct};
 use wick::backend::cpu::qdot::{self, Q16Act};
 use wick::backend::cpu::simd;
 use wick::quant::DType;
@@ -55,6 +60,53 @@ fn decode_dots(c: &mut Criterion) {
     g.finish();
 }
 
+fn interleaved(c: &mut Criterion) {
+    let isa = Isa::current();
+    let Some(r) = q8::interleave_rows(isa) else {
+        eprintln!("{isa} has no interleaved kernels: skipped");
+        return;
+    };
+    let (rows, k) = (1024, 1024);
+    let mut g = c.benchmark_group(format!("interleaved_{isa}"));
+    for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q6_K] {
+        let w = Interleaved::new(dtype, &weights(dtype, rows, k), rows, k, r);
+        for tokens in [1usize, 4] {
+            let xs: Vec<Vec<f32>> = (0..tokens).map(|t| values(k, 9 + t as u64)).collect();
+            let x8: Vec<Q8Act> = xs
+                .iter()
+                .map(|v| {
+                    let mut q = Q8Act::default();
+                    q.quantize(v);
+                    q
+                })
+                .collect();
+            let x8k: Vec<Q8KAct> = xs
+                .iter()
+                .map(|v| {
+                    let mut q = Q8KAct::default();
+                    q.quantize(v);
+                    q
+                })
+                .collect();
+            let mut out = vec![0.0f32; tokens * r];
+            g.throughput(Throughput::Bytes(w.data.len() as u64));
+            g.bench_function(BenchmarkId::new(dtype.to_string(), tokens), |b| {
+                b.iter(|| {
+                    for gi in 0..w.groups() {
+                        if q8::interleaved_wants_q8k(dtype) {
+                            q8::gemm_interleaved_k(isa, &w, gi, &x8k, &mut out);
+                        } else {
+                            q8::gemm_interleaved(isa, &w, gi, &x8, &mut out);
+                        }
+                    }
+                    out[0]
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 fn prefill_tile(c: &mut Criterion) {
     let k = 1024;
     let w: Vec<Vec<f32>> = (0..64).map(|i| values(k, i)).collect();
@@ -76,5 +128,5 @@ fn prefill_tile(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode_dots, prefill_tile);
+criterion_group!(benches, decode_dots, interleaved, prefill_tile);
 criterion_main!(benches);

@@ -17,10 +17,11 @@
 //!   same figure as their margin tolerance. The top-8 ranks at every prompt position are
 //!   checked on the 16-bit path only: llama.cpp's deviation is known at the last position.
 //!   Per case both runs scatter widely (llama.cpp 0.046–0.073 on Q8_0, 0.069–0.136 on Q4_0,
-//!   0.13–0.27 on Q4_K_M; wick 0.03–0.17): wick is below llama.cpp's worst on Q4_K_M by half,
-//!   and above it on two cases of Q8_0 (0.077 and 0.085 vs 0.073) and one of Q4_0 (0.168 vs
-//!   0.136), so the
-//!   bound is llama.cpp's worst times [`Q8_MARGIN`].
+//!   0.13–0.27 on Q4_K_M; wick 0.03–0.17, and 0.12–0.23 on Q4_K_M, whose K-quant kernels
+//!   read activations with one step per 256 refined by powers of two): wick is below
+//!   llama.cpp's worst on Q4_K_M, and above it on two cases of Q8_0 (0.077 and 0.085 vs
+//!   0.073) and one of Q4_0 (0.168 vs 0.136), so the bound is llama.cpp's worst times
+//!   [`Q8_MARGIN`].
 
 mod common;
 

@@ -17,7 +17,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::isa::Isa;
-use super::q8::{self, Packed, Q8Act};
+use super::q8::{self, Packed, Q8Act, Q8KAct};
 use super::qdot::{self, Q16Act};
 use super::simd;
 use super::{ActQuant, CpuWeight};
@@ -45,6 +45,8 @@ thread_local! {
     static XQ: RefCell<Vec<Q16Act>> = const { RefCell::new(Vec::new()) };
     /// The calling thread's 8-bit copies of the activation rows.
     static XQ8: RefCell<Vec<Q8Act>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's per-256 8-bit copies, for the interleaved K-quant kernels.
+    static XQ8K: RefCell<Vec<Q8KAct>> = const { RefCell::new(Vec::new()) };
     /// Per-thread packed weight rows and their results for one group ([`q8::gemm`]).
     static PACKED: RefCell<(Packed, Vec<f32>)> = RefCell::new(Default::default());
 }
@@ -112,75 +114,102 @@ pub fn matmul(
                 *o = if accumulate { *o + v } else { v };
             }
         };
+        // The interleaved K-quants read per-256 activations, every other part per-32 ones;
+        // each kind is quantized only if some part reads it.
+        let reads_q8k = |p: usize| {
+            w.interleaved[p]
+                .as_ref()
+                .is_some_and(|il| q8::interleaved_wants_q8k(il.dtype))
+        };
+        let need_q8k = (0..w.parts.len()).any(reads_q8k);
+        let need_q8 = !(0..w.parts.len()).all(reads_q8k);
         XQ8.with(|xq| {
-            let mut xq = xq.borrow_mut();
-            xq.resize_with(rows, Q8Act::default);
-            for (t, q) in xq.iter_mut().enumerate() {
-                q.quantize(&x[t * k..(t + 1) * k]);
-            }
-            let xq = &xq[..rows];
-            jobs.par_iter().for_each(|&(p, r0, len, c0)| {
-                let part = &w.parts[p];
-                if let Some(il) = &w.interleaved[p] {
-                    // Jobs start at multiples of 16 rows, so at group boundaries.
-                    let r = il.r;
-                    debug_assert!(r0.is_multiple_of(r));
+            XQ8K.with(|xqk| {
+                let mut xq = xq.borrow_mut();
+                let mut xqk = xqk.borrow_mut();
+                if need_q8 {
+                    xq.resize_with(rows, Q8Act::default);
+                    for (t, q) in xq.iter_mut().enumerate().take(rows) {
+                        q.quantize(&x[t * k..(t + 1) * k]);
+                    }
+                }
+                if need_q8k {
+                    xqk.resize_with(rows, Q8KAct::default);
+                    for (t, q) in xqk.iter_mut().enumerate().take(rows) {
+                        q.quantize(&x[t * k..(t + 1) * k]);
+                    }
+                }
+                let xq = &xq[..if need_q8 { rows } else { 0 }];
+                let xqk = &xqk[..if need_q8k { rows } else { 0 }];
+                jobs.par_iter().for_each(|&(p, r0, len, c0)| {
+                    let part = &w.parts[p];
+                    if let Some(il) = &w.interleaved[p] {
+                        // Jobs start at multiples of 16 rows, so at group boundaries.
+                        let r = il.r;
+                        debug_assert!(r0.is_multiple_of(r));
+                        let k_quant = reads_q8k(p);
+                        PACKED.with(|pk| {
+                            let (_, res) = &mut *pk.borrow_mut();
+                            res.resize(rows * r, 0.0);
+                            for g in (r0 / r)..(r0 + len).div_ceil(r) {
+                                if k_quant {
+                                    q8::gemm_interleaved_k(isa, il, g, xqk, res);
+                                } else {
+                                    q8::gemm_interleaved(isa, il, g, xq, res);
+                                }
+                                let gl = r.min(r0 + len - g * r);
+                                for t in 0..rows {
+                                    for i in 0..gl {
+                                        store(t, c0 - r0 + g * r + i, res[t * r + i]);
+                                    }
+                                }
+                            }
+                        });
+                        return;
+                    }
+                    let row_bytes = part.dtype.bytes_for(k).expect("validated at load");
+                    let data = &part.data.as_slice()[r0 * row_bytes..(r0 + len) * row_bytes];
+                    if rows <= MAX_ROWS_Q8_DOT {
+                        for (i, row) in data.chunks_exact(row_bytes).enumerate() {
+                            let mut t = 0;
+                            while t + 4 <= rows {
+                                let x4 = [&xq[t], &xq[t + 1], &xq[t + 2], &xq[t + 3]];
+                                for (j, v) in
+                                    q8::dot4(isa, part.dtype, row, x4).into_iter().enumerate()
+                                {
+                                    store(t + j, c0 + i, v);
+                                }
+                                t += 4;
+                            }
+                            for (t, q) in xq.iter().enumerate().skip(t) {
+                                store(t, c0 + i, q8::dot(isa, part.dtype, row, q));
+                            }
+                        }
+                        return;
+                    }
+                    let (r, il, biased) = q8::gemm_layout(isa).expect("checked above");
                     PACKED.with(|pk| {
-                        let (_, res) = &mut *pk.borrow_mut();
+                        let (packed, res) = &mut *pk.borrow_mut();
                         res.resize(rows * r, 0.0);
-                        for g in (r0 / r)..(r0 + len).div_ceil(r) {
-                            q8::gemm_interleaved(isa, il, g, xq, res);
-                            let gl = r.min(r0 + len - g * r);
+                        let group: Vec<&[u8]> = Vec::with_capacity(r);
+                        let mut group = group;
+                        for g0 in (0..len).step_by(r) {
+                            let gl = r.min(len - g0);
+                            group.clear();
+                            group.extend(
+                                (g0..g0 + gl).map(|i| &data[i * row_bytes..(i + 1) * row_bytes]),
+                            );
+                            packed.pack(part.dtype, &group, k, r, il, biased);
+                            q8::gemm(isa, packed, xq, res);
                             for t in 0..rows {
                                 for i in 0..gl {
-                                    store(t, c0 - r0 + g * r + i, res[t * r + i]);
+                                    store(t, c0 + g0 + i, res[t * r + i]);
                                 }
                             }
                         }
                     });
-                    return;
-                }
-                let row_bytes = part.dtype.bytes_for(k).expect("validated at load");
-                let data = &part.data.as_slice()[r0 * row_bytes..(r0 + len) * row_bytes];
-                if rows <= MAX_ROWS_Q8_DOT {
-                    for (i, row) in data.chunks_exact(row_bytes).enumerate() {
-                        let mut t = 0;
-                        while t + 4 <= rows {
-                            let x4 = [&xq[t], &xq[t + 1], &xq[t + 2], &xq[t + 3]];
-                            for (j, v) in q8::dot4(isa, part.dtype, row, x4).into_iter().enumerate()
-                            {
-                                store(t + j, c0 + i, v);
-                            }
-                            t += 4;
-                        }
-                        for (t, q) in xq.iter().enumerate().skip(t) {
-                            store(t, c0 + i, q8::dot(isa, part.dtype, row, q));
-                        }
-                    }
-                    return;
-                }
-                let (r, il, biased) = q8::gemm_layout(isa).expect("checked above");
-                PACKED.with(|pk| {
-                    let (packed, res) = &mut *pk.borrow_mut();
-                    res.resize(rows * r, 0.0);
-                    let group: Vec<&[u8]> = Vec::with_capacity(r);
-                    let mut group = group;
-                    for g0 in (0..len).step_by(r) {
-                        let gl = r.min(len - g0);
-                        group.clear();
-                        group.extend(
-                            (g0..g0 + gl).map(|i| &data[i * row_bytes..(i + 1) * row_bytes]),
-                        );
-                        packed.pack(part.dtype, &group, k, r, il, biased);
-                        q8::gemm(isa, packed, xq, res);
-                        for t in 0..rows {
-                            for i in 0..gl {
-                                store(t, c0 + g0 + i, res[t * r + i]);
-                            }
-                        }
-                    }
                 });
-            });
+            })
         });
         return;
     }
@@ -435,11 +464,19 @@ mod tests {
                 for t in (1..=MAX_ROWS_INTEGER_DOT4 + 2).chain([33, 40]) {
                     let mut x = values(t * k, 3 + t as u64);
                     if act == ActQuant::Q8 {
+                        // Values on one grid per row, with ±127 steps in every block of 32:
+                        // per-32 and per-256 quantization both give them back exactly.
                         for row in x.chunks_exact_mut(k) {
                             let mut q = Q8Act::default();
                             q.quantize(row);
+                            let step = q.d.iter().fold(0.0f32, |m, &d| m.max(d));
                             for (i, v) in row.iter_mut().enumerate() {
-                                *v = q.qs[i] as f32 * q.d[i / 32];
+                                let qi = if i % 32 == 0 {
+                                    127.0
+                                } else {
+                                    (*v / step).round().clamp(-127.0, 127.0)
+                                };
+                                *v = qi * step;
                             }
                         }
                     }

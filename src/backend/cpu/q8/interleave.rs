@@ -17,8 +17,13 @@
 //! |---|---|---|
 //! | Q4_0 | `d[R]` f16, `qs[4][R][4]` | 18 (18) |
 //! | Q8_0 | `d[R]` f16, `qs[8][R][4]` as `q + 128` (u8) | 34 (34) |
-//! | Q4_K | `d[R]`, `dmin[R]` f16, `sc[8][R]`, `mn[8][R]` u8 (6-bit values unpacked), `qs[32][R][4]` | 148 (144) |
-//! | Q6_K | `d[R]` f16, `sc[16][R]` i8, `ql[32][R][4]`, `qh[16][R][4]` | 210 (210) |
+//! | Q4_K | `d[R]`, `dmin[R]` f16, `sc[8][R]`, `mn[4][R][2]` u8 (6-bit values unpacked), `qs[32][R][4]` | 148 (144) |
+//! | Q6_K | `d[R]` f16, `sc[8][R][2]` i8, `ql[32][R][4]`, `qh[16][R][4]` | 210 (210) |
+//!
+//! The `Q4_K` minimums and the `Q6_K` scales are stored in pairs per row (`[R][2]`: two
+//! sub-blocks, or the two halves of a 32-run), so that one widening load gives each lane a
+//! pair of i16 for a 16-bit pair multiply-add against the activations' paired sums
+//! ([`super::Q8KAct`]).
 //!
 //! Rows past the end of the matrix are zero (their results are not stored). The original
 //! memory-mapped bytes are no longer read once a weight is interleaved, so the kernel can drop
@@ -122,14 +127,16 @@ impl Interleaved {
                                 for j in 0..8 {
                                     let (sc, mn) = crate::quant::q4_k::scale_min(j, scales);
                                     out[4 * r + j * r + i] = sc;
-                                    out[12 * r + j * r + i] = mn;
+                                    // Pairs of sub-blocks, for 16-bit pair multiply-adds.
+                                    out[12 * r + (j / 2) * 2 * r + 2 * i + j % 2] = mn;
                                 }
                                 chunks4(&mut out[20 * r..], i, &blk[16..144], 0);
                             }
                             DType::Q6_K => {
                                 out[2 * i..2 * i + 2].copy_from_slice(&blk[208..210]);
+                                // Scale pairs: the two 16-element halves of a 32-run.
                                 for j in 0..16 {
-                                    out[2 * r + j * r + i] = blk[192 + j];
+                                    out[2 * r + (j / 2) * 2 * r + 2 * i + j % 2] = blk[192 + j];
                                 }
                                 chunks4(&mut out[18 * r..], i, &blk[0..128], 0);
                                 chunks4(&mut out[146 * r..], i, &blk[128..192], 0);
@@ -153,7 +160,11 @@ impl Interleaved {
 mod tests {
     use super::*;
     use crate::backend::cpu::isa::Isa;
-    use crate::backend::cpu::q8::{dot_scalar, Q8Act};
+    use crate::backend::cpu::q8::{dot_scalar, dot_scalar_k, interleaved_wants_q8k, Q8Act, Q8KAct};
+
+    fn row(data: &[u8], i: usize, rb: usize) -> &[u8] {
+        &data[i * rb..(i + 1) * rb]
+    }
 
     fn bytes(n: usize, seed: u64) -> Vec<u8> {
         let mut s = seed | 1;
@@ -206,23 +217,48 @@ mod tests {
             let data = rows(dtype, n, k, 3);
             let rb = k / dtype.block_elems() * dtype.block_bytes();
             for t in [1usize, 3, 4, 6] {
-                let xs: Vec<Q8Act> = (0..t)
-                    .map(|j| {
-                        let mut q = Q8Act::default();
-                        q.quantize(&values(k, 10 + j as u64));
-                        q
-                    })
-                    .collect();
+                let vals: Vec<Vec<f32>> = (0..t).map(|j| values(k, 10 + j as u64)).collect();
                 for &isa in &tiers {
                     let r = super::super::interleave_rows(isa).unwrap();
                     let w = Interleaved::new(dtype, &data, n, k, r);
                     let mut out = vec![f32::NAN; t * r];
                     for g in 0..w.groups() {
-                        super::super::gemm_interleaved(isa, &w, g, &xs, &mut out);
-                        for (tt, x) in xs.iter().enumerate() {
-                            for i in 0..r.min(n - g * r) {
-                                let row = &data[(g * r + i) * rb..(g * r + i + 1) * rb];
-                                let want = dot_scalar(dtype, row, x);
+                        // The K-quants read per-256 activations, the others per-32 ones.
+                        let want: Vec<Vec<f32>> = if interleaved_wants_q8k(dtype) {
+                            let xs: Vec<Q8KAct> = vals
+                                .iter()
+                                .map(|v| {
+                                    let mut q = Q8KAct::default();
+                                    q.quantize(v);
+                                    q
+                                })
+                                .collect();
+                            super::super::gemm_interleaved_k(isa, &w, g, &xs, &mut out);
+                            let rows = |x: &Q8KAct| -> Vec<f32> {
+                                (0..r.min(n - g * r))
+                                    .map(|i| dot_scalar_k(dtype, row(&data, g * r + i, rb), x))
+                                    .collect()
+                            };
+                            xs.iter().map(rows).collect()
+                        } else {
+                            let xs: Vec<Q8Act> = vals
+                                .iter()
+                                .map(|v| {
+                                    let mut q = Q8Act::default();
+                                    q.quantize(v);
+                                    q
+                                })
+                                .collect();
+                            super::super::gemm_interleaved(isa, &w, g, &xs, &mut out);
+                            let rows = |x: &Q8Act| -> Vec<f32> {
+                                (0..r.min(n - g * r))
+                                    .map(|i| dot_scalar(dtype, row(&data, g * r + i, rb), x))
+                                    .collect()
+                            };
+                            xs.iter().map(rows).collect()
+                        };
+                        for (tt, want) in want.iter().enumerate() {
+                            for (i, &want) in want.iter().enumerate() {
                                 let got = out[tt * r + i];
                                 assert!(
                                     (got - want).abs() <= 1e-4 * (1.0 + want.abs()),

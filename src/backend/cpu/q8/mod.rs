@@ -19,7 +19,9 @@
 //!
 //! - **Interleaved weights** ([`interleave::Interleaved`], VNNI tiers): the `Q4_0`, `Q8_0`,
 //!   `Q4_K` and `Q6_K` matrices are re-laid once at load with 16 (or 8) rows interleaved, and
-//!   [`gemm_interleaved`] serves decode and prompts alike with one row per SIMD lane.
+//!   [`gemm_interleaved`] serves decode and prompts alike with one row per SIMD lane. The
+//!   K-quants ([`gemm_interleaved_k`]) read activations with one scale per 256 elements
+//!   refined by powers of two ([`Q8KAct`]), so their sub-block scales apply to integer sums.
 //!
 //! The scalar functions here are the reference every SIMD tier is tested against. How exact
 //! 8-bit activations are is measured, not assumed: see `wick perplexity --kl-divergence` and
@@ -91,6 +93,126 @@ impl Q8Act {
     pub fn is_empty(&self) -> bool {
         self.qs.is_empty()
     }
+}
+
+/// An activation row quantized to 8 bits for the interleaved K-quant kernels: one scale
+/// per 256 elements, refined per block of 32 by a power of two. With a scale shared across a
+/// super-block, the weight's per-sub-block scales and minimums apply to integer sums and the
+/// float work is once per super-block instead of once per sub-block (see
+/// [`gemm_interleaved_k`]).
+///
+/// Element `i` is `d[i/256] · 2^sh[i/32] · qs[i]`. A block of 32 whose largest value is
+/// below half, a quarter or an eighth of its super-block's takes a step 2, 4 or 8 times
+/// finer (`sh` = 2, 1, 0; `sh` = 3 is the super-block's step `amax/127`), so a quiet block
+/// next to an outlier keeps most of the precision a scale of its own would give. Measured on
+/// the GGUF Q4_K_M fixture (worst top-10 |Δ log-prob| against the float oracle): one step per
+/// 256 as llama.cpp's `Q8_K` 0.49 (llama.cpp's own run 0.34), these steps 0.23, [`Q8Act`]'s
+/// per-32 scales 0.15. The integer sums are shifted left by `sh` before the weight's scales
+/// apply.
+#[derive(Clone, Debug, Default)]
+pub struct Q8KAct {
+    /// `[K]` quantized values, |q| ≤ 127.
+    pub qs: Vec<i8>,
+    /// `[K/256]` the finest step of each super-block (an eighth of `amax/127`).
+    pub d: Vec<f32>,
+    /// `[K/32]` the power of two (0..=3) of each block of 32's step over `d`.
+    pub sh: Vec<i32>,
+    /// `[K/32]` the sums of the two 16-element halves of each 32-element block, shifted by
+    /// the block's `sh`, as a pair of i16 (low half first): the operand of a 16-bit pair
+    /// multiply-add (`vpdpwssd`).
+    pub sum16x2: Vec<i32>,
+    /// `[K/64]` the sums of the two 32-element blocks of each 64, each shifted by its `sh`,
+    /// as a pair of i16.
+    pub sum32x2: Vec<i32>,
+}
+
+/// Two i16 halves in one i32: `lo` in the low 16 bits.
+fn i16_pair(lo: i32, hi: i32) -> i32 {
+    debug_assert!(i16::try_from(lo).is_ok() && i16::try_from(hi).is_ok());
+    ((lo as u32 & 0xFFFF) | ((hi as u32) << 16)) as i32
+}
+
+impl Q8KAct {
+    /// Quantizes `x` (length a multiple of 256) into `self`, reusing its buffers, rounding to
+    /// nearest as [`Q8Act::quantize`] does.
+    pub fn quantize(&mut self, x: &[f32]) {
+        assert!(
+            x.len().is_multiple_of(256),
+            "activation length {} is not whole super-blocks",
+            x.len()
+        );
+        let n = x.len();
+        self.qs.resize(n, 0);
+        self.d.resize(n / 256, 0.0);
+        self.sh.resize(n / 32, 0);
+        self.sum16x2.resize(n / 32, 0);
+        self.sum32x2.resize(n / 64, 0);
+        let amax = |v: &[f32]| v.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (sb, xs) in x.chunks_exact(256).enumerate() {
+            let top = amax(xs);
+            let d = top / 127.0 / 8.0;
+            self.d[sb] = d;
+            for (b, xb) in xs.chunks_exact(32).enumerate() {
+                let a = amax(xb);
+                // The finest step (of 8d, 4d, 2d, d) that still holds the block's largest
+                // value within ±127.
+                let mut sh = 3;
+                while sh > 0 && a * 2.0 <= top / (1 << (3 - sh)) as f32 {
+                    sh -= 1;
+                }
+                let step = d * (1 << sh) as f32;
+                let inv = if step > 0.0 { 1.0 / step } else { 0.0 };
+                let i = 8 * sb + b;
+                self.sh[i] = sh;
+                for (qi, &v) in self.qs[32 * i..32 * i + 32].iter_mut().zip(xb) {
+                    *qi = super::round_half_away(v * inv).clamp(-127, 127) as i8;
+                }
+            }
+        }
+        let sum = |q: &[i8]| q.iter().map(|&v| v as i32).sum::<i32>();
+        for (b, q) in self.qs.chunks_exact(32).enumerate() {
+            let sh = self.sh[b];
+            self.sum16x2[b] = i16_pair(sum(&q[..16]) << sh, sum(&q[16..]) << sh);
+        }
+        for (c, q) in self.qs.chunks_exact(64).enumerate() {
+            let (s0, s1) = (
+                sum(&q[..32]) << self.sh[2 * c],
+                sum(&q[32..]) << self.sh[2 * c + 1],
+            );
+            self.sum32x2[c] = i16_pair(s0, s1);
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.qs.len()
+    }
+
+    /// Whether the row is empty.
+    pub fn is_empty(&self) -> bool {
+        self.qs.is_empty()
+    }
+}
+
+/// Whether the interleaved kernel for `dtype` reads [`Q8KAct`] (per-256 activation scales,
+/// the K-quants) rather than [`Q8Act`].
+pub fn interleaved_wants_q8k(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_K | DType::Q6_K)
+}
+
+/// Scalar reference for the interleaved K-quant kernels: the dequantized row against the
+/// dequantized activations, summed in f64.
+pub fn dot_scalar_k(dtype: DType, row: &[u8], x: &Q8KAct) -> f32 {
+    let k = x.len();
+    let mut w = vec![0.0f32; k];
+    crate::quant::dequantize_row(dtype, row, &mut w);
+    w.iter()
+        .enumerate()
+        .map(|(i, &w)| {
+            let step = x.d[i / 256] as f64 * (1 << x.sh[i / 32]) as f64;
+            w as f64 * step * x.qs[i] as f64
+        })
+        .sum::<f64>() as f32
 }
 
 /// Whether `dtype` has 8-bit-activation kernels.
@@ -379,8 +501,35 @@ pub fn interleave_rows(isa: Isa) -> Option<usize> {
     }
 }
 
+/// [`gemm_interleaved`] for the formats of [`interleaved_wants_q8k`] (`Q4_K`, `Q6_K`): the
+/// activations carry one scale per 256 elements, so each row's sub-block scales multiply
+/// integer sums and the minimums (`Q4_K`) and the offset of 32 (`Q6_K`) are 16-bit pair
+/// multiply-adds of the weight's 6-bit values with the activation sums: one float
+/// multiply-add per sub-block and token, and the rest once per super-block.
+pub fn gemm_interleaved_k(
+    isa: Isa,
+    w: &interleave::Interleaved,
+    g: usize,
+    x: &[Q8KAct],
+    out: &mut [f32],
+) {
+    assert!(g < w.groups() && out.len() >= x.len() * w.r);
+    assert!(interleaved_wants_q8k(w.dtype), "{} reads Q8Act", w.dtype);
+    assert!(
+        x.iter().all(|x| x.len() == w.k),
+        "activation rows of {} columns",
+        w.k
+    );
+    #[cfg(target_arch = "x86_64")]
+    if interleave_rows(isa) == Some(w.r) {
+        return x86::gemm_interleaved_k(isa, w, g, x, out);
+    }
+    panic!("{isa} has no interleaved kernel for {} rows", w.r)
+}
+
 /// `out[t·r + i] = Σ_k w[g·r + i][k] · x_t[k]` for the `r` rows of group `g` of `w`
-/// (interleaved for `isa`) and every activation row of `x`.
+/// (interleaved for `isa`, a format not in [`interleaved_wants_q8k`]) and every activation
+/// row of `x`.
 pub fn gemm_interleaved(
     isa: Isa,
     w: &interleave::Interleaved,
@@ -389,6 +538,7 @@ pub fn gemm_interleaved(
     out: &mut [f32],
 ) {
     assert!(g < w.groups() && out.len() >= x.len() * w.r);
+    assert!(!interleaved_wants_q8k(w.dtype), "{} reads Q8KAct", w.dtype);
     assert!(
         x.iter().all(|x| x.len() == w.k),
         "activation rows of {} columns",

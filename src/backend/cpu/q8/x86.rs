@@ -461,13 +461,37 @@ pub fn gemm_interleaved(
     }
 }
 
+/// [`super::gemm_interleaved_k`] on a VNNI tier.
+pub fn gemm_interleaved_k(
+    isa: Isa,
+    w: &super::interleave::Interleaved,
+    g: usize,
+    x: &[super::Q8KAct],
+    out: &mut [f32],
+) {
+    // SAFETY: as for `gemm_interleaved`.
+    unsafe {
+        match isa {
+            Isa::Avx512 => {
+                assert_eq!(w.r, 16);
+                il512::gemm_k(w, g, x, out)
+            }
+            Isa::AvxVnni => {
+                assert_eq!(w.r, 8);
+                il256::gemm_k(w, g, x, out)
+            }
+            _ => unreachable!("no interleaved kernel on {isa}"),
+        }
+    }
+}
+
 /// The interleaved kernels, written once over a vector width: `$r` rows per register, with
 /// the width's loads and multiply-adds supplied as small functions of the module (`ld`,
 /// `dp`, …).
 macro_rules! interleaved_kernels {
     ($feat:literal, $r:literal) => {
         use crate::backend::cpu::q8::interleave::Interleaved;
-        use crate::backend::cpu::q8::Q8Act;
+        use crate::backend::cpu::q8::{Q8Act, Q8KAct};
         use crate::quant::DType;
 
         /// `out[t·R + i] = Σ_k w[g·R + i][k] · x_t[k]` for the `R` rows of group `g`.
@@ -485,9 +509,30 @@ macro_rules! interleaved_kernels {
             }
         }
 
+        /// [`gemm`] for the K-quants, against activations with a scale per 256 elements.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn gemm_k(w: &Interleaved, g: usize, x: &[Q8KAct], out: &mut [f32]) {
+            let gp = w.group(g).as_ptr();
+            let mut t = 0;
+            while t + 4 <= x.len() {
+                tile_k::<4>(w, gp, &x[t..t + 4], out.as_mut_ptr().add(t * $r));
+                t += 4;
+            }
+            while t < x.len() {
+                tile_k::<1>(w, gp, &x[t..t + 1], out.as_mut_ptr().add(t * $r));
+                t += 1;
+            }
+        }
+
         /// Four activation bytes of row `x` at column `k`, in every lane.
         #[target_feature(enable = $feat)]
         unsafe fn bx(x: &Q8Act, k: usize) -> I {
+            set1i((x.qs.as_ptr().add(k) as *const i32).read_unaligned())
+        }
+
+        /// [`bx`] for a [`Q8KAct`] row.
+        #[target_feature(enable = $feat)]
+        unsafe fn bxk(x: &Q8KAct, k: usize) -> I {
             set1i((x.qs.as_ptr().add(k) as *const i32).read_unaligned())
         }
 
@@ -549,12 +594,36 @@ macro_rules! interleaved_kernels {
                         }
                     }
                 }
+                _ => unreachable!("no interleaved layout for {}", w.dtype),
+            }
+            for j in 0..N {
+                storef(out.add(j * R), acc[j]);
+            }
+        }
+
+        /// The K-quant tile. Per super-block and token: the sub-block sums (integers, shifted
+        /// by the activation block's power of two) times the rows' 6-bit scales accumulate in
+        /// floats, the minimums or offsets accumulate
+        /// as 16-bit pair products in integers, and the super-block's two scales apply once.
+        #[target_feature(enable = $feat)]
+        unsafe fn tile_k<const N: usize>(
+            w: &Interleaved,
+            gp: *const u8,
+            x: &[Q8KAct],
+            out: *mut f32,
+        ) {
+            const R: usize = $r;
+            let mut acc = [zerof(); N];
+            let m4 = splat8(0xF);
+            let blocks = w.k / 256;
+            let bb = Interleaved::block_bytes(w.dtype, R);
+            match w.dtype {
                 DType::Q4_K => {
                     for sb in 0..blocks {
                         let p = gp.add(sb * bb);
                         prefetch(p, bb);
-                        let (dv, dminv) = (f16s(p), f16s(p.add(2 * R)));
                         let qs = p.add(20 * R);
+                        let mut fs = [zerof(); N];
                         for c in 0..4 {
                             let mut lo_s = [zeroi(); N];
                             let mut hi_s = [zeroi(); N];
@@ -564,22 +633,34 @@ macro_rules! interleaved_kernels {
                                 let hi = and(srli4(v), m4);
                                 let k0 = 256 * sb + 64 * c + 4 * q4;
                                 for j in 0..N {
-                                    lo_s[j] = dp(lo_s[j], lo, bx(&x[j], k0));
-                                    hi_s[j] = dp(hi_s[j], hi, bx(&x[j], k0 + 32));
+                                    lo_s[j] = dp(lo_s[j], lo, bxk(&x[j], k0));
+                                    hi_s[j] = dp(hi_s[j], hi, bxk(&x[j], k0 + 32));
                                 }
                             }
-                            for (h, s) in [lo_s, hi_s].iter().enumerate() {
-                                let sub = 2 * c + h;
-                                let scale = mul(dv, u8s(p.add(4 * R + sub * R)));
-                                let min = mul(dminv, u8s(p.add(12 * R + sub * R)));
-                                let b = 8 * sb + sub;
-                                for j in 0..N {
-                                    let dx = *x[j].d.get_unchecked(b);
-                                    let ds = *x[j].dsum32.get_unchecked(b);
-                                    acc[j] = fma(cvt(s[j]), mul(scale, set1f(dx)), acc[j]);
-                                    acc[j] = fma(min, set1f(-ds), acc[j]);
-                                }
+                            let sc_lo = u8s(p.add(4 * R + 2 * c * R));
+                            let sc_hi = u8s(p.add(4 * R + (2 * c + 1) * R));
+                            let b = 8 * sb + 2 * c;
+                            for j in 0..N {
+                                let (sh_lo, sh_hi) =
+                                    (*x[j].sh.get_unchecked(b), *x[j].sh.get_unchecked(b + 1));
+                                fs[j] = fma(cvt(shl(lo_s[j], sh_lo)), sc_lo, fs[j]);
+                                fs[j] = fma(cvt(shl(hi_s[j], sh_hi)), sc_hi, fs[j]);
                             }
+                        }
+                        // Σ_sub mn·Σq, two sub-blocks per 16-bit pair multiply-add.
+                        let mut ms = [zeroi(); N];
+                        for pr in 0..4 {
+                            let mn = u8pairs(p.add(12 * R + 2 * pr * R));
+                            for j in 0..N {
+                                let sums = *x[j].sum32x2.get_unchecked(4 * sb + pr);
+                                ms[j] = dpw(ms[j], mn, set1i(sums));
+                            }
+                        }
+                        let (dv, dminv) = (f16s(p), f16s(p.add(2 * R)));
+                        for j in 0..N {
+                            let dx = set1f(*x[j].d.get_unchecked(sb));
+                            acc[j] = fma(fs[j], mul(dv, dx), acc[j]);
+                            acc[j] = fnma(cvt(ms[j]), mul(dminv, dx), acc[j]);
                         }
                     }
                 }
@@ -588,8 +669,9 @@ macro_rules! interleaved_kernels {
                     for sb in 0..blocks {
                         let p = gp.add(sb * bb);
                         prefetch(p, bb);
-                        let dv = f16s(p);
                         let (ql, qh) = (p.add(18 * R), p.add(146 * R));
+                        let mut fs = [zerof(); N];
+                        let mut os = [zeroi(); N];
                         for n in 0..2 {
                             // hl: elements l = 0..16 or 16..32 of each 32-run (one scale each).
                             for hl in 0..2 {
@@ -607,27 +689,40 @@ macro_rules! interleaved_kernels {
                                     for part in 0..4 {
                                         let k0 = 256 * sb + 128 * n + 32 * part + 4 * c;
                                         for j in 0..N {
-                                            s[part][j] = dp(s[part][j], u[part], bx(&x[j], k0));
+                                            s[part][j] = dp(s[part][j], u[part], bxk(&x[j], k0));
                                         }
                                     }
                                 }
                                 for part in 0..4 {
-                                    let scale =
-                                        mul(dv, i8s(p.add(2 * R + (8 * n + 2 * part + hl) * R)));
-                                    let b = 8 * sb + 4 * n + part;
+                                    // The scales of both halves of this 32-run, as i16 pairs.
+                                    let pr = 4 * n + part;
+                                    let sp = i8pairs(p.add(2 * R + 2 * pr * R));
+                                    let scale = cvt(if hl == 0 { lo16(sp) } else { hi16(sp) });
+                                    let b = 8 * sb + pr;
                                     for j in 0..N {
-                                        // Σ (u − 32)·q = Σ u·q − 32·Σ q over the 16 elements.
-                                        let sum = *x[j].sum16.get_unchecked(2 * b + hl);
-                                        let v = subi(s[part][j], set1i(32 * sum));
-                                        let dx = *x[j].d.get_unchecked(b);
-                                        acc[j] = fma(cvt(v), mul(scale, set1f(dx)), acc[j]);
+                                        let v = shl(s[part][j], *x[j].sh.get_unchecked(b));
+                                        fs[j] = fma(cvt(v), scale, fs[j]);
+                                    }
+                                    if hl == 1 {
+                                        // Σ sc·Σq over both halves: the offset's factor.
+                                        for j in 0..N {
+                                            let sums = *x[j].sum16x2.get_unchecked(b);
+                                            os[j] = dpw(os[j], sp, set1i(sums));
+                                        }
                                     }
                                 }
                             }
                         }
+                        let dv = f16s(p);
+                        for j in 0..N {
+                            // Σ sc·Σ(u − 32)·q = Σ sc·Σ u·q − 32·Σ sc·Σ q.
+                            let v = fma(cvt(os[j]), set1f(-32.0), fs[j]);
+                            let dx = set1f(*x[j].d.get_unchecked(sb));
+                            acc[j] = fma(v, mul(dv, dx), acc[j]);
+                        }
                     }
                 }
-                _ => unreachable!("no interleaved layout for {}", w.dtype),
+                _ => unreachable!("{} has no K-quant interleaved layout", w.dtype),
             }
             for j in 0..N {
                 storef(out.add(j * R), acc[j]);
@@ -662,16 +757,21 @@ mod il512 {
         splat8(v: i8) -> I { _mm512_set1_epi8(v) }
         set1i(v: i32) -> I { _mm512_set1_epi32(v) }
         zeroi() -> I { _mm512_setzero_si512() }
-        subi(a: I, b: I) -> I { _mm512_sub_epi32(a, b) }
         dp(acc: I, u: I, x: I) -> I { _mm512_dpbusd_epi32(acc, u, x) }
         cvt(a: I) -> F { _mm512_cvtepi32_ps(a) }
         zerof() -> F { _mm512_setzero_ps() }
         set1f(v: f32) -> F { _mm512_set1_ps(v) }
         mul(a: F, b: F) -> F { _mm512_mul_ps(a, b) }
         fma(a: F, b: F, c: F) -> F { _mm512_fmadd_ps(a, b, c) }
+        fnma(a: F, b: F, c: F) -> F { _mm512_fnmadd_ps(a, b, c) }
+        dpw(acc: I, a: I, b: I) -> I { _mm512_dpwssd_epi32(acc, a, b) }
+        u8pairs(p: *const u8) -> I { _mm512_cvtepu8_epi16(_mm256_loadu_si256(p as *const __m256i)) }
+        i8pairs(p: *const u8) -> I { _mm512_cvtepi8_epi16(_mm256_loadu_si256(p as *const __m256i)) }
+        lo16(a: I) -> I { _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(a)) }
+        hi16(a: I) -> I { _mm512_srai_epi32::<16>(a) }
+        shl(a: I, n: i32) -> I { _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)) }
         f16s(p: *const u8) -> F { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
         u8s(p: *const u8) -> F { _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))) }
-        i8s(p: *const u8) -> F { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))) }
         storef(p: *mut f32, v: F) -> () { _mm512_storeu_ps(p, v) }
     }
 
@@ -704,16 +804,21 @@ mod il256 {
         splat8(v: i8) -> I { _mm256_set1_epi8(v) }
         set1i(v: i32) -> I { _mm256_set1_epi32(v) }
         zeroi() -> I { _mm256_setzero_si256() }
-        subi(a: I, b: I) -> I { _mm256_sub_epi32(a, b) }
         dp(acc: I, u: I, x: I) -> I { _mm256_dpbusd_avx_epi32(acc, u, x) }
         cvt(a: I) -> F { _mm256_cvtepi32_ps(a) }
         zerof() -> F { _mm256_setzero_ps() }
         set1f(v: f32) -> F { _mm256_set1_ps(v) }
         mul(a: F, b: F) -> F { _mm256_mul_ps(a, b) }
         fma(a: F, b: F, c: F) -> F { _mm256_fmadd_ps(a, b, c) }
+        fnma(a: F, b: F, c: F) -> F { _mm256_fnmadd_ps(a, b, c) }
+        dpw(acc: I, a: I, b: I) -> I { _mm256_dpwssd_avx_epi32(acc, a, b) }
+        u8pairs(p: *const u8) -> I { _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i)) }
+        i8pairs(p: *const u8) -> I { _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i)) }
+        lo16(a: I) -> I { _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(a)) }
+        hi16(a: I) -> I { _mm256_srai_epi32::<16>(a) }
+        shl(a: I, n: i32) -> I { _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)) }
         f16s(p: *const u8) -> F { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
         u8s(p: *const u8) -> F { _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
-        i8s(p: *const u8) -> F { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
         storef(p: *mut f32, v: F) -> () { _mm256_storeu_ps(p, v) }
     }
 
