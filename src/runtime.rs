@@ -22,9 +22,14 @@
 //! cache keeps the earlier turns), starts engines for many ([`Runtime::start_engine`]), and
 //! lends a plain [`Session`] to tools that need every row's logits ([`Runtime::runner`]);
 //! all of them share the loaded weights.
+//!
+//! For the operator, a runtime keeps how long each phase of loading took
+//! ([`Runtime::load_times`]); [`Runtime::report`] gathers it with the memory the model takes
+//! for `wick info`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -40,7 +45,7 @@ use crate::error::{Error, Result};
 use crate::generate::{Generation, TokenEvent};
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::hub::HubOptions;
-use crate::loader::{LoadProgress, Progress};
+use crate::loader::{LoadProgress, LoadTimes, Progress};
 use crate::model::Model;
 use crate::resources::Fences;
 use crate::sampler::SamplingParams;
@@ -199,6 +204,34 @@ impl std::fmt::Display for MachineReport {
     }
 }
 
+/// What `wick info MODEL` prints about a loaded model ([`Runtime::report`]).
+#[derive(Clone, Debug)]
+pub struct ModelReport {
+    /// The model's name.
+    pub name: String,
+    /// What it runs on.
+    pub device: String,
+    /// Bytes of every weight tensor as loaded.
+    pub weight_bytes: u64,
+    /// How long loading took.
+    pub load_times: LoadTimes,
+    /// Bytes of every GPU buffer wick holds (`None` on the CPU).
+    pub gpu_buffer_bytes: Option<u64>,
+}
+
+impl std::fmt::Display for ModelReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        writeln!(f, "model: {} on {}", self.name, self.device)?;
+        writeln!(f, "load: {}", self.load_times)?;
+        write!(f, "memory: weights {:.1} MiB", mib(self.weight_bytes))?;
+        match self.gpu_buffer_bytes {
+            Some(b) => write!(f, "; GPU buffers wick holds {:.1} MiB", mib(b)),
+            None => write!(f, "; in the process's memory (see limits)"),
+        }
+    }
+}
+
 /// Whether a hardware GPU (not a software rasterizer) is usable.
 fn has_hardware_gpu() -> bool {
     #[cfg(feature = "gpu")]
@@ -223,6 +256,8 @@ trait LoadedModel: Send + Sync {
     /// Bytes of one KV block of `block_size` tokens (every layer's K and V).
     fn kv_block_bytes(&self, block_size: usize) -> usize;
     fn can_generate(&self) -> bool;
+    /// The backend's share of loading: repack and upload.
+    fn weight_times(&self) -> LoadTimes;
 }
 
 impl<B: crate::backend::Backend> LoadedModel for Arc<Model<B>> {
@@ -237,6 +272,9 @@ impl<B: crate::backend::Backend> LoadedModel for Arc<Model<B>> {
     }
     fn can_generate(&self) -> bool {
         Model::can_generate(self)
+    }
+    fn weight_times(&self) -> LoadTimes {
+        crate::backend::Backend::weight_times(self.backend())
     }
 }
 
@@ -266,6 +304,8 @@ pub struct Runtime {
     weight_bytes_per_token: u64,
     /// Reads the GPU backend's counters (`None` on the CPU).
     gpu_stats: Option<GpuStatsFn>,
+    /// How long each phase of loading took.
+    load_times: LoadTimes,
 }
 
 /// Reads the work counters of the GPU backend a runtime runs on.
@@ -297,8 +337,11 @@ impl Runtime {
             .unwrap_or_else(|_| Err(Error::Engine("the loading thread panicked".into())))
     }
 
-    /// Puts an opened checkpoint on `opts.device`.
+    /// Puts an opened checkpoint on `opts.device`. [`Runtime::load_times`] are the
+    /// checkpoint's ([`Checkpoint::times`]) and this call's.
     pub fn from_checkpoint(mut ckpt: Checkpoint, opts: &RuntimeOptions) -> Result<Self> {
+        let start = Instant::now();
+        let mut load_times = ckpt.times;
         if let Some(scheme) = opts.quantize {
             let n_layers = ckpt.config.num_hidden_layers;
             let (total, mut done) = (ckpt.tensors.len(), 0);
@@ -313,6 +356,7 @@ impl Runtime {
             if let Some(p) = &progress {
                 p.report(LoadProgress::Quantize { done: total, total });
             }
+            load_times.repack += start.elapsed();
         }
         let session_opts = SessionOptions {
             max_model_len: opts.max_model_len,
@@ -406,6 +450,10 @@ impl Runtime {
             }
         }
         let on_cpu = device.starts_with("cpu");
+        let placed = model.weight_times();
+        load_times.repack += placed.repack;
+        load_times.upload += placed.upload;
+        load_times.total = ckpt.times.total + start.elapsed();
         Ok(Runtime {
             on_cpu,
             weight_bytes,
@@ -426,7 +474,24 @@ impl Runtime {
             runner: None,
             device,
             gpu_stats,
+            load_times,
         })
+    }
+
+    /// How long each phase of loading took ([`LoadTimes`]).
+    pub fn load_times(&self) -> LoadTimes {
+        self.load_times
+    }
+
+    /// What `wick info MODEL` reports about the loaded model.
+    pub fn report(&self) -> ModelReport {
+        ModelReport {
+            name: self.name.clone(),
+            device: self.device.clone(),
+            weight_bytes: self.weight_bytes,
+            load_times: self.load_times,
+            gpu_buffer_bytes: self.gpu_stats().map(|g| g.memory_bytes),
+        }
     }
 
     /// The GPU backend's work counters (dispatches, submits, blocking read-backs) since
@@ -823,5 +888,78 @@ impl Runtime {
         let r = runner.extend_all(ids, on_row);
         runner.reset();
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn tiny() -> String {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/qwen3-tiny").to_string()
+    }
+
+    /// The phases of `t` are each within the total, and so is their sum (a millisecond of
+    /// slack for the clock reads between them).
+    fn assert_phases_fit(t: &LoadTimes) {
+        let slack = Duration::from_millis(1);
+        assert!(t.total > Duration::ZERO, "{t}");
+        for (name, d) in t.phases() {
+            assert!(d <= t.total + slack, "{name}: {t}");
+        }
+        assert!(t.phase_sum() <= t.total + slack, "{t}");
+    }
+
+    #[test]
+    fn load_phases_add_up_to_no_more_than_the_total() {
+        // Quantized at load, so the CPU has conversion and interleaving to time.
+        let opts = RuntimeOptions {
+            device: Device::Cpu,
+            threads: 2,
+            quantize: Some(QuantScheme::Q8_0),
+            ..RuntimeOptions::default()
+        };
+        let rt = Runtime::load(&tiny(), &opts).unwrap();
+        let t = rt.load_times();
+        assert_phases_fit(&t);
+        assert_eq!(t.download, Duration::ZERO, "a local directory: {t}");
+        assert!(t.map > Duration::ZERO, "{t}");
+        assert!(t.repack > Duration::ZERO, "{t}");
+        assert_eq!(
+            t.upload,
+            Duration::ZERO,
+            "the CPU reads the map in place: {t}"
+        );
+        let report = rt.report().to_string();
+        assert!(report.contains(&format!("load: {t}")), "{report}");
+    }
+
+    #[cfg(feature = "gpu")]
+    fn on_gpu() -> Option<Runtime> {
+        if std::env::var_os("WICK_SKIP_GPU_TESTS").is_some_and(|v| v == "1") {
+            eprintln!("WICK_SKIP_GPU_TESTS=1: skipping a GPU test");
+            return None;
+        }
+        let opts = RuntimeOptions {
+            device: Device::Gpu,
+            ..RuntimeOptions::default()
+        };
+        Some(Runtime::load(&tiny(), &opts).unwrap_or_else(|e| {
+            panic!(
+                "no usable GPU ({e}); install mesa-vulkan-drivers for lavapipe, or set \
+                 WICK_SKIP_GPU_TESTS=1 to skip GPU tests explicitly"
+            )
+        }))
+    }
+
+    #[cfg(feature = "gpu")]
+    #[test]
+    fn gpu_load_times_count_the_upload() {
+        let Some(rt) = on_gpu() else { return };
+        let t = rt.load_times();
+        assert_phases_fit(&t);
+        assert!(t.upload > Duration::ZERO, "{t}");
     }
 }

@@ -195,6 +195,7 @@ fn bench_runs_at_depth_with_either_kv_cache() {
         assert_eq!(v["tg_runs"].as_array().unwrap().len(), 2);
         assert!(v["tg_tok_s"].as_f64().unwrap() > 0.0, "{v}");
         assert!(v["pp_tok_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["load_seconds"]["total"].as_f64().unwrap() > 0.0, "{v}");
     }
     let out = wick(&[
         "bench",
@@ -368,4 +369,64 @@ fn threads_follow_the_affinity_mask_and_cpus_pins() {
             "{text}"
         );
     }
+}
+
+/// The phases of a `load: download 0.00 s, map …, total … s` line, by name, in seconds.
+fn load_phases(line: &str) -> Vec<(String, f64)> {
+    let rest = line
+        .split("load: ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no load line: {line}"));
+    rest.split(", ")
+        .map(|p| {
+            let mut w = p.split(' ');
+            let name = w.next().unwrap().to_string();
+            let secs = w.next().unwrap().parse().unwrap();
+            assert_eq!(w.next(), Some("s"), "{line}");
+            (name, secs)
+        })
+        .collect()
+}
+
+#[test]
+fn info_with_a_model_reports_the_time_of_each_load_phase() {
+    let dir = fixture("qwen3-tiny");
+    let out = wick(&["info", dir.to_str().unwrap(), "--device", "cpu"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The machine first, then the model.
+    assert!(stdout.contains("--device auto: "), "{stdout}");
+    assert!(stdout.contains("model: qwen3-tiny on cpu"), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("load: "))
+        .unwrap_or_else(|| panic!("no load line:\n{stdout}"));
+    let phases = load_phases(line);
+    let names: Vec<&str> = phases.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["download", "map", "repack", "upload", "total"],
+        "{line}"
+    );
+    let total = phases[4].1;
+    assert!(total > 0.0, "{line}");
+    // Each phase is printed to 0.01 s: their sum may round up past the total by 0.025.
+    let sum: f64 = phases[..4].iter().map(|(_, s)| s).sum();
+    assert!(sum <= total + 0.026, "{line}");
+    assert_eq!((phases[0].1, phases[3].1), (0.0, 0.0), "local, CPU: {line}");
+    assert!(
+        stdout.contains("memory: weights 18.7 MiB"),
+        "the tiny model's bf16 weights:\n{stdout}"
+    );
+    // The same line on stderr, as every command that loads a model prints it.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wick: load: download "));
+
+    // Without a model, the machine alone.
+    let out = wick(&["info"]);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("load: "));
 }

@@ -522,6 +522,7 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
                 defaults,
                 model_name: name,
                 gpu_stats: rt.gpu_stats_reader(),
+                load_times: rt.load_times(),
             });
             Ok(rt)
         });
