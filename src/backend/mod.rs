@@ -321,6 +321,12 @@ pub trait Backend: Send + Sync + 'static {
         crate::loader::LoadTimes::default()
     }
 
+    /// Bytes of memory the device has, when the backend can tell (`None` for host memory,
+    /// which [`crate::resources::Fences`] watches, or a device that does not say).
+    fn device_memory_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// Allocates an activation matrix of `rows` × `cols`.
     fn tensor(&self, rows: usize, cols: usize) -> Self::Tensor;
 

@@ -299,6 +299,10 @@ impl Backend for WgpuBackend {
         *self.weight_times.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn device_memory_bytes(&self) -> Option<u64> {
+        self.ctx.memory_bytes
+    }
+
     fn tensor(&self, rows: usize, cols: usize) -> WgpuTensor {
         self.new_tensor(rows, cols)
     }
