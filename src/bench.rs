@@ -250,6 +250,8 @@ pub struct BenchSummary {
     pub memory_bandwidth: Option<f64>,
     /// Every GPU buffer wick holds after the run (GPU only).
     pub gpu_memory_bytes: Option<u64>,
+    /// How long loading the model took.
+    pub load_times: crate::loader::LoadTimes,
     /// The measurements.
     pub report: BenchReport,
 }
@@ -261,6 +263,7 @@ impl BenchSummary {
         v["model"] = self.model.clone().into();
         v["device"] = self.device.clone().into();
         v["gpu_memory_bytes"] = self.gpu_memory_bytes.into();
+        v["load_seconds"] = self.load_times.to_json();
         v["cpu_isa"] = crate::backend::cpu::isa::Isa::current().name().into();
         if let Some(bw) = self.memory_bandwidth {
             let bytes = self.report.weight_bytes_per_token;
@@ -278,8 +281,8 @@ impl std::fmt::Display for BenchSummary {
         let bytes = r.weight_bytes_per_token;
         write!(
             f,
-            "model {} on {}, {} KV cache",
-            self.model, self.device, self.kv_cache_dtype
+            "model {} on {}, {} KV cache\nload: {}",
+            self.model, self.device, self.kv_cache_dtype, self.load_times
         )?;
         let at = if r.depth > 0 {
             format!(" @ d{}", r.depth)

@@ -2,7 +2,7 @@
 //!
 //! Arguments are parsed here and each command dispatched to its module under `cli/`; what a
 //! command prints is the `Display` of a report the library computes (`wick info`:
-//! [`wick::runtime::MachineReport`]; `wick bench`: [`wick::bench::BenchSummary`] and
+//! [`wick::runtime::MachineReport`], and with a model [`wick::runtime::ModelReport`]; `wick bench`: [`wick::bench::BenchSummary`] and
 //! [`wick::engine::bench::ConcurrencySummary`]; `wick perplexity`:
 //! [`wick::perplexity::PerplexityReport`] and [`wick::perplexity::KlReport`]; `wick quantize`:
 //! [`wick::convert::QuantizedFile`]).
@@ -62,14 +62,23 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Measure perplexity over a text file (llama.cpp's method).
     Perplexity(perplexity::PerplexityArgs),
-    /// List GPU adapters, their features and limits, and what `--device auto` picks.
-    Info,
+    /// List GPU adapters, their features, limits and memory, and what `--device auto` picks;
+    /// given a model, load it and report the load time of each phase and the memory it takes.
+    // The model is optional here, unlike for the commands that run one.
+    #[command(mut_arg("model_pos", |a| a.required_unless_present(clap::builder::Resettable::Reset)))]
+    Info(InfoArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     #[cfg(feature = "server")]
     Serve(Box<serve::ServeArgs>),
     /// Load-test an OpenAI-compatible server: QPS, latency and TTFT percentiles, tok/s.
     #[cfg(feature = "bench-serve")]
     BenchServe(bench_serve::BenchServeArgs),
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    model: Option<ModelArgs>,
 }
 
 #[derive(Args)]
@@ -109,7 +118,7 @@ fn main() -> Result<()> {
         Command::Bench(a) => bench::bench(a),
         Command::Quantize(a) => quantize::quantize(a),
         Command::Perplexity(a) => perplexity::perplexity(a),
-        Command::Info => info(),
+        Command::Info(a) => info(a),
         #[cfg(feature = "server")]
         Command::Serve(a) => serve::serve(*a),
         #[cfg(feature = "bench-serve")]
@@ -124,8 +133,13 @@ fn main() -> Result<()> {
 }
 
 /// `wick info`: the CPU's kernel tier, the GPU adapters in `--adapter` order and the
-/// `--device auto` choice.
-fn info() -> Result<()> {
+/// `--device auto` choice; with a model, what loading it took.
+fn info(a: InfoArgs) -> Result<()> {
     println!("{}", wick::runtime::MachineReport::detect());
+    // Loading options without a model (WICK_DEVICE in the environment, say) load nothing.
+    if let Some(m) = a.model.filter(|m| !m.model().is_empty()) {
+        let rt = m.load()?;
+        println!("{}", rt.report());
+    }
     Ok(())
 }

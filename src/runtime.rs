@@ -22,9 +22,16 @@
 //! cache keeps the earlier turns), starts engines for many ([`Runtime::start_engine`]), and
 //! lends a plain [`Session`] to tools that need every row's logits ([`Runtime::runner`]);
 //! all of them share the loaded weights.
+//!
+//! For the operator, a runtime keeps how long each phase of loading took
+//! ([`Runtime::load_times`]), the device's memory size where the backend can tell
+//! ([`Runtime::device_memory_bytes`]), and sizes a serving engine's KV cache as a share of
+//! that memory ([`Runtime::size_kv_cache`], vLLM's `--gpu-memory-utilization`);
+//! [`Runtime::report`] gathers them for `wick info`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -40,7 +47,7 @@ use crate::error::{Error, Result};
 use crate::generate::{Generation, TokenEvent};
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::hub::HubOptions;
-use crate::loader::{LoadProgress, Progress};
+use crate::loader::{LoadProgress, LoadTimes, Progress};
 use crate::model::Model;
 use crate::resources::Fences;
 use crate::sampler::SamplingParams;
@@ -199,6 +206,101 @@ impl std::fmt::Display for MachineReport {
     }
 }
 
+/// What `wick info MODEL` prints about a loaded model ([`Runtime::report`]).
+#[derive(Clone, Debug)]
+pub struct ModelReport {
+    /// The model's name.
+    pub name: String,
+    /// What it runs on.
+    pub device: String,
+    /// Bytes of every weight tensor as loaded.
+    pub weight_bytes: u64,
+    /// How long loading took.
+    pub load_times: LoadTimes,
+    /// The device's memory, where the backend can tell.
+    pub device_memory_bytes: Option<u64>,
+    /// Bytes of every GPU buffer wick holds (`None` on the CPU).
+    pub gpu_buffer_bytes: Option<u64>,
+}
+
+impl std::fmt::Display for ModelReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        writeln!(f, "model: {} on {}", self.name, self.device)?;
+        writeln!(f, "load: {}", self.load_times)?;
+        write!(f, "memory: weights {:.1} MiB", mib(self.weight_bytes))?;
+        match self.device_memory_bytes {
+            Some(b) => write!(f, "; device memory {:.0} MiB", mib(b))?,
+            None if self.gpu_buffer_bytes.is_none() => {
+                write!(f, "; in the process's memory (see limits)")?
+            }
+            None => write!(f, "; device memory unknown")?,
+        }
+        if let Some(b) = self.gpu_buffer_bytes {
+            write!(f, "; GPU buffers wick holds {:.1} MiB", mib(b))?;
+        }
+        Ok(())
+    }
+}
+
+/// How [`Runtime::size_kv_cache`] sized the KV cache (vLLM's `--gpu-memory-utilization`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryBudget {
+    /// The share of the device's memory wick may use, in (0, 1].
+    pub utilization: f64,
+    /// The device's memory; `None` when unknown, and then the share is of
+    /// `requested_kv_bytes`.
+    pub device_bytes: Option<u64>,
+    /// GPU buffers wick held when sizing (the weights, mostly).
+    pub held_bytes: u64,
+    /// The engine's activations.
+    pub activation_bytes: u64,
+    /// What the KV cache gets.
+    pub kv_bytes: u64,
+    /// The KV budget asked for (`--kv-cache-mb`; with an unknown device size, its default).
+    pub requested_kv_bytes: Option<u64>,
+}
+
+/// The startup line: the arithmetic that gave the KV cache its size.
+impl std::fmt::Display for MemoryBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let u = self.utilization;
+        match self.device_bytes {
+            Some(device) => {
+                let left = ((u * device as f64) as u64)
+                    .saturating_sub(self.held_bytes + self.activation_bytes);
+                write!(
+                    f,
+                    "--gpu-memory-utilization {u}: device memory {:.1} MiB, {u} of it {:.1} MiB \
+                     - GPU buffers {:.1} MiB - activations {:.1} MiB = KV cache {:.1} MiB",
+                    mib(device),
+                    u * mib(device),
+                    mib(self.held_bytes),
+                    mib(self.activation_bytes),
+                    mib(left),
+                )?;
+                if self.kv_bytes < left {
+                    write!(
+                        f,
+                        ", capped by --kv-cache-mb at {:.1} MiB",
+                        mib(self.kv_bytes)
+                    )?;
+                }
+                Ok(())
+            }
+            None => write!(
+                f,
+                "--gpu-memory-utilization {u}: the device's memory size is unknown (wick reads \
+                 it only on Vulkan; on the CPU the memory limit applies), so taken as {u} of the \
+                 {:.0} MiB KV cache budget (--kv-cache-mb): KV cache {:.1} MiB",
+                mib(self.requested_kv_bytes.unwrap_or(0)),
+                mib(self.kv_bytes)
+            ),
+        }
+    }
+}
+
 /// Whether a hardware GPU (not a software rasterizer) is usable.
 fn has_hardware_gpu() -> bool {
     #[cfg(feature = "gpu")]
@@ -222,7 +324,13 @@ trait LoadedModel: Send + Sync {
     fn start_engine(&self, text: TextModel, opts: &EngineOptions) -> Result<Engine>;
     /// Bytes of one KV block of `block_size` tokens (every layer's K and V).
     fn kv_block_bytes(&self, block_size: usize) -> usize;
+    /// Bytes of an engine's activations for steps of `max_tokens` tokens and `rows` logits rows.
+    fn activation_bytes(&self, max_tokens: usize, rows: usize) -> u64;
     fn can_generate(&self) -> bool;
+    /// The backend's share of loading: repack and upload.
+    fn weight_times(&self) -> LoadTimes;
+    /// The device's memory, where the backend can tell.
+    fn device_memory_bytes(&self) -> Option<u64>;
 }
 
 impl<B: crate::backend::Backend> LoadedModel for Arc<Model<B>> {
@@ -235,8 +343,17 @@ impl<B: crate::backend::Backend> LoadedModel for Arc<Model<B>> {
     fn kv_block_bytes(&self, block_size: usize) -> usize {
         self.kv_layout(1, block_size).bytes()
     }
+    fn activation_bytes(&self, max_tokens: usize, rows: usize) -> u64 {
+        self.run_state_bytes(max_tokens, rows)
+    }
     fn can_generate(&self) -> bool {
         Model::can_generate(self)
+    }
+    fn weight_times(&self) -> LoadTimes {
+        crate::backend::Backend::weight_times(self.backend())
+    }
+    fn device_memory_bytes(&self) -> Option<u64> {
+        crate::backend::Backend::device_memory_bytes(self.backend())
     }
 }
 
@@ -266,6 +383,8 @@ pub struct Runtime {
     weight_bytes_per_token: u64,
     /// Reads the GPU backend's counters (`None` on the CPU).
     gpu_stats: Option<GpuStatsFn>,
+    /// How long each phase of loading took.
+    load_times: LoadTimes,
 }
 
 /// Reads the work counters of the GPU backend a runtime runs on.
@@ -297,8 +416,11 @@ impl Runtime {
             .unwrap_or_else(|_| Err(Error::Engine("the loading thread panicked".into())))
     }
 
-    /// Puts an opened checkpoint on `opts.device`.
+    /// Puts an opened checkpoint on `opts.device`. [`Runtime::load_times`] are the
+    /// checkpoint's ([`Checkpoint::times`]) and this call's.
     pub fn from_checkpoint(mut ckpt: Checkpoint, opts: &RuntimeOptions) -> Result<Self> {
+        let start = Instant::now();
+        let mut load_times = ckpt.times;
         if let Some(scheme) = opts.quantize {
             let n_layers = ckpt.config.num_hidden_layers;
             let (total, mut done) = (ckpt.tensors.len(), 0);
@@ -313,6 +435,7 @@ impl Runtime {
             if let Some(p) = &progress {
                 p.report(LoadProgress::Quantize { done: total, total });
             }
+            load_times.repack += start.elapsed();
         }
         let session_opts = SessionOptions {
             max_model_len: opts.max_model_len,
@@ -406,6 +529,10 @@ impl Runtime {
             }
         }
         let on_cpu = device.starts_with("cpu");
+        let placed = model.weight_times();
+        load_times.repack += placed.repack;
+        load_times.upload += placed.upload;
+        load_times.total = ckpt.times.total + start.elapsed();
         Ok(Runtime {
             on_cpu,
             weight_bytes,
@@ -426,7 +553,105 @@ impl Runtime {
             runner: None,
             device,
             gpu_stats,
+            load_times,
         })
+    }
+
+    /// How long each phase of loading took ([`LoadTimes`]).
+    pub fn load_times(&self) -> LoadTimes {
+        self.load_times
+    }
+
+    /// Bytes of the device's memory, where the backend can tell: a GPU on Vulkan (its
+    /// largest device-local heap, `backend::wgpu::context::device_memory`); `None` on the
+    /// CPU.
+    pub fn device_memory_bytes(&self) -> Option<u64> {
+        self.model.device_memory_bytes()
+    }
+
+    /// What `wick info MODEL` reports about the loaded model.
+    pub fn report(&self) -> ModelReport {
+        ModelReport {
+            name: self.name.clone(),
+            device: self.device.clone(),
+            weight_bytes: self.weight_bytes,
+            load_times: self.load_times,
+            device_memory_bytes: self.device_memory_bytes(),
+            gpu_buffer_bytes: self.gpu_stats().map(|g| g.memory_bytes),
+        }
+    }
+
+    /// Sizes the KV cache of an engine started with `opts` as vLLM's
+    /// `--gpu-memory-utilization` does, and sets `opts.kv_cache_mb` to it.
+    ///
+    /// Where the device's memory size S is known ([`Runtime::device_memory_bytes`]), the KV
+    /// cache gets `utilization · S` less the GPU buffers wick holds now (the weights) and the
+    /// engine's activations (for `opts.max_num_batched_tokens` tokens and
+    /// `opts.max_num_seqs` logits rows), and no more than `opts.kv_cache_mb` when that is
+    /// set; [`Error::OutOfMemory`] when nothing is left. Where it is unknown (the CPU, a GPU
+    /// API that does not tell), the KV cache gets `utilization` of `opts.kv_cache_mb`
+    /// (default [`DEFAULT_KV_CACHE_MB`]). The small per-step buffers (parameters, read-back,
+    /// sampling) are not counted.
+    pub fn size_kv_cache(
+        &self,
+        utilization: f64,
+        opts: &mut EngineOptions,
+    ) -> Result<MemoryBudget> {
+        if !(utilization > 0.0 && utilization <= 1.0) {
+            return Err(Error::InvalidRequest(format!(
+                "--gpu-memory-utilization must be in (0, 1], not {utilization}"
+            )));
+        }
+        const MIB: u64 = 1 << 20;
+        let requested_mb = opts.kv_cache_mb;
+        let budget = match self.device_memory_bytes() {
+            Some(device) => {
+                let held = self
+                    .gpu_stats()
+                    .map_or(self.weight_bytes, |g| g.memory_bytes);
+                let activations = self
+                    .model
+                    .activation_bytes(opts.max_num_batched_tokens, opts.max_num_seqs);
+                let share = (utilization * device as f64) as u64;
+                let left = share.saturating_sub(held + activations);
+                let mut b = MemoryBudget {
+                    utilization,
+                    device_bytes: Some(device),
+                    held_bytes: held,
+                    activation_bytes: activations,
+                    kv_bytes: left,
+                    requested_kv_bytes: requested_mb.map(|m| m as u64 * MIB),
+                };
+                if left < MIB {
+                    return Err(Error::OutOfMemory(format!(
+                        "--gpu-memory-utilization {utilization} leaves no room for the KV \
+                         cache: device {:.0} MiB, {utilization} of it {:.1} MiB, weights and \
+                         other GPU buffers {:.1} MiB, activations {:.1} MiB",
+                        device as f64 / MIB as f64,
+                        share as f64 / MIB as f64,
+                        held as f64 / MIB as f64,
+                        activations as f64 / MIB as f64,
+                    )));
+                }
+                if let Some(r) = b.requested_kv_bytes {
+                    b.kv_bytes = b.kv_bytes.min(r);
+                }
+                b
+            }
+            None => {
+                let base = requested_mb.unwrap_or(DEFAULT_KV_CACHE_MB) as u64 * MIB;
+                MemoryBudget {
+                    utilization,
+                    device_bytes: None,
+                    held_bytes: 0,
+                    activation_bytes: 0,
+                    kv_bytes: (utilization * base as f64) as u64,
+                    requested_kv_bytes: Some(base),
+                }
+            }
+        };
+        opts.kv_cache_mb = Some(((budget.kv_bytes / MIB) as usize).max(1));
+        Ok(budget)
     }
 
     /// The GPU backend's work counters (dispatches, submits, blocking read-backs) since
@@ -823,5 +1048,159 @@ impl Runtime {
         let r = runner.extend_all(ids, on_row);
         runner.reset();
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn tiny() -> String {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/qwen3-tiny").to_string()
+    }
+
+    /// The phases of `t` are each within the total, and so is their sum (a millisecond of
+    /// slack for the clock reads between them).
+    fn assert_phases_fit(t: &LoadTimes) {
+        let slack = Duration::from_millis(1);
+        assert!(t.total > Duration::ZERO, "{t}");
+        for (name, d) in t.phases() {
+            assert!(d <= t.total + slack, "{name}: {t}");
+        }
+        assert!(t.phase_sum() <= t.total + slack, "{t}");
+    }
+
+    #[test]
+    fn load_phases_add_up_to_no_more_than_the_total() {
+        // Quantized at load, so the CPU has conversion and interleaving to time.
+        let opts = RuntimeOptions {
+            device: Device::Cpu,
+            threads: 2,
+            quantize: Some(QuantScheme::Q8_0),
+            ..RuntimeOptions::default()
+        };
+        let rt = Runtime::load(&tiny(), &opts).unwrap();
+        let t = rt.load_times();
+        assert_phases_fit(&t);
+        assert_eq!(t.download, Duration::ZERO, "a local directory: {t}");
+        assert!(t.map > Duration::ZERO, "{t}");
+        assert!(t.repack > Duration::ZERO, "{t}");
+        assert_eq!(
+            t.upload,
+            Duration::ZERO,
+            "the CPU reads the map in place: {t}"
+        );
+        assert_eq!(rt.device_memory_bytes(), None);
+        let report = rt.report().to_string();
+        assert!(report.contains(&format!("load: {t}")), "{report}");
+    }
+
+    #[cfg(feature = "gpu")]
+    fn on_gpu() -> Option<Runtime> {
+        if std::env::var_os("WICK_SKIP_GPU_TESTS").is_some_and(|v| v == "1") {
+            eprintln!("WICK_SKIP_GPU_TESTS=1: skipping a GPU test");
+            return None;
+        }
+        let opts = RuntimeOptions {
+            device: Device::Gpu,
+            ..RuntimeOptions::default()
+        };
+        Some(Runtime::load(&tiny(), &opts).unwrap_or_else(|e| {
+            panic!(
+                "no usable GPU ({e}); install mesa-vulkan-drivers for lavapipe, or set \
+                 WICK_SKIP_GPU_TESTS=1 to skip GPU tests explicitly"
+            )
+        }))
+    }
+
+    #[cfg(feature = "gpu")]
+    #[test]
+    fn gpu_load_times_count_the_upload() {
+        let Some(rt) = on_gpu() else { return };
+        let t = rt.load_times();
+        assert_phases_fit(&t);
+        assert!(t.upload > Duration::ZERO, "{t}");
+    }
+
+    #[cfg(feature = "gpu")]
+    #[test]
+    fn kv_cache_is_the_share_of_device_memory_left_after_weights_and_activations() {
+        const MIB: u64 = 1 << 20;
+        let Some(rt) = on_gpu() else { return };
+        // Lavapipe's Vulkan heap has a size: the device's memory is known.
+        let device = rt.device_memory_bytes().expect("lavapipe reports its heap");
+        let held = rt.gpu_stats().unwrap().memory_bytes;
+        assert!(held >= rt.weight_bytes(), "{held}");
+        let base = EngineOptions {
+            max_num_batched_tokens: 64,
+            max_num_seqs: 4,
+            ..EngineOptions::default()
+        };
+        let activations = rt.model.activation_bytes(64, 4);
+        // The tiny model: 64 tokens of x, xn, qkv, att, gate_up, act; 4 rows of last,
+        // last_n and the logits over the whole vocabulary.
+        let c = rt.config();
+        let t_cols = 2 * c.hidden_size
+            + (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+            + c.num_attention_heads * c.head_dim
+            + 3 * c.intermediate_size;
+        let r_cols = 2 * c.hidden_size + c.vocab_size;
+        assert_eq!(activations, 4 * (64 * t_cols + 4 * r_cols) as u64);
+
+        // A share leaving 40 MiB for the cache.
+        let f = (held + activations + 40 * MIB) as f64 / device as f64;
+        let mut opts = base.clone();
+        let b = rt.size_kv_cache(f, &mut opts).unwrap();
+        assert_eq!(b.device_bytes, Some(device));
+        assert_eq!((b.held_bytes, b.activation_bytes), (held, activations));
+        assert!(b.kv_bytes.abs_diff(40 * MIB) <= 1, "{b}");
+        // Whole MiB, rounded down (the share's bytes are rounded, so 40 MiB or a byte less).
+        assert_eq!(opts.kv_cache_mb, Some((b.kv_bytes / MIB) as usize), "{b}");
+        assert!(matches!(opts.kv_cache_mb, Some(39 | 40)), "{b}");
+        // --kv-cache-mb caps it.
+        let mut capped = EngineOptions {
+            kv_cache_mb: Some(8),
+            ..base.clone()
+        };
+        let b = rt.size_kv_cache(f, &mut capped).unwrap();
+        assert_eq!((b.kv_bytes, capped.kv_cache_mb), (8 * MIB, Some(8)));
+        assert!(b.to_string().contains("capped by --kv-cache-mb"), "{b}");
+
+        // Not even the weights and activations fit: refused, with the numbers.
+        let f = (held + activations) as f64 / 2.0 / device as f64;
+        let err = rt.size_kv_cache(f, &mut base.clone()).unwrap_err();
+        assert!(matches!(err, Error::OutOfMemory(_)), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("leaves no room for the KV cache"), "{msg}");
+        assert!(
+            msg.contains(&format!("device {} MiB", device / MIB)),
+            "{msg}"
+        );
+        for f in [0.0, -0.5, 1.5, f64::NAN] {
+            assert!(rt.size_kv_cache(f, &mut base.clone()).is_err(), "{f}");
+        }
+    }
+
+    #[test]
+    fn kv_cache_is_a_share_of_the_kv_budget_where_the_device_size_is_unknown() {
+        let opts = RuntimeOptions {
+            device: Device::Cpu,
+            threads: 2,
+            ..RuntimeOptions::default()
+        };
+        let rt = Runtime::load(&tiny(), &opts).unwrap();
+        let mut e = EngineOptions::default();
+        let b = rt.size_kv_cache(0.25, &mut e).unwrap();
+        assert_eq!(b.device_bytes, None);
+        assert_eq!(e.kv_cache_mb, Some(DEFAULT_KV_CACHE_MB / 4));
+        assert!(b.to_string().contains("unknown"), "{b}");
+        let mut e = EngineOptions {
+            kv_cache_mb: Some(100),
+            ..EngineOptions::default()
+        };
+        rt.size_kv_cache(0.5, &mut e).unwrap();
+        assert_eq!(e.kv_cache_mb, Some(50));
     }
 }

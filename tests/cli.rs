@@ -195,6 +195,7 @@ fn bench_runs_at_depth_with_either_kv_cache() {
         assert_eq!(v["tg_runs"].as_array().unwrap().len(), 2);
         assert!(v["tg_tok_s"].as_f64().unwrap() > 0.0, "{v}");
         assert!(v["pp_tok_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["load_seconds"]["total"].as_f64().unwrap() > 0.0, "{v}");
     }
     let out = wick(&[
         "bench",
@@ -212,13 +213,20 @@ fn bench_runs_at_depth_with_either_kv_cache() {
 }
 
 #[cfg(feature = "server")]
-/// Starts `wick serve` on the tiny model with `extra` arguments and `env`, and returns its
-/// stderr up to the line that says it serves (then stops it), or all of it if it exits.
+/// Starts `wick serve` on the tiny model on the CPU with `extra` arguments and `env`, and
+/// returns its stderr up to the line that says it serves (then stops it), or all of it if it
+/// exits.
 fn serve_startup(extra: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    serve_startup_on("cpu", extra, env)
+}
+
+#[cfg(feature = "server")]
+/// [`serve_startup`] on `device`.
+fn serve_startup_on(device: &str, extra: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     use std::io::{BufRead, BufReader};
     let dir = fixture("qwen3-tiny");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wick"));
-    cmd.args(["serve", "--port", "0", "--device", "cpu", "--model"])
+    cmd.args(["serve", "--port", "0", "--device", device, "--model"])
         .arg(&dir)
         .args(extra)
         .env("HF_HUB_OFFLINE", "1")
@@ -368,4 +376,171 @@ fn threads_follow_the_affinity_mask_and_cpus_pins() {
             "{text}"
         );
     }
+}
+
+/// The phases of a `load: download 0.00 s, map …, total … s` line, by name, in seconds.
+fn load_phases(line: &str) -> Vec<(String, f64)> {
+    let rest = line
+        .split("load: ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no load line: {line}"));
+    rest.split(", ")
+        .map(|p| {
+            let mut w = p.split(' ');
+            let name = w.next().unwrap().to_string();
+            let secs = w.next().unwrap().parse().unwrap();
+            assert_eq!(w.next(), Some("s"), "{line}");
+            (name, secs)
+        })
+        .collect()
+}
+
+#[test]
+fn info_with_a_model_reports_the_time_of_each_load_phase() {
+    let dir = fixture("qwen3-tiny");
+    let out = wick(&["info", dir.to_str().unwrap(), "--device", "cpu"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The machine first, then the model.
+    assert!(stdout.contains("--device auto: "), "{stdout}");
+    assert!(stdout.contains("model: qwen3-tiny on cpu"), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("load: "))
+        .unwrap_or_else(|| panic!("no load line:\n{stdout}"));
+    let phases = load_phases(line);
+    let names: Vec<&str> = phases.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["download", "map", "repack", "upload", "total"],
+        "{line}"
+    );
+    let total = phases[4].1;
+    assert!(total > 0.0, "{line}");
+    // Each phase is printed to 0.01 s: their sum may round up past the total by 0.025.
+    let sum: f64 = phases[..4].iter().map(|(_, s)| s).sum();
+    assert!(sum <= total + 0.026, "{line}");
+    assert_eq!((phases[0].1, phases[3].1), (0.0, 0.0), "local, CPU: {line}");
+    assert!(
+        stdout.contains("memory: weights 18.7 MiB"),
+        "the tiny model's bf16 weights:\n{stdout}"
+    );
+    // The same line on stderr, as every command that loads a model prints it.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wick: load: download "));
+
+    // Without a model, the machine alone.
+    let out = wick(&["info"]);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("load: "));
+}
+
+#[cfg(all(feature = "server", feature = "gpu"))]
+/// The number before ` MiB` after `key` in `line`.
+fn mib_after(line: &str, key: &str) -> f64 {
+    let at = line
+        .find(key)
+        .unwrap_or_else(|| panic!("{key} missing: {line}"));
+    line[at + key.len()..]
+        .trim_start()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {key}: {line}"))
+}
+
+#[cfg(all(feature = "server", feature = "gpu"))]
+#[test]
+fn gpu_memory_utilization_is_a_share_of_the_device_memory_on_lavapipe() {
+    if std::env::var_os("WICK_SKIP_GPU_TESTS").is_some_and(|v| v == "1") {
+        eprintln!("WICK_SKIP_GPU_TESTS=1: skipping a GPU test");
+        return;
+    }
+    // `wick info` names the size of lavapipe's Vulkan heap.
+    let out = wick(&["info"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let memory = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("memory "))
+        .unwrap_or_else(|| {
+            panic!(
+                "no adapter listed (install mesa-vulkan-drivers, or set \
+                 WICK_SKIP_GPU_TESTS=1):\n{stdout}"
+            )
+        });
+    let device = mib_after(memory, "memory");
+    assert!(device >= 256.0, "{memory}");
+
+    // With a model on the GPU: the device's memory and the buffers wick holds.
+    let dir = fixture("qwen3-tiny");
+    let out = wick(&["info", dir.to_str().unwrap(), "--device", "gpu"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    let line = stdout.lines().find(|l| l.starts_with("memory: ")).unwrap();
+    assert_eq!(mib_after(line, "device memory"), device, "{line}");
+    assert!(mib_after(line, "GPU buffers wick holds") >= 18.7, "{line}");
+    let load = load_phases(stdout.lines().find(|l| l.starts_with("load: ")).unwrap());
+    assert!(load[3].1 >= 0.0 && load[4].1 > 0.0, "{load:?}");
+
+    // A share leaving about 70 MiB after the weights (19 MiB) and activations (11 MiB).
+    let f = 100.0 / device;
+    let (code, text) = serve_startup_on("gpu", &["--gpu-memory-utilization", &f.to_string()], &[]);
+    assert_eq!(code, None, "did not start:\n{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("wick: --gpu-memory-utilization"))
+        .unwrap_or_else(|| panic!("no budget line:\n{text}"));
+    assert!(
+        line.contains(&format!("--gpu-memory-utilization {f}:")),
+        "{line}"
+    );
+    assert_eq!(mib_after(line, "device memory"), device, "{line}");
+    let share = mib_after(line, "of it");
+    assert!((share - f * device).abs() <= 0.06, "{line}");
+    let kv = mib_after(line, "= KV cache");
+    let held = mib_after(line, "- GPU buffers");
+    let activations = mib_after(line, "- activations");
+    assert!((share - held - activations - kv).abs() <= 0.16, "{line}");
+    assert!(held >= 18.7 && activations > 0.0 && kv > 40.0, "{line}");
+    // The pool is the budget in whole MiB, in blocks of 16 tokens of 512 bytes (the tiny
+    // model's f16 K and V of every layer).
+    let (blocks, _) = kv_line(&text);
+    let mb = blocks * 16 * 512 / (1 << 20);
+    assert!(
+        (kv - 0.05).floor() as usize <= mb && mb <= (kv + 0.05).floor() as usize,
+        "{blocks} blocks for {kv} MiB:\n{text}"
+    );
+    assert!(
+        text.contains(&format!("device memory {} MiB", device as u64)),
+        "the startup line names the device memory:\n{text}"
+    );
+
+    // Not even the weights and activations fit: refused with the numbers.
+    let f = 10.0 / device;
+    let (code, text) = serve_startup_on("gpu", &["--gpu-memory-utilization", &f.to_string()], &[]);
+    assert!(matches!(code, Some(c) if c != 0), "started:\n{text}");
+    assert!(
+        text.contains(&format!(
+            "--gpu-memory-utilization {f} leaves no room for the KV cache: device {} MiB",
+            device as u64
+        )),
+        "{text}"
+    );
+
+    // On the CPU the device's size is unknown: a share of the KV budget, said so.
+    let (code, text) = serve_startup(&["--gpu-memory-utilization", "0.25"], &[]);
+    assert_eq!(code, None, "did not start:\n{text}");
+    assert!(
+        text.contains("memory size is unknown") && text.contains("0.25 of the 1024 MiB"),
+        "{text}"
+    );
+    assert_eq!(
+        kv_line(&text).0,
+        256 * 128,
+        "256 MiB of 8 KiB blocks:\n{text}"
+    );
 }

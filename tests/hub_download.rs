@@ -17,7 +17,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
-use wick::loader::hub::{resolve_model, HubOptions, ModelKind, ResolvedModel};
+use wick::loader::hub::{resolve_model, resolve_model_timed, HubOptions, ModelKind, ResolvedModel};
 use wick::Error;
 
 const COMMIT: &str = "5f1c0d2e7a9b3c4d5e6f708192a3b4c5d6e7f809";
@@ -505,7 +505,8 @@ fn downloads_into_the_hugging_face_cache_layout() {
     let server = HubServer::start();
     let cache = TempDir::new("layout");
 
-    let model = resolve_model(REPO, &options(&server.url, &cache.0)).unwrap();
+    let (model, network) = resolve_model_timed(REPO, &options(&server.url, &cache.0)).unwrap();
+    assert!(network > std::time::Duration::ZERO, "the download is timed");
 
     let snapshot = snapshot_dir(&cache.0, REPO);
     assert_eq!(model.dir, snapshot);
@@ -546,11 +547,12 @@ fn downloads_into_the_hugging_face_cache_layout() {
     assert!(!requests.iter().any(|r| r.contains("oracle")));
     assert!(!requests.iter().any(|r| r.contains("index.json")));
 
-    // Everything is cached now: neither an online nor an offline resolve asks the server.
+    // Everything is cached now: neither an online nor an offline resolve asks the server,
+    // and no time is spent downloading.
     server.clear();
     assert_eq!(
-        resolve_model(REPO, &options(&server.url, &cache.0)).unwrap(),
-        model
+        resolve_model_timed(REPO, &options(&server.url, &cache.0)).unwrap(),
+        (model.clone(), std::time::Duration::ZERO)
     );
     let offline = HubOptions {
         offline: true,

@@ -474,6 +474,13 @@ async fn models_tokenize_detokenize_and_metrics() {
     assert!(m["wick_generation_tokens_total"] >= 3.0);
     assert!(m["wick_prompt_tokens_total"] >= 2.0);
     assert!(m["wick_kv_blocks_total"] > 0.0);
+    // How long loading took, by phase; the phases within the total.
+    let total = m["wick_load_seconds{phase=\"total\"}"];
+    assert!(total > 0.0, "{text}");
+    for phase in ["download", "map", "repack", "upload"] {
+        let p = m[&format!("wick_load_seconds{{phase=\"{phase}\"}}")];
+        assert!((0.0..=total).contains(&p), "{phase}: {text}");
+    }
     assert!(m["wick_time_to_first_token_seconds_count"] >= 1.0);
     assert!(m["wick_e2e_request_latency_seconds_count"] >= 1.0);
     assert!(m["wick_inter_token_latency_seconds_count"] >= 2.0);

@@ -314,6 +314,19 @@ pub trait Backend: Send + Sync + 'static {
     /// Stacking lets the model fuse q/k/v and gate/up into one product.
     fn weight(&self, parts: &[&HostTensor]) -> Result<Self::Weight>;
 
+    /// The time [`Backend::weight`] has taken so far, split into `repack` (converting and
+    /// re-laying weights out for this backend's kernels) and `upload` (writing them into
+    /// device memory); the other phases are zero.
+    fn weight_times(&self) -> crate::loader::LoadTimes {
+        crate::loader::LoadTimes::default()
+    }
+
+    /// Bytes of memory the device has, when the backend can tell (`None` for host memory,
+    /// which [`crate::resources::Fences`] watches, or a device that does not say).
+    fn device_memory_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// Allocates an activation matrix of `rows` × `cols`.
     fn tensor(&self, rows: usize, cols: usize) -> Self::Tensor;
 

@@ -172,6 +172,7 @@ impl ModelArgs {
             rt.set_chat_template(&source).context("--chat-template")?;
         }
         eprintln!("wick: {} on {}", rt.name(), rt.device());
+        eprintln!("wick: load: {}", rt.load_times());
         Ok(rt)
     }
 }

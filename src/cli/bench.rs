@@ -80,6 +80,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
         memory_bandwidth: bandwidth,
         // Every GPU buffer wick holds after the run: weights, KV cache, activations.
         gpu_memory_bytes: rt.gpu_stats().map(|g| g.memory_bytes),
+        load_times: rt.load_times(),
         report,
     };
     if a.json {
@@ -116,6 +117,7 @@ fn bench_concurrency(a: BenchArgs, n: usize) -> Result<()> {
         device: rt.device().to_string(),
         // Every GPU buffer wick holds after the run: weights, KV cache, activations.
         gpu_memory_bytes: rt.gpu_stats().map(|g| g.memory_bytes),
+        load_times: rt.load_times(),
         report,
     };
     if a.json {

@@ -78,8 +78,10 @@ pub struct ServeArgs {
     /// Most requests waiting for a slot; more are refused with 429 and Retry-After.
     #[arg(long, default_value_t = 256, env = "WICK_MAX_QUEUE")]
     max_queue: usize,
-    /// Fraction (0, 1] of the --kv-cache-mb budget (default 1024 MiB) given to the KV cache.
-    /// Not a share of GPU memory: wgpu cannot query how much is free.
+    /// Fraction (0, 1] of the GPU's memory wick may use: the KV cache gets that share less
+    /// the weights and activations (and no more than --kv-cache-mb if given). Where the
+    /// memory size is unknown (the CPU; GPUs other than Vulkan), the fraction is of the
+    /// --kv-cache-mb budget (default 1024 MiB) instead. The startup line shows the sums.
     #[arg(long, env = "WICK_GPU_MEMORY_UTILIZATION")]
     gpu_memory_utilization: Option<f64>,
     /// JSON fields the model's thinking is sent in: `reasoning` (current vLLM) and
@@ -403,19 +405,12 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
 
     let mut engine_opts = a.engine.options(a.model.max_model_len);
     engine_opts.max_waiting = Some(a.max_queue);
-    if let Some(f) = a.gpu_memory_utilization {
+    // Applied once the model is loaded (the weights' size is part of the sum).
+    let utilization = a.gpu_memory_utilization;
+    if let Some(f) = utilization {
         anyhow::ensure!(
             f > 0.0 && f <= 1.0,
             "--gpu-memory-utilization must be in (0, 1], not {f}"
-        );
-        let budget = a
-            .engine
-            .kv_cache_mb
-            .unwrap_or(wick::engine::DEFAULT_KV_CACHE_MB) as f64;
-        engine_opts.kv_cache_mb = Some(((budget * f) as usize).max(1));
-        eprintln!(
-            "wick: note: --gpu-memory-utilization {f}: taken as {f} of the {budget} MiB KV cache \
-             budget (--kv-cache-mb), not of the device's memory, which wgpu cannot tell"
         );
     }
     let overload = match a.overload_policy {
@@ -489,6 +484,10 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
                 engine_opts.task = wick::engine::Task::Embed;
                 engine_opts.cache_replies = false;
             }
+            if let Some(f) = utilization {
+                let budget = rt.size_kv_cache(f, &mut engine_opts)?;
+                eprintln!("wick: {budget}");
+            }
             let engine = rt.start_engine(&engine_opts)?;
             let name = st
                 .opts
@@ -497,10 +496,13 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
                 .cloned()
                 .unwrap_or_else(|| rt.name().to_string());
             let info = engine.info();
-            let gpu = rt
-                .gpu_stats()
-                .map(|g| format!("; GPU buffers {} MiB", g.memory_bytes >> 20))
+            let mut gpu = rt
+                .device_memory_bytes()
+                .map(|b| format!("; device memory {} MiB", b >> 20))
                 .unwrap_or_default();
+            if let Some(g) = rt.gpu_stats() {
+                gpu += &format!("; GPU buffers {} MiB", g.memory_bytes >> 20);
+            }
             eprintln!(
                 "wick: {}; {}; weights {} MiB{gpu}",
                 wick::resources::Fences::detect(),
@@ -522,6 +524,7 @@ pub fn serve(mut a: ServeArgs) -> Result<()> {
                 defaults,
                 model_name: name,
                 gpu_stats: rt.gpu_stats_reader(),
+                load_times: rt.load_times(),
             });
             Ok(rt)
         });

@@ -268,6 +268,8 @@ pub struct ConcurrencySummary {
     pub device: String,
     /// Every GPU buffer wick holds after the run (GPU only).
     pub gpu_memory_bytes: Option<u64>,
+    /// How long loading the model took.
+    pub load_times: crate::loader::LoadTimes,
     /// The measurements.
     pub report: ConcurrencyReport,
 }
@@ -279,6 +281,7 @@ impl ConcurrencySummary {
         v["model"] = self.model.clone().into();
         v["device"] = self.device.clone().into();
         v["gpu_memory_bytes"] = self.gpu_memory_bytes.into();
+        v["load_seconds"] = self.load_times.to_json();
         v
     }
 }
@@ -288,6 +291,7 @@ impl std::fmt::Display for ConcurrencySummary {
         let r = &self.report;
         let n = r.concurrency;
         writeln!(f, "model {} on {}", self.model, self.device)?;
+        writeln!(f, "load: {}", self.load_times)?;
         writeln!(
             f,
             "{n} requests, {} prompt tokens ({} shared), {} generated each",

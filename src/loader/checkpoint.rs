@@ -1,12 +1,14 @@
 //! Everything a model source provides, loaded in one call: configuration, generation
-//! defaults, tokenizer, chat template and the memory-mapped weights.
+//! defaults, tokenizer, chat template and the memory-mapped weights, with the time each
+//! phase of getting them took ([`Checkpoint::times`]: download, map, repack).
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::gguf::GgufFile;
-use super::hub::{resolve_model, HubOptions, ModelKind};
-use super::TensorSet;
+use super::hub::{resolve_model_timed, HubOptions, ModelKind};
+use super::{LoadTimes, TensorSet};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
 use crate::loader::gguf_tokenizer::tokenizer_from_gguf;
@@ -31,21 +33,25 @@ pub struct Checkpoint {
     /// Pooling module): `lasttoken` for Qwen3-Embedding, else `mean_tokens`, `cls_token`, …
     /// (the `pooling_mode_*` set in its config). `None` for other models.
     pub pooling: Option<String>,
+    /// How long getting it took: `download`, `map` and `repack` (FP8 conversion) are filled,
+    /// `total` is their sum.
+    pub times: LoadTimes,
 }
 
 impl Checkpoint {
     /// Loads `spec`: a local directory, a local `.gguf` file, or a Hub id.
     pub fn open(spec: &str, hub: &HubOptions) -> Result<Self> {
-        let resolved = resolve_model(spec, hub)?;
+        let start = Instant::now();
+        let (resolved, download) = resolve_model_timed(spec, hub)?;
         let local = Path::new(spec).exists();
-        match resolved.kind {
+        let mut ckpt = match resolved.kind {
             ModelKind::SafetensorsDir => {
                 let name = if local {
                     dir_name(&resolved.dir)
                 } else {
                     spec.to_string()
                 };
-                Self::open_dir(&resolved.dir, name)
+                Self::open_dir(&resolved.dir, name)?
             }
             ModelKind::Gguf(path) => {
                 let name = if local {
@@ -55,13 +61,21 @@ impl Checkpoint {
                 } else {
                     spec.to_string()
                 };
-                Self::open_gguf(&path, name)
+                Self::open_gguf(&path, name)?
             }
-        }
+        };
+        // Resolving a cached Hub id (looking in the cache) counts as opening the files.
+        let total = start.elapsed();
+        ckpt.times.download = download;
+        ckpt.times.map = total.saturating_sub(download + ckpt.times.repack);
+        ckpt.times.total = total;
+        Ok(ckpt)
     }
 
     /// Loads a Hugging Face checkpoint directory.
     pub fn open_dir(dir: &Path, name: String) -> Result<Self> {
+        let start = Instant::now();
+        let mut times = LoadTimes::default();
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let gen_path = dir.join("generation_config.json");
         let mut generation = if gen_path.exists() {
@@ -91,7 +105,10 @@ impl Checkpoint {
         )
         .map_err(|e| Error::json(&config_path, e))?;
         let fp8 = super::fp8::scheme_of(&config_json)?;
-        let tensors = super::safetensors::load_dir_with(dir, fp8)?;
+        let tensors = super::safetensors::load_dir_timed(dir, fp8, &mut times)?;
+        let pooling = declared_pooling(dir);
+        times.total = start.elapsed();
+        times.map = times.total.saturating_sub(times.repack);
         Ok(Checkpoint {
             name,
             config,
@@ -99,13 +116,15 @@ impl Checkpoint {
             tokenizer,
             chat_template,
             tensors,
-            pooling: declared_pooling(dir),
+            pooling,
+            times,
         })
     }
 
     /// Loads a GGUF file: weights, configuration, tokenizer and chat template all come from
     /// the file itself.
     pub fn open_gguf(path: &Path, name: String) -> Result<Self> {
+        let start = Instant::now();
         let file = GgufFile::open(path)?;
         let config = file.model_config()?;
         let tensors = file.tensor_set(&config)?;
@@ -130,6 +149,7 @@ impl Checkpoint {
             }
             None => None,
         };
+        let elapsed = start.elapsed();
         let mut eos = config.eos_token_ids.clone();
         // Chat models end turns with their template's end token, which GGUF files do not
         // always list as EOS (Qwen3 GGUFs name <|im_end|>; others name <|endoftext|>).
@@ -151,6 +171,11 @@ impl Checkpoint {
             chat_template,
             tensors,
             pooling: None,
+            times: LoadTimes {
+                map: elapsed,
+                total: elapsed,
+                ..LoadTimes::default()
+            },
         })
     }
 

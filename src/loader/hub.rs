@@ -45,11 +45,13 @@
 
 #![cfg_attr(not(feature = "hub"), allow(dead_code))]
 
+use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
 #[cfg(feature = "hub")]
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 #[cfg(feature = "hub")]
 use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
@@ -195,12 +197,24 @@ pub struct ResolvedModel {
 /// the Hub does not have, a file missing from the cache when offline, a network failure
 /// (with the URL).
 pub fn resolve_model(spec: &str, opts: &HubOptions) -> Result<ResolvedModel> {
+    resolve_model_timed(spec, opts).map(|(resolved, _)| resolved)
+}
+
+/// [`resolve_model`], and the time spent on the network: file transfers and the file list
+/// of a GGUF repository (zero for a local path, or when the cache held everything).
+pub fn resolve_model_timed(spec: &str, opts: &HubOptions) -> Result<(ResolvedModel, Duration)> {
     let (repo_id, quant) = match classify(spec)? {
-        Spec::Local(resolved) => return Ok(resolved),
+        Spec::Local(resolved) => return Ok((resolved, Duration::ZERO)),
         Spec::Hub(id, quant) => (id, quant),
     };
     let opts = opts.clone().or_env(process_env);
     let hub = HubRepo::open(repo_id, &opts)?;
+    let resolved = resolve_on(&hub, &opts, quant)?;
+    Ok((resolved, hub.network.get()))
+}
+
+/// Resolves a Hub id once its repository is open.
+fn resolve_on(hub: &HubRepo, opts: &HubOptions, quant: Option<&str>) -> Result<ResolvedModel> {
     if let Some(file) = &opts.gguf_file {
         let path = hub.require(file)?;
         return Ok(ResolvedModel {
@@ -209,7 +223,7 @@ pub fn resolve_model(spec: &str, opts: &HubOptions) -> Result<ResolvedModel> {
         });
     }
     if quant.is_some() {
-        return fetch_gguf(&hub, &gguf_models(&hub.list()?), quant);
+        return fetch_gguf(hub, &gguf_models(&hub.list()?), quant);
     }
     // A repository of GGUF files has no config.json.
     if hub.fetch("config.json")?.is_none() {
@@ -217,9 +231,9 @@ pub fn resolve_model(spec: &str, opts: &HubOptions) -> Result<ResolvedModel> {
         if models.is_empty() {
             return Err(hub.missing("config.json"));
         }
-        return fetch_gguf(&hub, &models, None);
+        return fetch_gguf(hub, &models, None);
     }
-    fetch_checkpoint(&hub)
+    fetch_checkpoint(hub)
 }
 
 /// The quantizations picked, in this order, when a GGUF repository is named without one
@@ -622,6 +636,8 @@ struct HubRepo {
     api: Option<ApiRepo>,
     progress: bool,
     on_progress: Option<super::Progress>,
+    /// Time spent on the network so far ([`resolve_model_timed`]).
+    network: Cell<Duration>,
 }
 
 impl HubRepo {
@@ -687,6 +703,7 @@ impl HubRepo {
             api,
             progress: opts.progress && std::io::stderr().is_terminal(),
             on_progress: opts.on_progress.clone(),
+            network: Cell::new(Duration::ZERO),
         })
     }
 
@@ -743,7 +760,10 @@ impl HubRepo {
                 "{}/api/models/{}/revision/{}",
                 self.endpoint, self.id, self.revision
             );
-            return match api.info() {
+            let start = std::time::Instant::now();
+            let answer = api.info();
+            self.network.set(self.network.get() + start.elapsed());
+            return match answer {
                 Ok(info) => Ok(info
                     .siblings
                     .into_iter()
@@ -818,6 +838,7 @@ impl HubRepo {
         };
         let url = api.url(file);
         tracing::info!(model = %self.id, %url, "downloading");
+        let start = std::time::Instant::now();
         // hf-hub unwraps a few things about the server's answers (a redirect without a
         // Location, for one); a misbehaving server must give an error, not a crash.
         let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -829,6 +850,7 @@ impl HubRepo {
                 api.download_with_progress(file, ())
             }
         }));
+        self.network.set(self.network.get() + start.elapsed());
         let result = match outcome {
             Ok(result) => result,
             Err(panic) => {

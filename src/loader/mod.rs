@@ -12,6 +12,7 @@
 //! - [`gguf_write`]: writing GGUF files (`wick quantize`).
 //! - [`names`]: the GGUF → Hugging Face tensor name table.
 //! - [`hub`]: resolving `--model` (a local directory or a Hub id) to files on disk.
+//! - [`times`]: how long each phase of loading took ([`LoadTimes`]).
 //!
 //! Loading reports its progress to a [`Progress`] callback: Hub downloads (bytes), load-time
 //! quantization and putting the weights on the device (tensors).
@@ -33,6 +34,9 @@ pub mod gguf_write;
 pub mod hub;
 pub mod names;
 pub mod safetensors;
+pub mod times;
+
+pub use self::times::LoadTimes;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 use serde_json::Value;
 
-use super::{Bytes, HostTensor, TensorSet};
+use super::{Bytes, HostTensor, LoadTimes, TensorSet};
 use crate::error::{Error, Result};
 use crate::quant::DType;
 
@@ -29,10 +29,23 @@ impl AsRef<[u8]> for MappedFile {
 /// Loads every tensor of the checkpoint in `dir` (single file or sharded). With `fp8`, the
 /// `F8_E4M3` weights and their scales become Q8_0 ([`super::fp8`]).
 pub fn load_dir_with(dir: &Path, fp8: Option<super::fp8::Fp8Scheme>) -> Result<TensorSet> {
+    load_dir_timed(dir, fp8, &mut LoadTimes::default())
+}
+
+/// [`load_dir_with`], adding the time the FP8 conversion takes to `times.repack`.
+pub fn load_dir_timed(
+    dir: &Path,
+    fp8: Option<super::fp8::Fp8Scheme>,
+    times: &mut LoadTimes,
+) -> Result<TensorSet> {
     let mut raw = Vec::new();
     let mut set = load_files(dir, &mut raw)?;
     match fp8 {
-        Some(scheme) => super::fp8::convert(scheme, raw, &mut set)?,
+        Some(scheme) => {
+            let start = std::time::Instant::now();
+            super::fp8::convert(scheme, raw, &mut set)?;
+            times.repack += start.elapsed();
+        }
         None => {
             if let Some((name, _, _)) = raw.first() {
                 return Err(Error::UnsupportedDType {

@@ -218,23 +218,57 @@ impl<B: Backend> Model<B> {
     /// Allocates activations for steps of up to `max_tokens` tokens, of which up to
     /// `max_logits_rows` want logits (the logits are `[R, V]`: keep R small).
     pub fn run_state(&self, max_tokens: usize, max_logits_rows: usize) -> RunState<B> {
-        let cfg = &self.config;
-        let (c, f, t) = (cfg.hidden_size, cfg.intermediate_size, max_tokens.max(1));
-        let r = max_logits_rows.clamp(1, t);
+        let (t, r) = Self::run_state_rows(max_tokens, max_logits_rows);
         let b = &self.backend;
+        let [x, xn, qkv, att, gate_up, act, last, last_n, logits] = self
+            .run_state_shapes(t, r)
+            .map(|(rows, cols)| b.tensor(rows, cols));
         RunState {
             max_tokens: t,
-            x: b.tensor(t, c),
-            xn: b.tensor(t, c),
-            qkv: b.tensor(t, self.dims.qkv_width()),
-            att: b.tensor(t, cfg.q_dim()),
-            gate_up: b.tensor(t, 2 * f),
-            act: b.tensor(t, f),
-            last: b.tensor(r, c),
-            last_n: b.tensor(r, c),
-            logits: b.tensor(r, cfg.vocab_size),
+            x,
+            xn,
+            qkv,
+            att,
+            gate_up,
+            act,
+            last,
+            last_n,
+            logits,
             max_logits_rows: r,
         }
+    }
+
+    /// Bytes of the f32 activations [`Model::run_state`] allocates for these sizes.
+    pub fn run_state_bytes(&self, max_tokens: usize, max_logits_rows: usize) -> u64 {
+        let (t, r) = Self::run_state_rows(max_tokens, max_logits_rows);
+        self.run_state_shapes(t, r)
+            .iter()
+            .map(|(rows, cols)| (rows * cols * 4) as u64)
+            .sum()
+    }
+
+    /// T and R of a [`RunState`]: at least one token, and 1 ≤ R ≤ T.
+    fn run_state_rows(max_tokens: usize, max_logits_rows: usize) -> (usize, usize) {
+        let t = max_tokens.max(1);
+        (t, max_logits_rows.clamp(1, t))
+    }
+
+    /// `(rows, cols)` of each activation of a [`RunState`], in its field order: x, xn, qkv,
+    /// att, gate_up, act (T rows), last, last_n, logits (R rows).
+    fn run_state_shapes(&self, t: usize, r: usize) -> [(usize, usize); 9] {
+        let cfg = &self.config;
+        let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
+        [
+            (t, c),
+            (t, c),
+            (t, self.dims.qkv_width()),
+            (t, cfg.q_dim()),
+            (t, 2 * f),
+            (t, f),
+            (r, c),
+            (r, c),
+            (r, cfg.vocab_size),
+        ]
     }
 
     /// The KV layout for `num_blocks` blocks of `block_size` tokens.

@@ -1,10 +1,13 @@
 //! `/metrics` in Prometheus' text format: the engine's counters, gauges and latency
-//! histograms, responses by status code, and the process's resident memory.
+//! histograms, responses by status code, the process's resident memory, the GPU memory wick
+//! holds and how long loading the model took, phase by phase
+//! (`wick_load_seconds{phase="download|map|repack|upload|total"}`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use crate::engine::{Engine, Histogram};
+use crate::loader::LoadTimes;
 
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -56,10 +59,11 @@ pub fn swap_bytes() -> u64 {
 }
 
 /// Renders every metric; `gpu_memory` is the bytes of the GPU buffers wick holds, when the
-/// model runs on a GPU.
+/// model runs on a GPU, and `load` how long loading took, once the model is loaded.
 pub fn render(
     engine: Option<&Engine>,
     gpu_memory: Option<u64>,
+    load: Option<&LoadTimes>,
     statuses: &BTreeMap<u16, u64>,
 ) -> String {
     let mut out = String::new();
@@ -94,6 +98,21 @@ pub fn render(
             "GPU memory wick holds: every buffer it created (weights, KV cache, activations).",
             bytes as f64,
         );
+    }
+    if let Some(load) = load {
+        head(
+            &mut out,
+            "wick_load_seconds",
+            "gauge",
+            "Time loading the model took, by phase (total also holds what no phase names).",
+        );
+        for (phase, d) in load.phases() {
+            let _ = writeln!(
+                out,
+                "wick_load_seconds{{phase=\"{phase}\"}} {}",
+                d.as_secs_f64()
+            );
+        }
     }
     let Some(engine) = engine else {
         return out;
@@ -247,7 +266,7 @@ mod tests {
     #[test]
     fn gpu_memory_is_reported_only_on_a_gpu() {
         let statuses = Default::default();
-        let on_gpu = super::render(None, Some(123 << 20), &statuses);
+        let on_gpu = super::render(None, Some(123 << 20), None, &statuses);
         assert!(
             on_gpu.contains("# TYPE wick_gpu_memory_bytes gauge"),
             "{on_gpu}"
@@ -258,7 +277,29 @@ mod tests {
                 .any(|l| l == format!("wick_gpu_memory_bytes {}", 123u64 << 20)),
             "{on_gpu}"
         );
-        assert!(!super::render(None, None, &statuses).contains("wick_gpu_memory_bytes"));
+        assert!(!super::render(None, None, None, &statuses).contains("wick_gpu_memory_bytes"));
+    }
+
+    #[test]
+    fn load_phases_are_gauges_once_loaded() {
+        let statuses = Default::default();
+        let load = crate::loader::LoadTimes {
+            map: std::time::Duration::from_millis(250),
+            total: std::time::Duration::from_millis(1500),
+            ..Default::default()
+        };
+        let text = super::render(None, None, Some(&load), &statuses);
+        assert!(text.contains("# TYPE wick_load_seconds gauge"), "{text}");
+        for line in [
+            "wick_load_seconds{phase=\"download\"} 0",
+            "wick_load_seconds{phase=\"map\"} 0.25",
+            "wick_load_seconds{phase=\"repack\"} 0",
+            "wick_load_seconds{phase=\"upload\"} 0",
+            "wick_load_seconds{phase=\"total\"} 1.5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        assert!(!super::render(None, None, None, &statuses).contains("wick_load_seconds"));
     }
 
     #[test]

@@ -158,6 +158,8 @@ pub struct Loaded {
     pub model_name: String,
     /// The GPU backend's counters (`None` on the CPU), for `wick_gpu_memory_bytes`.
     pub gpu_stats: Option<crate::runtime::GpuStatsFn>,
+    /// How long loading took, for `wick_load_seconds`.
+    pub load_times: crate::loader::LoadTimes,
 }
 
 /// Shared state of the handlers.
@@ -519,7 +521,12 @@ async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
     let gpu_memory = loaded
         .and_then(|l| l.gpu_stats.as_ref())
         .map(|f| f().memory_bytes);
-    let body = metrics::render(loaded.map(|l| &*l.engine), gpu_memory, &statuses);
+    let body = metrics::render(
+        loaded.map(|l| &*l.engine),
+        gpu_memory,
+        loaded.map(|l| &l.load_times),
+        &statuses,
+    );
     (
         [(
             header::CONTENT_TYPE,

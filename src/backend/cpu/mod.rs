@@ -73,6 +73,8 @@ pub struct CpuBackend {
     act: ActQuant,
     /// Survivors of the sampling filters, up to `[V]`, kept across steps.
     sample_scratch: std::sync::Mutex<Vec<(u32, f32)>>,
+    /// Time spent making weights (all of it re-layout: the CPU reads the map in place).
+    weight_times: std::sync::Mutex<crate::loader::LoadTimes>,
 }
 
 impl CpuBackend {
@@ -98,6 +100,7 @@ impl CpuBackend {
             pool,
             act,
             sample_scratch: Default::default(),
+            weight_times: Default::default(),
         })
     }
 
@@ -238,11 +241,18 @@ impl Backend for CpuBackend {
     }
 
     fn weight(&self, parts: &[&HostTensor]) -> Result<CpuWeight> {
+        let start = std::time::Instant::now();
         let mut w = CpuWeight::new(parts)?;
         if self.act == ActQuant::Q8 {
             self.pool.install(|| w.interleave(isa::Isa::current()));
         }
+        let mut t = self.weight_times.lock().unwrap_or_else(|e| e.into_inner());
+        t.repack += start.elapsed();
         Ok(w)
+    }
+
+    fn weight_times(&self) -> crate::loader::LoadTimes {
+        *self.weight_times.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn tensor(&self, rows: usize, cols: usize) -> CpuTensor {

@@ -9,6 +9,12 @@
 //! The device is opened with the adapter's own limits rather than WebGPU's defaults, because
 //! the default 128 MiB storage binding is what decides how weights are split; optional
 //! features (shader-f16, subgroups) are requested only when the adapter has them.
+//!
+//! The device's memory size ([`device_memory`]) is not part of wgpu's portable API. On
+//! Vulkan it is read through wgpu's HAL: the largest `DEVICE_LOCAL` heap of
+//! `vkGetPhysicalDeviceMemoryProperties` (a discrete GPU's VRAM; host memory for integrated
+//! GPUs and lavapipe). Metal's `recommendedMaxWorkingSetSize` is not reachable through
+//! wgpu-hal's public API, and DX12 and GL are not asked: there the size is unknown (`None`).
 
 use crate::error::{Error, Result};
 
@@ -39,6 +45,8 @@ pub struct AdapterInfoSummary {
     pub max_compute_invocations_per_workgroup: u32,
     /// Whether this is a hardware GPU (discrete or integrated): what `--device auto` uses.
     pub is_hardware_gpu: bool,
+    /// Bytes of the device's memory, where the API tells ([`device_memory`]).
+    pub memory_bytes: Option<u64>,
 }
 
 /// An open device with what we learned about its adapter.
@@ -57,6 +65,46 @@ pub struct GpuContext {
     pub shader_f16: bool,
     /// Whether f16 ↔ f32 packing builtins (`unpack2x16float`) are allowed.
     pub f16_in_f32: bool,
+    /// Bytes of the device's memory, where the API tells ([`device_memory`]).
+    pub memory_bytes: Option<u64>,
+}
+
+/// Bytes of `adapter`'s memory: its largest `DEVICE_LOCAL` Vulkan heap (see the module doc),
+/// or `None` on other APIs.
+#[cfg(any(
+    windows,
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd"
+))]
+pub fn device_memory(adapter: &wgpu::Adapter) -> Option<u64> {
+    // SAFETY: the HAL adapter is only read from (its physical device's memory properties)
+    // while the guard keeps it alive; nothing is created or destroyed through it.
+    let hal = unsafe { adapter.as_hal::<wgpu::hal::api::Vulkan>() }?;
+    let instance = hal.shared_instance().raw_instance();
+    // SAFETY: the physical device was enumerated from this instance, which outlives the call.
+    let props =
+        unsafe { instance.get_physical_device_memory_properties(hal.raw_physical_device()) };
+    // VK_MEMORY_HEAP_DEVICE_LOCAL_BIT, spelled as a number: wgpu does not re-export `ash`,
+    // whose constant this is, and the bit is fixed by the Vulkan specification.
+    const DEVICE_LOCAL: u32 = 0x1;
+    props
+        .memory_heaps_as_slice()
+        .iter()
+        .filter(|h| h.flags.as_raw() & DEVICE_LOCAL != 0)
+        .map(|h| h.size)
+        .max()
+}
+
+/// Bytes of `adapter`'s memory: unknown where wgpu has no Vulkan back end.
+#[cfg(not(any(
+    windows,
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd"
+)))]
+pub fn device_memory(_adapter: &wgpu::Adapter) -> Option<u64> {
+    None
 }
 
 fn type_rank(t: wgpu::DeviceType) -> u8 {
@@ -129,6 +177,7 @@ fn summary(index: usize, a: &wgpu::Adapter) -> AdapterInfoSummary {
             i.device_type,
             wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu
         ),
+        memory_bytes: device_memory(a),
     }
 }
 
@@ -169,6 +218,7 @@ impl GpuContext {
             subgroup,
             shader_f16,
             f16_in_f32,
+            memory_bytes: device_memory(&shared.adapter),
         }
     }
 
@@ -243,6 +293,7 @@ impl GpuContext {
             subgroup,
             shader_f16,
             f16_in_f32,
+            memory_bytes: device_memory(adapter),
         })
     }
 }
@@ -257,6 +308,10 @@ impl std::fmt::Display for AdapterInfoSummary {
         writeln!(f, "  backend      {}", self.backend)?;
         writeln!(f, "  device type  {}", self.device_type)?;
         writeln!(f, "  driver       {}", self.driver)?;
+        match self.memory_bytes {
+            Some(b) => writeln!(f, "  memory       {:.0} MiB", mib(b))?,
+            None => writeln!(f, "  memory       unknown (wick reads it on Vulkan only)")?,
+        }
         writeln!(
             f,
             "  features     shader-f16: {}, subgroups: {}",

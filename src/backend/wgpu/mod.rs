@@ -165,6 +165,8 @@ pub struct WgpuBackend {
     /// 0 = never split.
     split_span: usize,
     inner: Mutex<Inner>,
+    /// Time spent making weights: repacking on the host, writing buffers.
+    weight_times: Mutex<crate::loader::LoadTimes>,
 }
 
 impl WgpuBackend {
@@ -226,6 +228,7 @@ impl WgpuBackend {
             slot_bytes,
             dummy,
             split_span: opts.decode_split.next_multiple_of(WG),
+            weight_times: Mutex::default(),
         })
     }
 
@@ -283,7 +286,21 @@ impl Backend for WgpuBackend {
     }
 
     fn weight(&self, parts: &[&HostTensor]) -> Result<WgpuWeight> {
-        self.upload_weight(parts)
+        let start = std::time::Instant::now();
+        let mut repack = std::time::Duration::ZERO;
+        let w = self.upload_weight(parts, &mut repack);
+        let mut t = self.weight_times.lock().unwrap_or_else(|e| e.into_inner());
+        t.repack += repack;
+        t.upload += start.elapsed().saturating_sub(repack);
+        w
+    }
+
+    fn weight_times(&self) -> crate::loader::LoadTimes {
+        *self.weight_times.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn device_memory_bytes(&self) -> Option<u64> {
+        self.ctx.memory_bytes
     }
 
     fn tensor(&self, rows: usize, cols: usize) -> WgpuTensor {

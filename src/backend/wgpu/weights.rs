@@ -9,6 +9,8 @@
 //! Qwen3-0.6B in f16); a matmul dispatches once per segment. Norm weights (vectors) are widened
 //! to f32 once.
 
+use std::time::{Duration, Instant};
+
 use super::buffers::GpuBuffer;
 use super::pipelines::WEIGHT_DTYPES;
 use super::{repack, WgpuBackend};
@@ -95,8 +97,13 @@ fn segment_spans(total: usize, per_segment: usize) -> impl Iterator<Item = (usiz
 }
 
 impl WgpuBackend {
-    /// Uploads `parts` stacked by rows (see the module doc), or widens a lone vector to f32.
-    pub(super) fn upload_weight(&self, parts: &[&HostTensor]) -> Result<WgpuWeight> {
+    /// Uploads `parts` stacked by rows (see the module doc), or widens a lone vector to f32;
+    /// the time spent converting and repacking on the host is added to `repack`.
+    pub(super) fn upload_weight(
+        &self,
+        parts: &[&HostTensor],
+        repack: &mut Duration,
+    ) -> Result<WgpuWeight> {
         let (rows, cols) = crate::backend::stacked_shape(parts)?;
         let first = parts[0];
         for p in parts {
@@ -114,7 +121,9 @@ impl WgpuBackend {
             )));
         }
         if parts.len() == 1 && first.shape.len() == 1 {
+            let start = Instant::now();
             let v = first.to_f32();
+            *repack += start.elapsed();
             let vector = Some(self.upload(bytemuck::cast_slice(&v), &first.name));
             return Ok(WgpuWeight {
                 rows,
@@ -133,7 +142,7 @@ impl WgpuBackend {
             while end < parts.len() && parts[end].dtype == dtype {
                 end += 1;
             }
-            self.upload_rows(&parts[start..end], dtype, row0, cols, &mut segments)?;
+            self.upload_rows(&parts[start..end], dtype, row0, cols, &mut segments, repack)?;
             row0 += parts[start..end]
                 .iter()
                 .map(|p| p.rows_cols().0)
@@ -156,6 +165,7 @@ impl WgpuBackend {
         row0: usize,
         cols: usize,
         segments: &mut Vec<Segment>,
+        repack: &mut Duration,
     ) -> Result<()> {
         let RowLayout {
             ks,
@@ -204,7 +214,9 @@ impl WgpuBackend {
                         let mut tmp = vec![0u8; ROWS.min(n) * row_bytes];
                         for (i, s) in src.chunks(ROWS * src_row_bytes).enumerate() {
                             let d = &mut tmp[..s.len() / src_row_bytes * row_bytes];
+                            let start = Instant::now();
                             repack::repack_blocks(dtype, s, d);
+                            *repack += start.elapsed();
                             let a = at + i * ROWS * row_bytes;
                             view.slice(a..a + d.len()).copy_from_slice(d);
                         }
