@@ -66,6 +66,21 @@ const MAX_ROWS_INTEGER_DOT4: usize = 16;
 /// Rows of W handed to one job.
 const MIN_ROWS_PER_JOB: usize = 16;
 
+/// Quantizes the first `rows` activation rows of `x` (row stride `k`) into `buf`, reusing
+/// its rows' buffers.
+fn quantize_rows<A: Default>(
+    buf: &mut Vec<A>,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    quantize: fn(&mut A, &[f32]),
+) {
+    buf.resize_with(rows, A::default);
+    for (q, row) in buf.iter_mut().zip(x.chunks_exact(k)) {
+        quantize(q, row);
+    }
+}
+
 /// Computes `out[t, n] = Σ_k x[t, k]·W[n, k]` (or adds it when `accumulate`) for `t < rows`.
 /// `x` has row stride K = `w.cols`; `out` has row stride N = `w.rows`.
 pub fn matmul(
@@ -128,17 +143,12 @@ pub fn matmul(
                 let mut xq = xq.borrow_mut();
                 let mut xqk = xqk.borrow_mut();
                 if need_q8 {
-                    xq.resize_with(rows, Q8Act::default);
-                    for (t, q) in xq.iter_mut().enumerate().take(rows) {
-                        q.quantize(&x[t * k..(t + 1) * k]);
-                    }
+                    quantize_rows(&mut xq, x, rows, k, Q8Act::quantize);
                 }
                 if need_q8k {
-                    xqk.resize_with(rows, Q8KAct::default);
-                    for (t, q) in xqk.iter_mut().enumerate().take(rows) {
-                        q.quantize(&x[t * k..(t + 1) * k]);
-                    }
+                    quantize_rows(&mut xqk, x, rows, k, Q8KAct::quantize);
                 }
+                // A kind no part reads is left as it was (its buffers are kept for reuse).
                 let xq = &xq[..if need_q8 { rows } else { 0 }];
                 let xqk = &xqk[..if need_q8k { rows } else { 0 }];
                 jobs.par_iter().for_each(|&(p, r0, len, c0)| {

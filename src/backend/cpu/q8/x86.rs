@@ -524,16 +524,11 @@ macro_rules! interleaved_kernels {
             }
         }
 
-        /// Four activation bytes of row `x` at column `k`, in every lane.
+        /// Four activation bytes of a row's quantized values `qs` at column `k`, in every
+        /// lane.
         #[target_feature(enable = $feat)]
-        unsafe fn bx(x: &Q8Act, k: usize) -> I {
-            set1i((x.qs.as_ptr().add(k) as *const i32).read_unaligned())
-        }
-
-        /// [`bx`] for a [`Q8KAct`] row.
-        #[target_feature(enable = $feat)]
-        unsafe fn bxk(x: &Q8KAct, k: usize) -> I {
-            set1i((x.qs.as_ptr().add(k) as *const i32).read_unaligned())
+        unsafe fn bx(qs: &[i8], k: usize) -> I {
+            set1i((qs.as_ptr().add(k) as *const i32).read_unaligned())
         }
 
         /// Asks for the cache lines of `bytes` bytes `PREFETCH` ahead of `p`: the weights
@@ -572,7 +567,7 @@ macro_rules! interleaved_kernels {
                             for c in 0..8 {
                                 let u = ld(qs.add(c * 4 * R));
                                 for j in 0..N {
-                                    isum[j] = dp(isum[j], u, bx(&x[j], 32 * b + 4 * c));
+                                    isum[j] = dp(isum[j], u, bx(&x[j].qs, 32 * b + 4 * c));
                                 }
                             }
                         } else {
@@ -581,8 +576,8 @@ macro_rules! interleaved_kernels {
                                 let lo = and(v, m4);
                                 let hi = and(srli4(v), m4);
                                 for j in 0..N {
-                                    isum[j] = dp(isum[j], lo, bx(&x[j], 32 * b + 4 * c));
-                                    isum[j] = dp(isum[j], hi, bx(&x[j], 32 * b + 16 + 4 * c));
+                                    isum[j] = dp(isum[j], lo, bx(&x[j].qs, 32 * b + 4 * c));
+                                    isum[j] = dp(isum[j], hi, bx(&x[j].qs, 32 * b + 16 + 4 * c));
                                 }
                             }
                         }
@@ -633,8 +628,8 @@ macro_rules! interleaved_kernels {
                                 let hi = and(srli4(v), m4);
                                 let k0 = 256 * sb + 64 * c + 4 * q4;
                                 for j in 0..N {
-                                    lo_s[j] = dp(lo_s[j], lo, bxk(&x[j], k0));
-                                    hi_s[j] = dp(hi_s[j], hi, bxk(&x[j], k0 + 32));
+                                    lo_s[j] = dp(lo_s[j], lo, bx(&x[j].qs, k0));
+                                    hi_s[j] = dp(hi_s[j], hi, bx(&x[j].qs, k0 + 32));
                                 }
                             }
                             let sc_lo = u8s(p.add(4 * R + 2 * c * R));
@@ -689,7 +684,7 @@ macro_rules! interleaved_kernels {
                                     for part in 0..4 {
                                         let k0 = 256 * sb + 128 * n + 32 * part + 4 * c;
                                         for j in 0..N {
-                                            s[part][j] = dp(s[part][j], u[part], bxk(&x[j], k0));
+                                            s[part][j] = dp(s[part][j], u[part], bx(&x[j].qs, k0));
                                         }
                                     }
                                 }
