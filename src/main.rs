@@ -100,7 +100,8 @@ struct SynthArgs {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,wgpu_hal::gles=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -112,7 +113,11 @@ fn main() -> Result<()> {
         Some("-dp") => "--data-parallel-size".into(),
         _ => a,
     });
-    match Cli::parse_from(args).command {
+    let command = Cli::parse_from(args).command;
+    if !command.serves() {
+        restore_sigpipe();
+    }
+    match command {
         Command::Run(a) => run::run(a),
         Command::Logits(a) => run::logits(a),
         Command::Bench(a) => bench::bench(a),
@@ -129,6 +134,34 @@ fn main() -> Result<()> {
             eprintln!("wrote {}", a.out.display());
             Ok(())
         }
+    }
+}
+
+impl Command {
+    /// Whether the command runs a server or a load generator: those keep Rust's ignored
+    /// SIGPIPE (a peer that goes away is an error on that connection, not the end of the
+    /// process).
+    fn serves(&self) -> bool {
+        #[cfg(feature = "server")]
+        if matches!(self, Command::Serve(_)) {
+            return true;
+        }
+        #[cfg(feature = "bench-serve")]
+        if matches!(self, Command::BenchServe(_)) {
+            return true;
+        }
+        false
+    }
+}
+
+/// Lets a closed standard output end the command quietly, as it ends other Unix tools
+/// (`wick info | grep -q avx2`, `wick run ... | head -1`), instead of a panic on a broken pipe.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called once at start-up, before any thread is spawned, with a valid
+    // disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
