@@ -343,6 +343,14 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Runs `step`, one forward step's calls into this backend, where they run best: the
+    /// CPU runs it on its worker pool, so that each operation's parallel parts fork from a
+    /// worker whose siblings are still awake from the previous one, instead of waking the
+    /// pool from outside once per operation.
+    fn run_step(&self, step: &mut (dyn FnMut() + Send)) {
+        step()
+    }
+
     /// Starts a forward step over `batch`.
     fn begin_step(&self, batch: &Batch);
 

@@ -300,7 +300,7 @@ impl<B: Backend> Model<B> {
         batch: &Batch,
         logits: &mut Vec<f32>,
     ) {
-        let r = self.forward_logits(state, cache, batch);
+        let r = self.on_backend(|| self.forward_logits(state, cache, batch));
         if r == 0 {
             logits.clear();
             return;
@@ -330,7 +330,7 @@ impl<B: Backend> Model<B> {
             batch.logits_rows.len(),
             "one RowSampling per logits row"
         );
-        let r = self.forward_logits(state, cache, batch);
+        let r = self.on_backend(|| self.forward_logits(state, cache, batch));
         if r == 0 {
             ids.clear();
             return;
@@ -349,7 +349,7 @@ impl<B: Backend> Model<B> {
         batch: &Batch,
         hidden: &mut Vec<f32>,
     ) {
-        let r = self.forward_layers(state, cache, batch);
+        let r = self.on_backend(|| self.forward_layers(state, cache, batch));
         if r == 0 {
             hidden.clear();
             return;
@@ -365,6 +365,14 @@ impl<B: Backend> Model<B> {
         );
         hidden.resize(r * self.config.hidden_size, 0.0);
         b.read(&state.last_n, r, hidden);
+    }
+
+    /// Runs `f` through [`Backend::run_step`] and returns what it returns.
+    fn on_backend<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        let mut f = Some(f);
+        let mut out = None;
+        self.backend.run_step(&mut || out = f.take().map(|f| f()));
+        out.expect("run_step runs the step")
     }
 
     /// The step up to the logits: leaves `[R, V]` in `state.logits` and returns R. Nothing

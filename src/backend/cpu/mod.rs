@@ -274,6 +274,10 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn run_step(&self, step: &mut (dyn FnMut() + Send)) {
+        self.pool.install(step)
+    }
+
     fn begin_step(&self, batch: &Batch) {
         debug_assert!(batch.num_tokens() > 0);
     }
