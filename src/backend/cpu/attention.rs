@@ -7,7 +7,8 @@
 //! per SIMD lane: `s[p] += q[d] · K[d][p]` over `d` is plain multiply-adds with `q[d]`
 //! broadcast, with no horizontal sum per position (a dot product of two rows would need one
 //! each, which cost as much as the dot itself at D = 128). Values are f32 or IEEE half
-//! ([`KvDtype`]); half data is widened a block (keys) or a row (values) at a time.
+//! ([`KvDtype`]); half data is widened a block at a time. Weighted sums of values run a block
+//! of positions at a time too, each output row held in registers across the block.
 //!
 //! Each (tile of up to 16 new tokens of one sequence, KV head) is one job: the tile's tokens
 //! and their `H / Hkv` query heads that share the KV head attend together, each token to
@@ -69,17 +70,6 @@ impl KvPool {
             }
         }
     }
-
-    /// The `D` values at element offset `at`, widened into `buf` when stored as half.
-    fn row<'a>(&'a self, at: usize, buf: &'a mut [f32]) -> &'a [f32] {
-        match self {
-            KvPool::F32(p) => &p[at..at + buf.len()],
-            KvPool::F16(p) => {
-                simd::f16_to_f32(bytemuck::cast_slice(&p[at..at + buf.len()]), buf);
-                buf
-            }
-        }
-    }
 }
 
 /// Element offset of position slot `slot`, KV head `kvh` in a V pool of `layout`.
@@ -134,7 +124,7 @@ struct Scratch {
     scores: Vec<f32>,
     /// `[rows, D]` outputs.
     acc: Vec<f32>,
-    /// One widened V row.
+    /// One widened `[block_size, D]` block of values.
     row: Vec<f32>,
     /// One widened `[D, block_size]` block of keys.
     kt: Vec<f32>,
@@ -180,13 +170,12 @@ pub fn attention(
         let qs: Vec<&[f32]> = (0..rows)
             .map(|r| &qkv[(r0 + r / group) * stride + (kvh * group + r % group) * d..][..d])
             .collect();
-        let at = |p: usize| kv_index(layout, seq.block_table[p / bs] as usize * bs + p % bs, kvh);
         SCRATCH.with(|cell| {
             let scratch = &mut *cell.borrow_mut();
             scratch.scores.resize(rows * cmax, 0.0);
             scratch.acc.clear();
             scratch.acc.resize(rows * d, 0.0);
-            scratch.row.resize(d, 0.0);
+            scratch.row.resize(bs * d, 0.0);
             scratch.kt.resize(d * bs, 0.0);
             let (scores, acc, buf, kt) = (
                 &mut scratch.scores[..rows * cmax],
@@ -212,12 +201,27 @@ pub fn attention(
                 }
             }
             for (r, sc) in scores.chunks_mut(cmax).enumerate() {
-                simd::softmax(&mut sc[..c0 + r / group]);
+                let seen = c0 + r / group;
+                simd::softmax(&mut sc[..seen]);
+                // Positions a row does not see weigh nothing in the blocks' sums below.
+                sc[seen..].fill(0.0);
             }
-            for p in 0..cmax {
-                let vr = v.row(at(p), buf);
-                for r in first(p) * group..rows {
-                    simd::axpy_f32(&mut acc[r * d..(r + 1) * d], scores[r * cmax + p], vr);
+            // Values a block of positions at a time: each row's sum over the block stays in
+            // registers ([`simd::axpy_rows_f32`]).
+            for p0 in (0..cmax).step_by(bs) {
+                let np = bs.min(cmax - p0);
+                let vb = kv_index(layout, seq.block_table[p0 / bs] as usize * bs, kvh);
+                let values: &[f32] = match v {
+                    KvPool::F32(pool) => &pool[vb..vb + np * d],
+                    KvPool::F16(pool) => {
+                        let half = bytemuck::cast_slice(&pool[vb..vb + np * d]);
+                        simd::f16_to_f32(half, &mut buf[..np * d]);
+                        &buf[..np * d]
+                    }
+                };
+                for r in first(p0) * group..rows {
+                    let w = &scores[r * cmax + p0..r * cmax + p0 + np];
+                    simd::axpy_rows_f32(&mut acc[r * d..(r + 1) * d], w, values);
                 }
             }
             for i in 0..n {

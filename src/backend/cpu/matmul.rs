@@ -68,7 +68,9 @@ const MIN_ROWS_PER_JOB: usize = 16;
 
 /// Quantizes the first `rows` activation rows of `x` (row stride `k`) into `buf`, reusing
 /// its rows' buffers.
-fn quantize_rows<A: Default>(
+/// A prompt chunk's rows are quantized in parallel (in a decode step the fork would cost
+/// more than the work).
+fn quantize_rows<A: Default + Send>(
     buf: &mut Vec<A>,
     x: &[f32],
     rows: usize,
@@ -76,8 +78,29 @@ fn quantize_rows<A: Default>(
     quantize: fn(&mut A, &[f32]),
 ) {
     buf.resize_with(rows, A::default);
-    for (q, row) in buf.iter_mut().zip(x.chunks_exact(k)) {
-        quantize(q, row);
+    if rows > MAX_ROWS_Q8_DOT {
+        buf.par_iter_mut()
+            .zip(x.par_chunks_exact(k))
+            .for_each(|(q, row)| quantize(q, row));
+    } else {
+        for (q, row) in buf.iter_mut().zip(x.chunks_exact(k)) {
+            quantize(q, row);
+        }
+    }
+}
+
+/// Stores (or adds, when `accumulate`) `src` at `out[t, c..c + src.len()]` (row stride `n`).
+///
+/// # Safety
+/// The elements written must lie inside `out` and belong to the calling job alone.
+unsafe fn store_run(out: OutPtr, n: usize, t: usize, c: usize, src: &[f32], accumulate: bool) {
+    let dst = std::slice::from_raw_parts_mut(out.get().add(t * n + c), src.len());
+    if accumulate {
+        for (o, v) in dst.iter_mut().zip(src) {
+            *o += v;
+        }
+    } else {
+        dst.copy_from_slice(src);
     }
 }
 
@@ -169,9 +192,11 @@ pub fn matmul(
                                 }
                                 let gl = r.min(r0 + len - g * r);
                                 for t in 0..rows {
-                                    for i in 0..gl {
-                                        store(t, c0 - r0 + g * r + i, res[t * r + i]);
-                                    }
+                                    let src = &res[t * r..t * r + gl];
+                                    // SAFETY: t < rows and the columns are this job's.
+                                    unsafe {
+                                        store_run(out_ptr, n, t, c0 - r0 + g * r, src, accumulate)
+                                    };
                                 }
                             }
                         });
@@ -212,9 +237,9 @@ pub fn matmul(
                             packed.pack(part.dtype, &group, k, r, il, biased);
                             q8::gemm(isa, packed, xq, res);
                             for t in 0..rows {
-                                for i in 0..gl {
-                                    store(t, c0 + g0 + i, res[t * r + i]);
-                                }
+                                let src = &res[t * r..t * r + gl];
+                                // SAFETY: t < rows and the columns are this job's.
+                                unsafe { store_run(out_ptr, n, t, c0 + g0, src, accumulate) };
                             }
                         }
                     });

@@ -80,6 +80,41 @@ pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// [`super::axpy_rows_f32`] on NEON.
+#[target_feature(enable = "neon")]
+pub unsafe fn axpy_rows_f32(y: &mut [f32], a: &[f32], x: &[f32]) {
+    let n = y.len();
+    let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+    let mut i = 0;
+    // 16 columns (four registers) at a time over every row, then 4, then one.
+    while i + 16 <= n {
+        let mut acc: [float32x4_t; 4] = std::array::from_fn(|c| vld1q_f32(py.add(i + 4 * c)));
+        for (j, &aj) in a.iter().enumerate() {
+            let row = px.add(j * n + i);
+            for (c, acc) in acc.iter_mut().enumerate() {
+                *acc = vfmaq_n_f32(*acc, vld1q_f32(row.add(4 * c)), aj);
+            }
+        }
+        for (c, acc) in acc.iter().enumerate() {
+            vst1q_f32(py.add(i + 4 * c), *acc);
+        }
+        i += 16;
+    }
+    while i + 4 <= n {
+        let mut acc = vld1q_f32(py.add(i));
+        for (j, &aj) in a.iter().enumerate() {
+            acc = vfmaq_n_f32(acc, vld1q_f32(px.add(j * n + i)), aj);
+        }
+        vst1q_f32(py.add(i), acc);
+        i += 4;
+    }
+    for i in i..n {
+        for (j, &aj) in a.iter().enumerate() {
+            y[i] += aj * x[j * n + i];
+        }
+    }
+}
+
 /// [`super::axpy_f32`] on NEON.
 #[target_feature(enable = "neon")]
 pub unsafe fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {

@@ -86,6 +86,37 @@ pub fn axpy_f32_scalar(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// `y += Σ_j a[j] · x[j]` for the rows `x[j] = x[j·n .. (j+1)·n]`, `n = y.len()`: a run of
+/// [`axpy_f32`]s that keeps `y` in registers across the rows instead of loading and storing
+/// it once per row (attention's weighted sum of a block of value rows).
+pub fn axpy_rows_f32(y: &mut [f32], a: &[f32], x: &[f32]) {
+    assert!(x.len() >= a.len() * y.len(), "axpy_rows: too few rows");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has the AVX-512 tier's features.
+        return unsafe { x86::axpy_rows_f32_avx512(y, a, x) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::axpy_rows_f32(y, a, x) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if has_neon() {
+        // SAFETY: the CPU has NEON (every aarch64 CPU does).
+        return unsafe { arm::axpy_rows_f32(y, a, x) };
+    }
+    axpy_rows_f32_scalar(y, a, x)
+}
+
+/// Scalar reference of [`axpy_rows_f32`].
+pub fn axpy_rows_f32_scalar(y: &mut [f32], a: &[f32], x: &[f32]) {
+    let n = y.len();
+    for (j, &aj) in a.iter().enumerate() {
+        axpy_f32_scalar(y, aj, &x[j * n..(j + 1) * n]);
+    }
+}
+
 /// Four dot products of one row `w` with four activation rows, sharing the loads of `w`.
 pub fn dot4_f32(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
@@ -348,6 +379,41 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_rows_f32(y: &mut [f32], a: &[f32], x: &[f32]) {
+        let n = y.len();
+        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+        let mut i = 0;
+        // 32 columns (four registers) at a time over every row, then 8, then one.
+        while i + 32 <= n {
+            let mut acc: [__m256; 4] = std::array::from_fn(|c| _mm256_loadu_ps(py.add(i + 8 * c)));
+            for (j, &aj) in a.iter().enumerate() {
+                let av = _mm256_set1_ps(aj);
+                let row = px.add(j * n + i);
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(av, _mm256_loadu_ps(row.add(8 * c)), *acc);
+                }
+            }
+            for (c, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(py.add(i + 8 * c), *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let mut acc = _mm256_loadu_ps(py.add(i));
+            for (j, &aj) in a.iter().enumerate() {
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(aj), _mm256_loadu_ps(px.add(j * n + i)), acc);
+            }
+            _mm256_storeu_ps(py.add(i), acc);
+            i += 8;
+        }
+        for i in i..n {
+            for (j, &aj) in a.iter().enumerate() {
+                y[i] += aj * x[j * n + i];
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
         let n = y.len().min(x.len());
         let (py, px) = (y.as_mut_ptr(), x.as_ptr());
@@ -566,6 +632,43 @@ mod x86 {
             );
         }
         _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    pub unsafe fn axpy_rows_f32_avx512(y: &mut [f32], a: &[f32], x: &[f32]) {
+        let n = y.len();
+        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+        let mut i = 0;
+        // 128 columns (eight registers, two multiply-add pipes' worth of independent
+        // chains) at a time over every row, then 16 under a mask.
+        while i + 128 <= n {
+            let mut acc: [__m512; 8] = std::array::from_fn(|c| _mm512_loadu_ps(py.add(i + 16 * c)));
+            for (j, &aj) in a.iter().enumerate() {
+                let av = _mm512_set1_ps(aj);
+                let row = px.add(j * n + i);
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(av, _mm512_loadu_ps(row.add(16 * c)), *acc);
+                }
+            }
+            for (c, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(py.add(i + 16 * c), *acc);
+            }
+            i += 128;
+        }
+        while i < n {
+            let m: __mmask16 = if n - i >= 16 {
+                0xFFFF
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            let mut acc = _mm512_maskz_loadu_ps(m, py.add(i));
+            for (j, &aj) in a.iter().enumerate() {
+                let row = _mm512_maskz_loadu_ps(m, px.add(j * n + i));
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(aj), row, acc);
+            }
+            _mm512_mask_storeu_ps(py.add(i), m, acc);
+            i += 16;
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
@@ -932,6 +1035,19 @@ mod tests {
             for (row, wr) in r2.iter().zip([&a, &f]) {
                 for (got, x) in row.iter().zip([&b, &c, &d, &e]) {
                     assert!(close(*got, dot_f32_scalar(wr, x), n), "dot2x4 n={n}");
+                }
+            }
+            let rows = values(5 * n, 8);
+            let weights = [0.37, -1.25, 0.0, 2.5, -0.03];
+            for m in [0, 1, 5] {
+                let (mut y, mut y_ref) = (values(n, 9), values(n, 9));
+                axpy_rows_f32(&mut y, &weights[..m], &rows);
+                axpy_rows_f32_scalar(&mut y_ref, &weights[..m], &rows);
+                for (got, want) in y.iter().zip(&y_ref) {
+                    assert!(
+                        close(*got, *want, 5),
+                        "axpy_rows n={n} rows={m} {got} {want}"
+                    );
                 }
             }
             let (mut y, mut y_ref) = (values(n, 7), values(n, 7));
