@@ -524,6 +524,9 @@ pub enum NextToken {
 /// left drops below this.
 const ESTIMATE_BELOW: usize = 256;
 
+/// Within this many tokens of the shortest finish, it is walked again at every token.
+const REWALK_MARGIN: usize = 32;
+
 impl Constraint {
     /// The tokens allowed next, given `budget` tokens left for this reply (`None`:
     /// unbounded). Errors are internal (the parser failed).
@@ -561,11 +564,9 @@ impl Constraint {
             }
             Phase::Active => {
                 let mask = self.matcher.compute_mask().map_err(internal)?;
-                if let Some(left) = budget {
-                    if !self.closing && left <= ESTIMATE_BELOW {
-                        let need = self.finish_estimate(left)?;
-                        self.closing = left <= need + 1;
-                    }
+                if let Some(left) = budget.filter(|&left| left <= ESTIMATE_BELOW) {
+                    let need = self.finish_estimate(left)?;
+                    self.closing |= left <= need + 1;
                     if self.closing {
                         let step = Self::shortest_step(
                             &self.eos,
@@ -576,7 +577,14 @@ impl Constraint {
                         );
                         return Ok(match step {
                             Some(t) => NextToken::Forced(t),
-                            None => NextToken::Allowed(mask),
+                            // The walk's own step, while its finish (and the end of sequence)
+                            // fits: it then takes exactly the tokens estimated.
+                            None if need < left => match mask.first_bit_set() {
+                                Some(t) => NextToken::Forced(t as u32),
+                                None => NextToken::Allowed(mask),
+                            },
+                            // It does not fit: the model's shorter ways on are the only hope.
+                            None => NextToken::Allowed(self.least_structure(mask)),
                         });
                     }
                 }
@@ -588,8 +596,9 @@ impl Constraint {
     /// The token the shortest finish takes next, for a parser in `matcher`'s state with
     /// `mask` allowed and `scan` the JSON read so far: an end-of-sequence token if allowed,
     /// else text the grammar forces (a key), else the first allowed closer (`"` first inside
-    /// a string, `}` and `]` first outside), else the only allowed token; `None` when the
-    /// choice is the model's (e.g. a character a pattern needs).
+    /// a string, `}` and `]` first outside), else the only allowed token; `None` when there
+    /// is a choice (the walk takes the allowed token of lowest id, a short one: ` ` before
+    /// ` [{"`).
     fn shortest_step(
         eos: &[u32],
         closers: &[(u8, u32)],
@@ -630,14 +639,43 @@ impl Constraint {
         (mask.num_set() == 1).then(|| mask.first_bit_set().map(|b| b as u32))?
     }
 
+    /// `mask` without the tokens that open more than one object or array (or more than the
+    /// fewest any allowed token opens, if that is more). With the budget nearly spent the
+    /// model still chooses among the ways on (`false` or ` ["` in one token), but not one
+    /// that commits the reply to more than the grammar needs (` [{"` where ` [` will do:
+    /// an object and every one of its required keys), which the finish estimate could not
+    /// foresee.
+    fn least_structure(&self, mut mask: SimpleVob) -> SimpleVob {
+        let opens = |t: usize| {
+            let bytes = self.token_bytes(t as u32);
+            bytes.iter().filter(|&&b| b == b'{' || b == b'[').count()
+        };
+        let mut fewest = usize::MAX;
+        mask.iter_set_entries(|t| fewest = fewest.min(opens(t)));
+        let fewest = fewest.max(1);
+        let mut more = Vec::new();
+        mask.iter_set_entries(|t| {
+            if opens(t) > fewest {
+                more.push(t as u32);
+            }
+        });
+        for t in more {
+            mask.disallow_token(t);
+        }
+        mask
+    }
+
     /// Tokens the shortest finish from here takes (walked on a copy of the parser), at most
     /// `limit` + 1. Walked again every few tokens only: the walk costs a mask per token.
     fn finish_estimate(&mut self, limit: usize) -> Result<usize> {
         if let Some((need, at)) = self.last_estimate {
-            // Each token taken since can lengthen the finish by one at most (it can open
-            // one more string, object or array): assume it did, and walk again every 8.
-            if at >= limit && at - limit < 8 {
-                return Ok(need + (at - limit));
+            // A token taken since can lengthen the finish by more than one (` [{"` opens an
+            // object whose required keys must all be written), so the figure is reused,
+            // grown by one per token, only while the budget is far from it, and at most 8
+            // tokens on.
+            let since = at.saturating_sub(limit);
+            if at >= limit && since < 8 && limit > need + since + REWALK_MARGIN {
+                return Ok(need + since);
             }
         }
         let mut probe = self.matcher.deep_clone();

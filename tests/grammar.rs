@@ -139,6 +139,65 @@ fn schema_replies_parse_gpu() {
     schema_replies_parse(Device::Gpu, [80, 80, 48, 64]);
 }
 
+/// With thinking on, the reasoning runs until the budget left is what the answer needs; the
+/// answer then has no room to spare, so it must not open anything the grammar does not need
+/// (an optional array item, one more key of an open object): the reply still parses and
+/// ends as stopped, whatever the seed.
+#[test]
+fn a_reasoned_answer_fits_the_budget_left() {
+    let engine = engine(Device::Cpu);
+    // The shape of a Pydantic model (the OpenAI SDK's parse()): an optional array of objects
+    // with required keys, an enum, an optional number; the top level open to more keys.
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "steps": {"type": "array", "maxItems": 3, "items": {
+                "type": "object",
+                "properties": {"explanation": {"type": "string", "maxLength": 40}, "output": {"type": "integer"}},
+                "required": ["explanation", "output"]
+            }},
+            "final_answer": {"enum": ["even", "odd"]},
+            "confidence": {"anyOf": [{"type": "number"}, {"type": "null"}]}
+        },
+        "required": ["steps", "final_answer"]
+    });
+    let streams: Vec<_> = (1..=8)
+        .map(|seed| {
+            let g = Grammar::JsonSchema {
+                schema: schema.clone(),
+                whitespace: None,
+            };
+            engine
+                .submit(Request {
+                    prompt: Prompt::Chat {
+                        messages: vec![
+                            json!({"role": "user", "content": "Is 7 odd? Show your steps."}),
+                        ],
+                        render: RenderOptions {
+                            enable_thinking: Some(true),
+                            ..RenderOptions::default()
+                        },
+                    },
+                    params: params(Some(g), 160, seed),
+                })
+                .unwrap()
+        })
+        .collect();
+    let mut reasoned = 0;
+    for s in streams {
+        let (content, reasoning, reason) = finish(s);
+        reasoned += usize::from(reasoning.is_some_and(|r| !r.is_empty()));
+        let v: Value = serde_json::from_str(&content)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {content:?}"));
+        assert!(
+            v["steps"].is_array() && v["final_answer"].is_string(),
+            "{v}"
+        );
+        assert_eq!(reason, FinishReason::Stop, "{content:?}");
+    }
+    assert!(reasoned >= 4, "only {reasoned} of 8 replies reasoned first");
+}
+
 #[test]
 fn regex_choice_and_grammars() {
     let engine = engine(Device::Cpu);

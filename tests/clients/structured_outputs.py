@@ -172,10 +172,9 @@ class Solution(BaseModel):
 
 
 parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
-# Thinking off only: with thinking on and this budget, the random test model's JSON answer
-# can still be cut at `max_tokens` after its reasoning (a known defect of the grammar's
-# finish-in-time logic; parse() then raises on `finish_reason: length`).
-for thinking in (False,):
+# With thinking on, the random model reasons until the budget left is what the answer needs:
+# the answer must still be complete (parse() raises on `finish_reason: length`).
+for thinking in (False, True):
     r = parse(
         model=model,
         messages=[{"role": "user", "content": "Is 7 odd? Show your steps."}],
