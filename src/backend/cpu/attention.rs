@@ -120,6 +120,8 @@ thread_local! {
 
 #[derive(Default)]
 struct Scratch {
+    /// `[rows, D]` queries of the tile, scaled.
+    q: Vec<f32>,
     /// `[rows, ctx]` scores, then weights: one row per (token of the tile, head of the group).
     scores: Vec<f32>,
     /// `[rows, D]` outputs.
@@ -166,12 +168,18 @@ pub fn attention(
         let cmax = c0 + n - 1;
         let first = |p: usize| (p + 1).saturating_sub(c0);
         let rows = n * group;
-        // Row r = i·group + g of the tile is query head kvh·group + g of token r0 + i.
-        let qs: Vec<&[f32]> = (0..rows)
-            .map(|r| &qkv[(r0 + r / group) * stride + (kvh * group + r % group) * d..][..d])
-            .collect();
         SCRATCH.with(|cell| {
             let scratch = &mut *cell.borrow_mut();
+            // Row r = i·group + g of the tile is query head kvh·group + g of token r0 + i,
+            // copied with the 1/√D of the scores applied.
+            scratch.q.resize(rows * d, 0.0);
+            for (r, qr) in scratch.q.chunks_exact_mut(d).enumerate() {
+                let src = &qkv[(r0 + r / group) * stride + (kvh * group + r % group) * d..][..d];
+                for (o, x) in qr.iter_mut().zip(src) {
+                    *o = x * scale;
+                }
+            }
+            let qs = &scratch.q[..rows * d];
             scratch.scores.resize(rows * cmax, 0.0);
             scratch.acc.clear();
             scratch.acc.resize(rows * d, 0.0);
@@ -194,10 +202,17 @@ pub fn attention(
                         kt
                     }
                 };
-                for (r, q) in qs.iter().enumerate().skip(first(p0) * group) {
+                // Four query rows per pass share each key row's load.
+                let mut r = first(p0) * group;
+                while r + 4 <= rows {
+                    let q4 = &qs[r * d..(r + 4) * d];
+                    let out = &mut scores[r * cmax + p0..];
+                    simd::dot_transposed_x4(q4, keys, bs, out, cmax, np);
+                    r += 4;
+                }
+                for r in r..rows {
                     let out = &mut scores[r * cmax + p0..r * cmax + p0 + np];
-                    simd::dot_transposed(q, keys, bs, out);
-                    out.iter_mut().for_each(|s| *s *= scale);
+                    simd::dot_transposed(&qs[r * d..(r + 1) * d], keys, bs, out);
                 }
             }
             for (r, sc) in scores.chunks_mut(cmax).enumerate() {
@@ -219,9 +234,16 @@ pub fn attention(
                         &buf[..np * d]
                     }
                 };
-                for r in first(p0) * group..rows {
-                    let w = &scores[r * cmax + p0..r * cmax + p0 + np];
-                    simd::axpy_rows_f32(&mut acc[r * d..(r + 1) * d], w, values);
+                // Two rows per pass share each value row's load.
+                let weights = |r: usize| &scores[r * cmax + p0..r * cmax + p0 + np];
+                let mut r = first(p0) * group;
+                while r + 2 <= rows {
+                    let y = &mut acc[r * d..(r + 2) * d];
+                    simd::axpy_rows_x2_f32(y, weights(r), weights(r + 1), values);
+                    r += 2;
+                }
+                if r < rows {
+                    simd::axpy_rows_f32(&mut acc[r * d..(r + 1) * d], weights(r), values);
                 }
             }
             for i in 0..n {

@@ -109,6 +109,21 @@ pub fn axpy_rows_f32(y: &mut [f32], a: &[f32], x: &[f32]) {
     axpy_rows_f32_scalar(y, a, x)
 }
 
+/// [`axpy_rows_f32`] for two outputs at once over the same rows: `y[..n] += Σ_j a0[j]·x[j]`
+/// and `y[n..] += Σ_j a1[j]·x[j]` (`n = y.len() / 2`), each row of `x` loaded once for both.
+pub fn axpy_rows_x2_f32(y: &mut [f32], a0: &[f32], a1: &[f32], x: &[f32]) {
+    let n = y.len() / 2;
+    assert!(y.len() == 2 * n && a0.len() == a1.len() && x.len() >= a0.len() * n);
+    #[cfg(target_arch = "x86_64")]
+    if n.is_multiple_of(64) && has_avx512() {
+        // SAFETY: the CPU has the AVX-512 tier's features; the sizes are asserted above.
+        return unsafe { x86::axpy_rows_x2_f32_avx512(y, a0, a1, x) };
+    }
+    let (y0, y1) = y.split_at_mut(n);
+    axpy_rows_f32(y0, a0, x);
+    axpy_rows_f32(y1, a1, x);
+}
+
 /// Scalar reference of [`axpy_rows_f32`].
 pub fn axpy_rows_f32_scalar(y: &mut [f32], a: &[f32], x: &[f32]) {
     let n = y.len();
@@ -311,6 +326,34 @@ pub fn dot_transposed(q: &[f32], kt: &[f32], w: usize, out: &mut [f32]) {
         return unsafe { x86::dot_transposed16_avx2(q, kt, out) };
     }
     dot_transposed_scalar(q, kt, w, out)
+}
+
+/// [`dot_transposed`] for four queries `q[i·D ..]` (`D = q.len() / 4`) against the same
+/// block: `out[i·stride + j]` for `j < n ≤ w`. Each key row is loaded once for the four, and
+/// the four sums are independent chains.
+pub fn dot_transposed_x4(
+    q: &[f32],
+    kt: &[f32],
+    w: usize,
+    out: &mut [f32],
+    stride: usize,
+    n: usize,
+) {
+    let d = q.len() / 4;
+    assert!(q.len() == 4 * d && kt.len() >= d * w && n <= w && n <= stride);
+    assert!(
+        out.len() >= 3 * stride + n,
+        "dot_transposed_x4: output too small"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if w == 16 && has_avx512() {
+        // SAFETY: the CPU has the AVX-512 tier's features; the sizes are asserted above.
+        return unsafe { x86::dot_transposed16x4_avx512(q, kt, out, stride, n) };
+    }
+    for i in 0..4 {
+        let o = &mut out[i * stride..i * stride + n];
+        dot_transposed(&q[i * d..(i + 1) * d], kt, w, o);
+    }
 }
 
 /// Scalar reference of [`dot_transposed`].
@@ -672,6 +715,32 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    pub unsafe fn axpy_rows_x2_f32_avx512(y: &mut [f32], a0: &[f32], a1: &[f32], x: &[f32]) {
+        let n = y.len() / 2;
+        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+        // 64 columns of both outputs (eight registers) per pass: each value register loaded
+        // feeds two multiply-adds.
+        let mut i = 0;
+        while i < n {
+            let mut acc: [__m512; 8] =
+                std::array::from_fn(|c| _mm512_loadu_ps(py.add((c / 4) * n + i + 16 * (c % 4))));
+            for (j, (&w0, &w1)) in a0.iter().zip(a1).enumerate() {
+                let (v0, v1) = (_mm512_set1_ps(w0), _mm512_set1_ps(w1));
+                let row = px.add(j * n + i);
+                for c in 0..4 {
+                    let xv = _mm512_loadu_ps(row.add(16 * c));
+                    acc[c] = _mm512_fmadd_ps(v0, xv, acc[c]);
+                    acc[4 + c] = _mm512_fmadd_ps(v1, xv, acc[4 + c]);
+                }
+            }
+            for (c, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(py.add((c / 4) * n + i + 16 * (c % 4)), *acc);
+            }
+            i += 64;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
     pub unsafe fn axpy_f32_avx512(y: &mut [f32], a: f32, x: &[f32]) {
         let n = y.len().min(x.len());
         let (py, px) = (y.as_mut_ptr(), x.as_ptr());
@@ -903,6 +972,45 @@ mod x86 {
         _mm512_mask_storeu_ps(out.as_mut_ptr(), m, s);
     }
 
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    pub unsafe fn dot_transposed16x4_avx512(
+        q: &[f32],
+        kt: &[f32],
+        out: &mut [f32],
+        stride: usize,
+        n: usize,
+    ) {
+        let pk = kt.as_ptr();
+        let d = q.len() / 4;
+        let pq = q.as_ptr();
+        // Two chains per query (even and odd d): eight independent multiply-adds per pair of
+        // key rows, each key row loaded once.
+        let mut acc = [_mm512_setzero_ps(); 8];
+        let mut k = 0;
+        while k + 2 <= d {
+            for c in 0..2 {
+                let key = _mm512_loadu_ps(pk.add((k + c) * 16));
+                for i in 0..4 {
+                    let qi = _mm512_set1_ps(*pq.add(i * d + k + c));
+                    acc[2 * i + c] = _mm512_fmadd_ps(qi, key, acc[2 * i + c]);
+                }
+            }
+            k += 2;
+        }
+        if k < d {
+            let key = _mm512_loadu_ps(pk.add(k * 16));
+            for i in 0..4 {
+                let qi = _mm512_set1_ps(*pq.add(i * d + k));
+                acc[2 * i] = _mm512_fmadd_ps(qi, key, acc[2 * i]);
+            }
+        }
+        let m: __mmask16 = ((1u32 << n) - 1) as u16;
+        for i in 0..4 {
+            let s = _mm512_add_ps(acc[2 * i], acc[2 * i + 1]);
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i * stride), m, s);
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_transposed16_avx2(q: &[f32], kt: &[f32], out: &mut [f32]) {
         let pk = kt.as_ptr();
@@ -995,7 +1103,7 @@ mod tests {
 
     #[test]
     fn simd_matches_scalar_on_odd_lengths() {
-        for n in [1usize, 7, 8, 15, 16, 17, 33, 64, 4097] {
+        for n in [1usize, 7, 8, 15, 16, 17, 33, 64, 256, 4097] {
             let a = values(n, 1);
             let b = values(n, 2);
             let bf: Vec<u8> = b
@@ -1040,6 +1148,14 @@ mod tests {
             let rows = values(5 * n, 8);
             let weights = [0.37, -1.25, 0.0, 2.5, -0.03];
             for m in [0, 1, 5] {
+                let (mut y2, mut y2_ref) = (values(2 * n, 10), values(2 * n, 10));
+                let other = [1.5, 0.25, -0.5, 0.0, 3.0];
+                axpy_rows_x2_f32(&mut y2, &weights[..m], &other[..m], &rows);
+                axpy_rows_f32_scalar(&mut y2_ref[..n], &weights[..m], &rows);
+                axpy_rows_f32_scalar(&mut y2_ref[n..], &other[..m], &rows);
+                for (got, want) in y2.iter().zip(&y2_ref) {
+                    assert!(close(*got, *want, 5), "axpy_rows_x2 n={n} rows={m}");
+                }
                 let (mut y, mut y_ref) = (values(n, 9), values(n, 9));
                 axpy_rows_f32(&mut y, &weights[..m], &rows);
                 axpy_rows_f32_scalar(&mut y_ref, &weights[..m], &rows);
@@ -1079,6 +1195,20 @@ mod tests {
                     dot_transposed_scalar(&q, &kt, w, &mut b);
                     for (x, y) in a.iter().zip(&b) {
                         assert!(close(*x, *y, d), "d={d} w={w} n={n}: {x} vs {y}");
+                    }
+                    // Four queries at once, into rows of a wider output.
+                    let q4 = values(4 * d, 23);
+                    let stride = w + 3;
+                    let mut a4 = vec![7.0; 4 * stride];
+                    dot_transposed_x4(&q4, &kt, w, &mut a4, stride, n);
+                    for i in 0..4 {
+                        let mut b = vec![0.0; n];
+                        dot_transposed_scalar(&q4[i * d..(i + 1) * d], &kt, w, &mut b);
+                        let row = &a4[i * stride..(i + 1) * stride];
+                        for (x, y) in row.iter().zip(&b) {
+                            assert!(close(*x, *y, d), "x4 d={d} w={w} n={n}: {x} vs {y}");
+                        }
+                        assert!(row[n..].iter().all(|&v| v == 7.0), "x4 wrote past n");
                     }
                 }
             }
