@@ -77,6 +77,26 @@ const FIXTURES: &[Fixture] = &[
         file: "quantized.safetensors",
         mapping: Mapping::Partly,
     },
+    Fixture {
+        name: "qwen3-tiny-ct-w4a16-g32",
+        file: "quantized.safetensors",
+        mapping: Mapping::Exact(DType::Q4_0),
+    },
+    Fixture {
+        name: "qwen3-tiny-ct-w4a16-asym-g32",
+        file: "quantized.safetensors",
+        mapping: Mapping::Q4_1,
+    },
+    Fixture {
+        name: "qwen3-tiny-ct-w8a16-channel",
+        file: "quantized.safetensors",
+        mapping: Mapping::Exact(DType::Q8_0),
+    },
+    Fixture {
+        name: "qwen3-tiny-ct-fp8-dynamic",
+        file: "quantized.safetensors",
+        mapping: Mapping::Requantized,
+    },
 ];
 
 /// A fixture's oracle and, per case, llama.cpp's Q8_0 figure and the Q4_1 mapping's.

@@ -138,6 +138,8 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
 /// if its rows are not whole blocks).
 pub fn convert(scheme: Fp8Scheme, fp8: Vec<RawTensor>, set: &mut TensorSet) -> Result<()> {
     let table: Vec<f32> = (0..=255u8).map(e4m3_to_f32).collect();
+    // A compressed-tensors checkpoint may have no FP8 layer: its embedding stays as it is.
+    let any_fp8 = !fp8.is_empty();
     for t in fp8 {
         let RawTensor {
             name,
@@ -220,7 +222,7 @@ pub fn convert(scheme: Fp8Scheme, fp8: Vec<RawTensor>, set: &mut TensorSet) -> R
     // The embedding (and an untied head) stay bf16 in FP8 checkpoints; read into Q8_0 as
     // well, so that the model's largest matrix, which decode reads whole for the logits,
     // costs what the FP8 layers cost (as llama.cpp's Q8_0 files have it).
-    if scheme.into == DType::Q8_0 {
+    if scheme.into == DType::Q8_0 && any_fp8 {
         for name in ["model.embed_tokens.weight", "lm_head.weight"] {
             let convert = set.try_get(name).is_some_and(|t| {
                 matches!(t.dtype, DType::BF16 | DType::F16 | DType::F32)
