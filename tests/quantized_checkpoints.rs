@@ -78,6 +78,16 @@ const FIXTURES: &[Fixture] = &[
         mapping: Mapping::Partly,
     },
     Fixture {
+        name: "qwen3-tiny-awq-w4g32",
+        file: "quantized.safetensors",
+        mapping: Mapping::Q4_1,
+    },
+    Fixture {
+        name: "qwen3-tiny-awq-w4g64",
+        file: "quantized.safetensors",
+        mapping: Mapping::Q4_1,
+    },
+    Fixture {
         name: "qwen3-tiny-ct-w4a16-g32",
         file: "quantized.safetensors",
         mapping: Mapping::Exact(DType::Q4_0),
@@ -420,4 +430,34 @@ fn malformed_and_unsupported_checkpoints_are_errors() {
         e.contains("`bitsandbytes`") && e.contains("`gptq`") && e.contains("`awq`"),
         "{e}"
     );
+}
+
+/// Why weights whose groups do not map onto blocks (`desc_act`) are requantized to Q8_0
+/// rather than Q4_1: on the `desc_act` fixture, with f32 compute, Q8_0 lands on llama.cpp's
+/// Q8_0 figure and Q4_1 (a block of 32 mixing groups and so scales) moves the logits further.
+#[test]
+fn desc_act_falls_back_to_q8_0_not_q4_1() {
+    let f = FIXTURES
+        .iter()
+        .find(|f| f.name.ends_with("descact"))
+        .unwrap();
+    let dir = quantized_checkpoint(f.name, f.file);
+    let ckpt = Checkpoint::open_dir(dir.path(), f.name.into()).unwrap();
+    let scheme = scheme_of(&config_json(dir.path())).unwrap().unwrap();
+    let o = oracle(f);
+    let mut worst = Vec::new();
+    for dtype in [DType::Q8_0, DType::Q4_1] {
+        let tensors = load_dir_with(dir.path(), Some(scheme.with_fallback(dtype))).unwrap();
+        let q = tensors.get("model.layers.0.mlp.down_proj.weight").unwrap();
+        assert_eq!(q.dtype, dtype);
+        let m = cpu_model(&ckpt, &tensors, ActQuant::F32);
+        let mut d = 0f32;
+        for case in &o.oracle.cases {
+            let (last, _) = run_case(&m, case);
+            d = d.max(max_abs_diff(&last, &o.oracle.last_logits(&case.name)));
+        }
+        eprintln!("desc_act requantized to {dtype}: worst last-logits max |Δ| {d:.3e}");
+        worst.push(d);
+    }
+    assert!(worst[0] < worst[1], "{worst:?}");
 }

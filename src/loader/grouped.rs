@@ -13,13 +13,20 @@
 //! - 4 bits, `z = 8` (symmetric): [`DType::Q4_0`] with `d = s`: `(q − 8) · d`, exact.
 //! - 4 bits, any other zero: [`DType::Q4_1`] with `d = s` and `m = −s · z`:
 //!   `q · d + m`. `q · d` is exact; `m` is rounded to f16 (the product of an 11-bit scale and
-//!   a 4-bit zero needs up to 15 bits), an error of at most half an f16 ulp of `s · z`,
-//!   under `s · 2⁻⁷` and usually far less (`m` is exact when `z` is a power of two, 0 or 1).
-//!   Measured on the test fixtures: the largest |Δw| is 2⁻¹² of the scale.
+//!   a 4-bit zero needs up to 15 bits), an error of at most half an f16 ulp of `s · z` per
+//!   group (none when `z` is a power of two or 0). So this mapping is **not** exact. Measured
+//!   on the test fixtures (`tests/quantized_checkpoints.rs`): the weights move by at most
+//!   2.4e-4 and the last logits by 4.3e-3 to 1.2e-2 (AWQ g32/g64, GPTQ g128,
+//!   compressed-tensors W4A16_ASYM g32), exactly the figure the oracle computes for
+//!   `m = f16(−s·z)`, and a tenth of what 8-bit activations cost on the same model. Q8_0
+//!   with `d = s` would hold these weights exactly (`q − z` fits a byte), at 1.7 times the
+//!   memory; [`IntScheme::exact`] (f32) is the exact path.
 //! - 8 bits: [`DType::Q8_0`] with `d = s` and `q − z` as the signed byte, exact wherever
 //!   `q − z` fits in −128…127: always for symmetric weights (`z = 128`). A block of an
 //!   asymmetric matrix whose values do not fit is requantized to Q8_0 from its exact values
-//!   (`d = max|w| / 127`, llama.cpp's rounding): one rounding of at most `max|w| / 254`.
+//!   (`d = max|w| / 127`, llama.cpp's rounding): one rounding of at most `max|w| / 254`. On
+//!   the asymmetric per-row GPTQ fixture the logits move by 0.07–0.10, under the 0.09–0.12
+//!   of requantizing every block.
 //!
 //! The scale must be an f16 number for `d = s` (GPTQ's and AWQ's are f16; a bf16 or f32
 //! scale of compressed-tensors usually is, and is checked). Everything else — groups that
@@ -27,8 +34,12 @@
 //! not a multiple of 32), scales f16 cannot hold, bit widths other than 4 and 8 — is
 //! dequantized exactly to f32 and requantized to Q8_0 ([`IntScheme::fallback`]), or kept
 //! f32 when the rows are not whole blocks. Q8_0 rather than Q4_1 because a block of 32 that
-//! mixes groups mixes scales: on the `desc_act` fixture Q4_1 moves the last logits by
-//! about ten times what Q8_0 does (the figures are in `tests/quantized_checkpoints.rs`).
+//! mixes groups mixes scales: on the `desc_act` fixture (f32 compute) Q4_1 moves the last
+//! logits by 2.3, Q8_0 by 0.14, exactly what llama.cpp's Q8_0 quantizer does on the same
+//! weights (`desc_act_falls_back_to_q8_0_not_q4_1`). Permuting the input columns instead
+//! (and the activations with them) would keep 4 bits exactly, but needs a gather in every
+//! backend's matmul, or, for `down_proj` only, permuting `gate_proj`'s and `up_proj`'s rows;
+//! not done.
 //!
 //! [`IntScheme::exact`] reads every weight into f32 instead: the checkpoint's exact values,
 //! four to eight times the memory; what the oracle tests compare at 2e-3.
