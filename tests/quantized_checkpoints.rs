@@ -78,6 +78,11 @@ const FIXTURES: &[Fixture] = &[
         mapping: Mapping::Partly,
     },
     Fixture {
+        name: "qwen3-tiny-gptq-w2g32",
+        file: "quantized.safetensors",
+        mapping: Mapping::Requantized,
+    },
+    Fixture {
         name: "qwen3-tiny-awq-w4g32",
         file: "quantized.safetensors",
         mapping: Mapping::Q4_1,
@@ -101,6 +106,11 @@ const FIXTURES: &[Fixture] = &[
         name: "qwen3-tiny-ct-w8a16-channel",
         file: "quantized.safetensors",
         mapping: Mapping::Exact(DType::Q8_0),
+    },
+    Fixture {
+        name: "qwen3-tiny-ct-w3a16-g32",
+        file: "quantized.safetensors",
+        mapping: Mapping::Requantized,
     },
     Fixture {
         name: "qwen3-tiny-ct-fp8-dynamic",
