@@ -13,6 +13,7 @@
 //! stored as they are (no GPTQ-style offset). AWQ's other layouts (`gemv`, `gemv_fast`,
 //! `marlin`, `exllama`) pack differently and are refused, as are bit widths other than 4.
 
+use rayon::prelude::*;
 use serde_json::Value;
 
 use super::gptq::bad_shape;
@@ -22,6 +23,8 @@ use crate::error::Result;
 
 /// Nibble `k` of a packed word holds output column `ORDER[k]` of its eight.
 const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+/// Output column `o` of eight is in nibble `INVERSE[o]` (`ORDER[INVERSE[o]] == o`).
+const INVERSE: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
 
 /// What an AWQ `quantization_config` says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,14 +100,16 @@ impl AwqScheme {
         let g_idx = contiguous_groups(cols, self.group_size);
         let q = qweight.i32s();
         let mut codes = vec![0u8; rows * cols];
-        for c in 0..cols {
-            for j in 0..words {
-                let w = q[c * words + j];
-                for (k, &o) in ORDER.iter().enumerate() {
-                    codes[(8 * j + o) * cols + c] = code(w, k, 4);
+        // Row by row (output `8j + o` is nibble INVERSE[o] of column j's words), in parallel.
+        codes
+            .par_chunks_mut(cols.max(1))
+            .enumerate()
+            .for_each(|(r, row)| {
+                let (j, k) = (r / 8, INVERSE[r % 8]);
+                for (c, x) in row.iter_mut().enumerate() {
+                    *x = code(q[c * words + j], k, 4);
                 }
-            }
-        }
+            });
         let zq = qzeros.i32s();
         let mut zeros = vec![0i32; rows * groups];
         let mut s = vec![0f32; rows * groups];
@@ -129,5 +134,19 @@ impl AwqScheme {
             zeros,
             g_idx,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// AutoAWQ's packing order and the unpacking's inverse agree (AutoAWQ's own
+    /// `AWQ_REVERSE_ORDER` is `INVERSE`).
+    #[test]
+    fn interleaved_order_inverts() {
+        for o in 0..8 {
+            assert_eq!(ORDER[INVERSE[o]], o);
+        }
     }
 }

@@ -20,6 +20,7 @@
 //! ([`super::grouped`]). `group_size: -1` is one group per row. Bit widths 2, 4 and 8 are
 //! read (3-bit codes straddle words and are refused).
 
+use rayon::prelude::*;
 use serde_json::Value;
 
 use super::grouped::{code, contiguous_groups, GroupedWeight, IntScheme};
@@ -123,13 +124,18 @@ impl GptqScheme {
         };
         let words = qweight.i32s();
         let mut codes = vec![0u8; out * cols];
-        for (c, row) in words.chunks_exact(out).enumerate() {
-            for k in 0..per {
-                for (o, &w) in row.iter().enumerate() {
-                    codes[o * cols + c * per + k] = code(w, k, bits);
+        // Row by row (an output feature's codes are a column of words), rows in parallel.
+        codes
+            .par_chunks_mut(cols.max(1))
+            .enumerate()
+            .for_each(|(o, row)| {
+                for (cw, chunk) in row.chunks_exact_mut(per).enumerate() {
+                    let w = words[cw * out + o];
+                    for (k, c) in chunk.iter_mut().enumerate() {
+                        *c = code(w, k, bits);
+                    }
                 }
-            }
-        }
+            });
         let zwords = qzeros.i32s();
         let add = if self.v2 { 0 } else { 1 };
         let mut zeros = vec![0i32; out * groups];

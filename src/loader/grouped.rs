@@ -190,12 +190,15 @@ impl GroupedWeight {
         out.par_chunks_mut(row_bytes.max(1))
             .enumerate()
             .for_each(|(r, dst)| {
+                if mapped && self.bits == 4 {
+                    return self.write_q4(r, dtype, dst);
+                }
                 let mut row = vec![0f32; self.cols];
                 self.row_f32(r, &mut row);
-                match (mapped, self.bits) {
-                    (true, 4) => self.write_q4(r, dtype, dst),
-                    (true, _) => self.write_q8_0(r, &row, dst),
-                    (false, _) => crate::quant::quantize_row(dtype, &row, dst),
+                if mapped {
+                    self.write_q8_0(r, &row, dst)
+                } else {
+                    crate::quant::quantize_row(dtype, &row, dst)
                 }
             });
         Ok(HostTensor {
