@@ -471,3 +471,21 @@ fn desc_act_falls_back_to_q8_0_not_q4_1() {
     }
     assert!(worst[0] < worst[1], "{worst:?}");
 }
+
+/// A GPTQ `quantization_config` on float weights (no `qweight` anywhere) is refused rather
+/// than run as floats.
+#[test]
+fn a_quantization_config_without_packed_weights_is_an_error() {
+    let f = &FIXTURES[0];
+    let dir = quantized_checkpoint(f.name, f.file);
+    std::fs::copy(
+        fixture("qwen3-tiny").join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let e = Checkpoint::open_dir(dir.path(), "float".into())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("`gptq`") && e.contains("qweight"), "{e}");
+}

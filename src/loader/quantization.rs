@@ -141,33 +141,54 @@ pub fn convert(scheme: QuantScheme, raw: Vec<RawTensor>, set: &mut TensorSet) ->
         QuantScheme::Fp8(s) => super::fp8::convert(s, raw, set),
         QuantScheme::Gptq(s) => {
             let mut parts = Parts::new(raw, set);
-            parts.convert_layers(".qweight", s.int, |b, p| s.unpack(b, p))?;
+            let n = parts.convert_layers(".qweight", s.int, |b, p| s.unpack(b, p))?;
+            none_packed(n, "gptq", "`*.qweight`")?;
             parts.finish()
         }
         QuantScheme::Awq(s) => {
             let mut parts = Parts::new(raw, set);
-            parts.convert_layers(".qweight", s.int, |b, p| s.unpack(b, p))?;
+            let n = parts.convert_layers(".qweight", s.int, |b, p| s.unpack(b, p))?;
+            none_packed(n, "awq", "`*.qweight`")?;
             parts.finish()
         }
         QuantScheme::CompressedTensors(s) => {
             let mut parts = Parts::new(raw, set);
-            parts.convert_layers(".weight_packed", s.int, |b, p| s.unpack_packed(b, p))?;
+            let mut n =
+                parts.convert_layers(".weight_packed", s.int, |b, p| s.unpack_packed(b, p))?;
             let int8: Vec<String> = parts
                 .raw
                 .values()
                 .filter(|t| t.dtype == RawDType::I8 && t.name.ends_with(".weight"))
                 .map(|t| t.name.clone())
                 .collect();
+            n += int8.len();
             for name in int8 {
                 let base = name.strip_suffix(".weight").expect("filtered");
                 let w = s.unpack_int8(base, &mut parts)?;
                 parts.set.insert(w.into_tensor(s.int)?)?;
             }
             let fp8 = parts.take_all(RawDType::F8_E4M3);
+            none_packed(
+                n + fp8.len(),
+                "compressed-tensors",
+                "`*.weight_packed`, int8 or FP8 weight",
+            )?;
             parts.finish()?;
             super::fp8::convert(s.fp8, fp8, set)
         }
     }
+}
+
+/// A checkpoint whose config names a method but that holds none of its packed tensors
+/// (a config copied onto float weights, say) is refused rather than run as floats.
+fn none_packed(n: usize, method: &str, what: &str) -> Result<()> {
+    if n > 0 {
+        return Ok(());
+    }
+    Err(Error::UnsupportedModel(format!(
+        "config.json says quant_method `{method}`, but the checkpoint has no {what} tensor: \
+         its weights are not quantized the way the config says"
+    )))
 }
 
 /// The packed tensors of a checkpoint (`raw`) and its float ones (`set`), taken apart
@@ -212,23 +233,23 @@ impl<'a> Parts<'a> {
     }
 
     /// Converts every layer that has a raw tensor named `<base><marker>`: `unpack` reads
-    /// it, the result goes into the set as `<base>.weight`.
+    /// it, the result goes into the set as `<base>.weight`. Returns how many there were.
     fn convert_layers(
         &mut self,
         marker: &str,
         int: IntScheme,
         unpack: impl Fn(&str, &mut Parts) -> Result<GroupedWeight>,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let bases: Vec<String> = self
             .raw
             .keys()
             .filter_map(|n| n.strip_suffix(marker).map(str::to_string))
             .collect();
-        for base in bases {
-            let w = unpack(&base, self)?;
+        for base in &bases {
+            let w = unpack(base, self)?;
             self.set.insert(w.into_tensor(int)?)?;
         }
-        Ok(())
+        Ok(bases.len())
     }
 
     /// Whether a raw tensor `name` is left.
