@@ -113,6 +113,11 @@ const FIXTURES: &[Fixture] = &[
         mapping: Mapping::Requantized,
     },
     Fixture {
+        name: "qwen3-tiny-ct-w8a8-int",
+        file: "quantized.safetensors",
+        mapping: Mapping::Exact(DType::Q8_0),
+    },
+    Fixture {
         name: "qwen3-tiny-ct-fp8-dynamic",
         file: "quantized.safetensors",
         mapping: Mapping::Requantized,
