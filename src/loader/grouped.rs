@@ -1,4 +1,4 @@
-//! Group-wise integer weights, the form GPTQ, AWQ and compressed-tensors' `pack-quantized`
+//! Group-wise integer weights, the form GPTQ, AWQ and compressed-tensors' integer
 //! checkpoints share once unpacked, and how they become tensors wick computes with.
 //!
 //! Each format's reader ([`super::gptq`], [`super::awq`], [`super::compressed_tensors`])

@@ -5,9 +5,9 @@
 //! | `quant_method` | module | read into |
 //! |---|---|---|
 //! | `fp8` (block-wise e4m3, as Qwen/Qwen3-0.6B-FP8) | [`super::fp8`] | Q8_0 (requantized) |
-//! | `gptq` (2/4/8 bits, v1 and v2 zeros, `desc_act`) | [`super::gptq`] | 4-bit: Q4_0 (symmetric) or Q4_1, exact; 8-bit: Q8_0, exact where `q − z` fits a byte; reordered groups: Q8_0 (requantized) |
+//! | `gptq` (2/4/8 bits, v1 and v2 zeros, `desc_act`) | [`super::gptq`] | 4-bit: Q4_0 if symmetric (exact), else Q4_1 (`m` rounded to f16); 8-bit: Q8_0, exact where `q − z` fits a byte; reordered groups and 2-bit: Q8_0 (requantized) |
 //! | `awq` (4 bits, GEMM packing) | [`super::awq`] | Q4_1 (Q4_0 if all zeros are 8) |
-//! | `compressed-tensors` (`pack-quantized`, `int-quantized`, `float-quantized`) | [`super::compressed_tensors`] | as GPTQ for ints; FP8 as `fp8` |
+//! | `compressed-tensors` (`pack-quantized` 1–8 bits, `int-quantized`, `float-quantized`) | [`super::compressed_tensors`] | as GPTQ for ints; FP8 as `fp8` |
 //!
 //! [`super::grouped`] says exactly where the integer formats' mapping is exact and where it
 //! rounds. Every scheme has an exact variant ([`QuantScheme::exact`]) that reads the
