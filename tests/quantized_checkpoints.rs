@@ -432,6 +432,44 @@ fn malformed_and_unsupported_checkpoints_are_errors() {
     });
     assert!(e.contains(&format!("{q}.scales")), "{e}");
 
+    // The other formats' parts: compressed-tensors without `weight_shape`, with its zero
+    // points misshapen, and AWQ with its zeros misshapen.
+    let open_fixture = |name: &str, edit: &dyn Fn(&mut Tensors)| {
+        let f = FIXTURES.iter().find(|f| f.name == name).unwrap();
+        let dir = quantized_checkpoint(f.name, f.file);
+        rewrite(dir.path(), edit);
+        Checkpoint::open_dir(dir.path(), "bad".into())
+            .err()
+            .expect("a malformed checkpoint was accepted")
+            .to_string()
+    };
+    let e = open_fixture("qwen3-tiny-ct-w4a16-asym-g32", &|t| {
+        t.retain(|(n, ..)| n != &format!("{q}.weight_shape"))
+    });
+    assert!(e.contains(&format!("{q}.weight_shape")), "{e}");
+    let e = open_fixture("qwen3-tiny-ct-w4a16-asym-g32", &|t| {
+        for (n, _, s, _) in t.iter_mut() {
+            if n == &format!("{q}.weight_zero_point") {
+                s.reverse();
+            }
+        }
+    });
+    assert!(
+        e.contains(&format!("{q}.weight_zero_point")) && e.contains("shape"),
+        "{e}"
+    );
+    let e = open_fixture("qwen3-tiny-awq-w4g32", &|t| {
+        for (n, _, s, _) in t.iter_mut() {
+            if n == &format!("{q}.qzeros") {
+                s.reverse();
+            }
+        }
+    });
+    assert!(
+        e.contains(&format!("{q}.qzeros")) && e.contains("shape"),
+        "{e}"
+    );
+
     let dir = quantized_checkpoint(f.name, f.file);
     let mut config = config_json(dir.path());
     config["quantization_config"] =
