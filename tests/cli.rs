@@ -113,7 +113,8 @@ fn missing_model_fails_with_a_message() {
 
 #[test]
 fn quantized_checkpoint_is_refused_naming_its_method() {
-    // qwen3-tiny with a GPTQ `quantization_config`, as a GPTQ build's config.json has it.
+    // qwen3-tiny with a bitsandbytes `quantization_config`, as such a build's config.json has
+    // it (a method wick does not load).
     let dir = tempfile::tempdir().unwrap();
     let src = fixture("qwen3-tiny");
     for entry in std::fs::read_dir(&src).unwrap() {
@@ -123,7 +124,8 @@ fn quantized_checkpoint_is_refused_naming_its_method() {
             let mut config: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
             config["quantization_config"] = serde_json::json!({
-                "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": false
+                "quant_method": "bitsandbytes", "load_in_4bit": true,
+                "bnb_4bit_quant_type": "nf4"
             });
             std::fs::write(dir.path().join(name), config.to_string()).unwrap();
         } else {
@@ -134,7 +136,7 @@ fn quantized_checkpoint_is_refused_naming_its_method() {
     let out = wick(&["run", "--device", "cpu", "--model", model, "--prompt", "hi"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("quant_method `gptq`"), "{err}");
+    assert!(err.contains("quant_method `bitsandbytes`"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
 

@@ -316,17 +316,17 @@ fn fp8_checkpoint_follows_its_oracle<B: Backend + 'static>(backend: B) {
 }
 
 /// The FP8 checkpoint's exact path and its Q8_0 blocks, on the CPU: read into f32
-/// ([`Fp8Scheme::exact`]) it meets the README's rule for exact weights (2e-3); read into Q8_0
+/// ([`QuantScheme::exact`](wick::loader::quantization::QuantScheme::exact)) it meets the README's rule for exact weights (2e-3); read into Q8_0
 /// and run with 16-bit activations it lands on llama.cpp's own Q8_0 figure within 2e-3 (the
 /// blocks are llama.cpp's, bit for bit).
 #[test]
 fn fp8_exact_path_and_q8_0_blocks_match_the_oracle() {
     use wick::backend::cpu::{ActQuant, CpuBackend};
-    use wick::loader::fp8::{scheme_of, Fp8Scheme};
+    use wick::loader::quantization::scheme_of;
     let (dir, ckpt) = fp8_checkpoint();
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap()).unwrap();
-    let scheme: Fp8Scheme = scheme_of(&config).unwrap().unwrap();
+    let scheme = scheme_of(&config).unwrap().unwrap();
     let exact = load_dir_with(dir.path(), Some(scheme.exact())).unwrap();
     let q = "model.layers.0.mlp.down_proj.weight";
     assert_eq!(exact.get(q).unwrap().dtype, wick::quant::DType::F32);

@@ -248,7 +248,7 @@ fn what_cannot_be_honoured_is_refused_before_loading() {
         (&["--tensor-parallel-size", "2"][..], "one device"),
         (&["-tp", "2"][..], "one device"),
         (&["--kv-cache-dtype", "fp8"][..], "f16 or f32"),
-        (&["--quantization", "gptq"][..], "not supported"),
+        (&["--quantization", "bitsandbytes"][..], "not supported"),
         (&["--tool-call-parser", "mistral"][..], "hermes"),
         (&["--ssl-certfile", "c.pem"][..], "TLS"),
         (&["--max-model-len", "auto"][..], "not a length"),

@@ -148,10 +148,19 @@ impl VllmArgs {
                 "q4_0" => Some(QuantArg::Q4_0),
                 "q4_k" | "q4_k_m" => Some(QuantArg::Q4KM),
                 "gguf" | "none" => None,
+                m @ ("gptq" | "gptq_marlin" | "awq" | "awq_marlin" | "compressed-tensors") => {
+                    note(
+                        &format!("--quantization {m}"),
+                        "accepted; the checkpoint's quantization_config says how its weights \
+                         are read (GPTQ, AWQ and compressed-tensors load as stored)",
+                    );
+                    None
+                }
                 other => bail!(
-                    "--quantization {other}: not supported by wick (it loads float \
-                     safetensors and GGUF files, and quantizes at load with fp8, q8_0, q4_0 or \
-                     q4_k); use a GGUF build of the model instead"
+                    "--quantization {other}: not supported by wick (it loads float, FP8, \
+                     GPTQ, AWQ and compressed-tensors safetensors and GGUF files, and \
+                     quantizes at load with fp8, q8_0, q4_0 or q4_k); use a GGUF build of the \
+                     model instead"
                 ),
             };
         }
@@ -388,7 +397,7 @@ mod tests {
             (&["--tensor-parallel-size", "2"][..], "one device"),
             (&["--pipeline-parallel-size", "2"][..], "one device"),
             (&["--data-parallel-size", "2"][..], "load balancer"),
-            (&["--quantization", "awq"][..], "not supported"),
+            (&["--quantization", "bitsandbytes"][..], "not supported"),
             (&["--reasoning-parser", "granite"][..], "qwen3"),
             (&["--tool-call-parser", "mistral"][..], "hermes"),
             (&["--ssl-keyfile", "k.pem"][..], "TLS"),

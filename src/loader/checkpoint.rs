@@ -33,7 +33,7 @@ pub struct Checkpoint {
     /// Pooling module): `lasttoken` for Qwen3-Embedding, else `mean_tokens`, `cls_token`, …
     /// (the `pooling_mode_*` set in its config). `None` for other models.
     pub pooling: Option<String>,
-    /// How long getting it took: `download`, `map` and `repack` (FP8 conversion) are filled,
+    /// How long getting it took: `download`, `map` and `repack` (conversion of quantized weights) are filled,
     /// `total` is their sum.
     pub times: LoadTimes,
 }
@@ -104,8 +104,8 @@ impl Checkpoint {
             &std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?,
         )
         .map_err(|e| Error::json(&config_path, e))?;
-        let fp8 = super::fp8::scheme_of(&config_json)?;
-        let tensors = super::safetensors::load_dir_timed(dir, fp8, &mut times)?;
+        let scheme = super::quantization::scheme_of(&config_json)?;
+        let tensors = super::safetensors::load_dir_timed(dir, scheme, &mut times)?;
         let pooling = declared_pooling(dir);
         times.total = start.elapsed();
         times.map = times.total.saturating_sub(times.repack);

@@ -1,7 +1,6 @@
-//! Quantized safetensors checkpoints: `quantization_config` is read here. FP8 checkpoints as
-//! Qwen publishes them (`Qwen/Qwen3-0.6B-FP8`) are read into Q8_0 at load; every other method
-//! (GPTQ, AWQ, compressed-tensors, bitsandbytes, …) is refused with an error naming it
-//! ([`scheme_of`]).
+//! FP8 checkpoints as Qwen publishes them (`Qwen/Qwen3-0.6B-FP8`), read into Q8_0 at load;
+//! compressed-tensors' `float-quantized` FP8 weights take the same path
+//! ([`super::compressed_tensors`]). [`super::quantization`] reads the `quantization_config`.
 //!
 //! `config.json` says `"quantization_config": {"quant_method": "fp8", "activation_scheme":
 //! "dynamic", "weight_block_size": [128, 128], …}`. Each quantized linear weight `X.weight` is
@@ -10,7 +9,10 @@
 //! `[⌈rows/bᵣ⌉, ⌈cols/b꜀⌉]`. Block `(i, j)` covers rows `bᵣ·i …` and columns `b꜀·j …`, the
 //! last ones partial at the edges, as vLLM and DeepSeek's reference kernel read them:
 //! `w[r][c] = e4m3(q[r][c]) · scale_inv[r / bᵣ][c / b꜀]`. Without `weight_block_size` the
-//! scale is one number for the whole matrix. The embedding and the norms are bf16 in the file.
+//! block follows from the scale's shape: one number for the whole matrix, or a grid
+//! `[gᵣ, g꜀]` of blocks `⌈rows/gᵣ⌉ × ⌈cols/g꜀⌉` (compressed-tensors' per-channel scales are
+//! `[rows, 1]`, and it calls them `weight_scale`). The embedding and the norms are bf16 in
+//! the file.
 //!
 //! **Why Q8_0.** The weights are dequantized exactly (an e4m3 value times an f32 scale is
 //! an f32 product) and requantized to Q8_0, wick's native 8-bit format: 34 bytes per 32
@@ -33,12 +35,13 @@
 use rayon::prelude::*;
 use serde_json::Value;
 
+use super::safetensors::{RawDType, RawTensor};
 use super::{Bytes, HostTensor, TensorSet};
 use crate::error::{Error, Result};
 use crate::quant::DType;
 
 /// What an FP8 `quantization_config` asks for (the block shape of the weight scales, or
-/// `None` for one scale per matrix), and what the weights become.
+/// `None` for the shape the scales imply), and what the weights become.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fp8Scheme {
     /// `[rows, columns]` per scale block.
@@ -46,6 +49,9 @@ pub struct Fp8Scheme {
     /// The format the weights are read into: [`DType::Q8_0`] (the default), or
     /// [`DType::F32`] for the exact values (four times the memory).
     pub into: DType,
+    /// The suffix of the scales beside `X.weight`: `weight_scale_inv` (transformers' FP8)
+    /// or `weight_scale` (compressed-tensors); both multiply.
+    pub scale: &'static str,
 }
 
 impl Fp8Scheme {
@@ -107,52 +113,9 @@ impl Fp8Scheme {
         Ok(Some(Fp8Scheme {
             block,
             into: DType::Q8_0,
+            scale: "weight_scale_inv",
         }))
     }
-}
-
-/// What the `quantization_config` of a `config.json` (given whole) asks for: nothing,
-/// FP8 ([`Fp8Scheme`]), or a method wick does not load, which is an error naming it and what
-/// wick loads instead.
-pub fn scheme_of(config_json: &Value) -> Result<Option<Fp8Scheme>> {
-    let Some(q) = config_json
-        .get("quantization_config")
-        .filter(|q| !q.is_null())
-    else {
-        return Ok(None);
-    };
-    match Fp8Scheme::from_config(q) {
-        Ok(Some(scheme)) => Ok(Some(scheme)),
-        Ok(None) => Err(Error::UnsupportedModel(unsupported(q, None))),
-        Err(why) => Err(Error::UnsupportedModel(unsupported(q, Some(why)))),
-    }
-}
-
-/// The refusal of a `quantization_config`: the method, its main settings, and what wick loads.
-fn unsupported(q: &Value, why: Option<String>) -> String {
-    let method = q
-        .get("quant_method")
-        .and_then(Value::as_str)
-        .map(|m| format!("`{m}`"))
-        .unwrap_or_else(|| "(none given)".into());
-    let details: Vec<String> = ["bits", "format", "fmt", "weight_block_size"]
-        .into_iter()
-        .filter_map(|k| q.get(k).map(|v| format!("{k} {v}")))
-        .collect();
-    let details = if details.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", details.join(", "))
-    };
-    let why = why.map(|w| format!(": {w}")).unwrap_or_default();
-    format!(
-        "the checkpoint is quantized with quantization_config.quant_method {method}{details}, \
-         which wick does not load{why}. Supported: unquantized safetensors (F32, F16, BF16), \
-         optionally quantized at load with --quantization q8_0|q4_0|q4_k; FP8 checkpoints \
-         (quant_method `fp8`, e4m3 with dynamic activations, as Qwen/Qwen3-0.6B-FP8), read \
-         into Q8_0; and GGUF files (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K; from \
-         the Hub as owner/name:QUANT, e.g. Qwen/Qwen3-0.6B-GGUF:Q8_0)"
-    )
 }
 
 /// The value of an e4m3 byte (`float8_e4m3fn`).
@@ -171,15 +134,25 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
     sign * mag
 }
 
-/// Replaces every `F8_E4M3` weight in `fp8` (name → shape and bytes) and its
-/// `weight_scale_inv` in `set` by a Q8_0 tensor (f32 if its rows are not whole blocks).
-pub fn convert(
-    scheme: Fp8Scheme,
-    fp8: Vec<(String, Vec<usize>, Bytes)>,
-    set: &mut TensorSet,
-) -> Result<()> {
+/// Replaces every `F8_E4M3` weight in `fp8` and its scales in `set` by a Q8_0 tensor (f32
+/// if its rows are not whole blocks).
+pub fn convert(scheme: Fp8Scheme, fp8: Vec<RawTensor>, set: &mut TensorSet) -> Result<()> {
     let table: Vec<f32> = (0..=255u8).map(e4m3_to_f32).collect();
-    for (name, shape, bytes) in fp8 {
+    // A compressed-tensors checkpoint may have no FP8 layer: its embedding stays as it is.
+    let any_fp8 = !fp8.is_empty();
+    for t in fp8 {
+        let RawTensor {
+            name,
+            dtype,
+            shape,
+            data: bytes,
+        } = t;
+        if dtype != RawDType::F8_E4M3 {
+            return Err(Error::UnsupportedDType {
+                name,
+                dtype: format!("{dtype:?} in an FP8 checkpoint"),
+            });
+        }
         let bad = |m: String| Error::UnsupportedModel(format!("FP8 tensor `{name}`: {m}"));
         let [rows, cols] = shape[..] else {
             return Err(bad(format!("shape {shape:?} is not a matrix")));
@@ -187,16 +160,23 @@ pub fn convert(
         let Some(base) = name.strip_suffix(".weight") else {
             return Err(bad("only `.weight` tensors can be FP8".into()));
         };
-        let scale_name = format!("{base}.weight_scale_inv");
+        let scale_name = format!("{base}.{}", scheme.scale);
         let scale = set.remove(&scale_name).ok_or_else(|| {
             bad(format!(
                 "its scales `{scale_name}` are not in the checkpoint"
             ))
         })?;
-        let [br, bc] = scheme.block.unwrap_or([rows.max(1), cols.max(1)]);
-        let grid = [rows.div_ceil(br), cols.div_ceil(bc)];
         let numel: usize = scale.shape.iter().product();
-        let shape_ok = scale.shape == grid || (scheme.block.is_none() && numel == 1);
+        // Without a configured block, the scale's shape says it: one number, or a grid.
+        let [br, bc] = match (scheme.block, &scale.shape[..]) {
+            (Some(b), _) => b,
+            (None, &[gr, gc]) if gr > 0 && gc > 0 && numel > 1 => {
+                [rows.div_ceil(gr).max(1), cols.div_ceil(gc).max(1)]
+            }
+            (None, _) => [rows.max(1), cols.max(1)],
+        };
+        let grid = [rows.div_ceil(br), cols.div_ceil(bc)];
+        let shape_ok = scale.shape == grid || (grid == [1, 1] && numel == 1);
         if !shape_ok {
             return Err(bad(format!(
                 "scales of shape {:?}, expected {grid:?} for blocks of {br} × {bc}",
@@ -242,7 +222,7 @@ pub fn convert(
     // The embedding (and an untied head) stay bf16 in FP8 checkpoints; read into Q8_0 as
     // well, so that the model's largest matrix, which decode reads whole for the logits,
     // costs what the FP8 layers cost (as llama.cpp's Q8_0 files have it).
-    if scheme.into == DType::Q8_0 {
+    if scheme.into == DType::Q8_0 && any_fp8 {
         for name in ["model.embed_tokens.weight", "lm_head.weight"] {
             let convert = set.try_get(name).is_some_and(|t| {
                 matches!(t.dtype, DType::BF16 | DType::F16 | DType::F32)
@@ -254,7 +234,8 @@ pub fn convert(
             }
         }
     }
-    if let Some(left) = set.names().find(|n| n.ends_with(".weight_scale_inv")) {
+    let suffix = format!(".{}", scheme.scale);
+    if let Some(left) = set.names().find(|n| n.ends_with(&suffix)) {
         return Err(Error::UnsupportedModel(format!(
             "`{left}` has no FP8 weight beside it"
         )));
@@ -266,45 +247,13 @@ pub fn convert(
 mod tests {
     use super::*;
 
-    #[test]
-    fn other_methods_are_refused_naming_them() {
-        let with = |q: &str| {
-            let v: Value =
-                serde_json::from_str(&format!("{{\"quantization_config\": {q}}}")).unwrap();
-            scheme_of(&v)
-        };
-        for (q, named) in [
-            (
-                r#"{"quant_method": "gptq", "bits": 4, "group_size": 128}"#,
-                ["`gptq`", "bits 4"],
-            ),
-            (
-                r#"{"quant_method": "awq", "bits": 4, "version": "gemm"}"#,
-                ["`awq`", "bits 4"],
-            ),
-            (
-                r#"{"quant_method": "fp8", "activation_scheme": "static"}"#,
-                ["`fp8`", "activation_scheme `static`"],
-            ),
-            (
-                r#"{"quant_method": "compressed-tensors", "format": "pack-quantized"}"#,
-                ["`compressed-tensors`", "format \"pack-quantized\""],
-            ),
-            (r#"{"bits": 8}"#, ["(none given)", "bits 8"]),
-        ] {
-            match with(q) {
-                Err(Error::UnsupportedModel(m)) => {
-                    for n in named {
-                        assert!(m.contains(n), "{q}: {m}");
-                    }
-                    assert!(m.contains("Q4_K") && m.contains("--quantization"), "{m}");
-                }
-                other => panic!("{q}: {other:?}"),
-            }
+    fn raw(name: &str, shape: Vec<usize>, bytes: Vec<u8>) -> RawTensor {
+        RawTensor {
+            name: name.into(),
+            dtype: RawDType::F8_E4M3,
+            shape,
+            data: Bytes::from_vec(bytes),
         }
-        assert_eq!(with("null").unwrap(), None);
-        assert_eq!(scheme_of(&serde_json::json!({})).unwrap(), None);
-        assert!(with(r#"{"quant_method": "fp8"}"#).unwrap().is_some());
     }
 
     #[test]
@@ -328,14 +277,16 @@ mod tests {
             ),
             Ok(Some(Fp8Scheme {
                 block: Some([128, 128]),
-                into: DType::Q8_0
+                into: DType::Q8_0,
+                scale: "weight_scale_inv",
             }))
         );
         assert_eq!(
             parse(r#"{"quant_method": "fp8"}"#),
             Ok(Some(Fp8Scheme {
                 block: None,
-                into: DType::Q8_0
+                into: DType::Q8_0,
+                scale: "weight_scale_inv",
             }))
         );
         assert_eq!(parse(r#"{"quant_method": "gptq"}"#), Ok(None));
@@ -369,13 +320,9 @@ mod tests {
         let scheme = Fp8Scheme {
             block: Some([2, 40]),
             into: DType::Q8_0,
+            scale: "weight_scale_inv",
         };
-        convert(
-            scheme,
-            vec![("w.weight".into(), vec![rows, cols], Bytes::from_vec(q))],
-            &mut set,
-        )
-        .unwrap();
+        convert(scheme, vec![raw("w.weight", vec![rows, cols], q)], &mut set).unwrap();
         let w = set.get("w.weight").unwrap();
         assert_eq!(w.dtype, DType::Q8_0);
         let values = w.to_f32();
@@ -396,14 +343,9 @@ mod tests {
         let scheme = Fp8Scheme {
             block: Some([32, 32]),
             into: DType::Q8_0,
+            scale: "weight_scale_inv",
         };
-        let w = || {
-            vec![(
-                "w.weight".to_string(),
-                vec![64, 64],
-                Bytes::from_vec(vec![0x38; 64 * 64]),
-            )]
-        };
+        let w = || vec![raw("w.weight", vec![64, 64], vec![0x38; 64 * 64])];
         let mut empty = TensorSet::default();
         assert!(convert(scheme, w(), &mut empty)
             .unwrap_err()

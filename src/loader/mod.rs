@@ -7,7 +7,9 @@
 //! in place; a GPU backend uploads once).
 //!
 //! - [`safetensors`]: Hugging Face `model.safetensors` and sharded checkpoints.
-//! - [`fp8`]: `quantization_config` read: FP8 checkpoints into Q8_0, other methods refused.
+//! - [`quantization`]: `quantization_config` read, and the packed weights it describes
+//!   converted: [`fp8`] (into Q8_0), [`gptq`], [`awq`] and [`compressed_tensors`] (through
+//!   [`grouped`], into Q4_0, Q4_1 or Q8_0 where that is exact); other methods refused.
 //! - [`gguf`]: llama.cpp's GGUF files (quantized weights, tokenizer and template in one file).
 //! - [`gguf_write`]: writing GGUF files (`wick quantize`).
 //! - [`names`]: the GGUF → Hugging Face tensor name table.
@@ -26,13 +28,18 @@
 //! before it dies, and a restart refuses the file). A file rewritten in place changes the
 //! bytes the CPU backend reads in place.
 
+pub mod awq;
 pub mod checkpoint;
+pub mod compressed_tensors;
 pub mod fp8;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod gguf_write;
+pub mod gptq;
+pub mod grouped;
 pub mod hub;
 pub mod names;
+pub mod quantization;
 pub mod safetensors;
 pub mod times;
 

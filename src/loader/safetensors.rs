@@ -13,6 +13,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 use serde_json::Value;
 
+use super::quantization::QuantScheme;
 use super::{Bytes, HostTensor, LoadTimes, TensorSet};
 use crate::error::{Error, Result};
 use crate::quant::DType;
@@ -26,33 +27,36 @@ impl AsRef<[u8]> for MappedFile {
     }
 }
 
-/// Loads every tensor of the checkpoint in `dir` (single file or sharded). With `fp8`, the
-/// `F8_E4M3` weights and their scales become Q8_0 ([`super::fp8`]).
-pub fn load_dir_with(dir: &Path, fp8: Option<super::fp8::Fp8Scheme>) -> Result<TensorSet> {
-    load_dir_timed(dir, fp8, &mut LoadTimes::default())
+/// Loads every tensor of the checkpoint in `dir` (single file or sharded). With a
+/// quantization scheme, its packed weights become tensors wick computes with
+/// ([`super::quantization`]).
+pub fn load_dir_with(dir: &Path, scheme: Option<QuantScheme>) -> Result<TensorSet> {
+    load_dir_timed(dir, scheme, &mut LoadTimes::default())
 }
 
-/// [`load_dir_with`], adding the time the FP8 conversion takes to `times.repack`.
+/// [`load_dir_with`], adding the time the conversion of quantized weights takes to
+/// `times.repack`.
 pub fn load_dir_timed(
     dir: &Path,
-    fp8: Option<super::fp8::Fp8Scheme>,
+    scheme: Option<QuantScheme>,
     times: &mut LoadTimes,
 ) -> Result<TensorSet> {
     let mut raw = Vec::new();
     let mut set = load_files(dir, &mut raw)?;
-    match fp8 {
+    match scheme {
         Some(scheme) => {
             let start = std::time::Instant::now();
-            super::fp8::convert(scheme, raw, &mut set)?;
+            super::quantization::convert(scheme, raw, &mut set)?;
             times.repack += start.elapsed();
         }
         None => {
-            if let Some((name, _, _)) = raw.first() {
+            if let Some(t) = raw.first() {
                 return Err(Error::UnsupportedDType {
-                    name: name.clone(),
-                    dtype:
-                        "F8_E4M3 (an FP8 weight, but config.json has no FP8 quantization_config)"
-                            .into(),
+                    name: t.name.clone(),
+                    dtype: format!(
+                        "{:?} (a quantized tensor, but config.json has no quantization_config)",
+                        t.dtype
+                    ),
                 });
             }
         }
@@ -60,16 +64,82 @@ pub fn load_dir_timed(
     Ok(set)
 }
 
-/// Loads every tensor of the checkpoint in `dir` (single file or sharded); FP8 weights are
-/// refused.
+/// Loads every tensor of the checkpoint in `dir` (single file or sharded); quantized
+/// tensors (FP8, packed integers) are refused.
 pub fn load_dir(dir: &Path) -> Result<TensorSet> {
     load_dir_with(dir, None)
 }
 
-/// An `F8_E4M3` tensor as read: name, shape, bytes.
-type RawFp8 = (String, Vec<usize>, Bytes);
+/// A tensor of a type wick does not compute with, as read: FP8 (`F8_E4M3`) weights and the
+/// integer tensors of packed formats (`I32` `qweight`, `I64` `weight_shape`, …). The
+/// quantization readers turn them into [`HostTensor`]s.
+#[derive(Clone, Debug)]
+pub struct RawTensor {
+    /// The tensor's name, with the `model.` prefix as for [`HostTensor`]s.
+    pub name: String,
+    /// Its type in the file.
+    pub dtype: RawDType,
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// The bytes, `shape.product() * dtype.size()` of them.
+    pub data: Bytes,
+}
 
-fn load_files(dir: &Path, raw: &mut Vec<RawFp8>) -> Result<TensorSet> {
+/// The element types a [`RawTensor`] may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum RawDType {
+    /// float8 e4m3 (`float8_e4m3fn`).
+    F8_E4M3,
+    /// Signed 8-bit integers.
+    I8,
+    /// Unsigned 8-bit integers.
+    U8,
+    /// Signed 16-bit integers.
+    I16,
+    /// Signed 32-bit integers (packed integer weights).
+    I32,
+    /// Signed 64-bit integers.
+    I64,
+}
+
+impl RawDType {
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            RawDType::F8_E4M3 | RawDType::I8 | RawDType::U8 => 1,
+            RawDType::I16 => 2,
+            RawDType::I32 => 4,
+            RawDType::I64 => 8,
+        }
+    }
+}
+
+impl RawTensor {
+    /// The elements as i64, whatever the integer type (`None` for FP8).
+    pub fn to_i64(&self) -> Option<Vec<i64>> {
+        let b = self.data.as_slice();
+        Some(match self.dtype {
+            RawDType::F8_E4M3 => return None,
+            RawDType::I8 => b.iter().map(|&v| v as i8 as i64).collect(),
+            RawDType::U8 => b.iter().map(|&v| v as i64).collect(),
+            RawDType::I16 => b
+                .chunks_exact(2)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]) as i64)
+                .collect(),
+            RawDType::I32 => b
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
+                .collect(),
+            RawDType::I64 => b
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+        })
+    }
+}
+
+fn load_files(dir: &Path, raw: &mut Vec<RawTensor>) -> Result<TensorSet> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let mut set = TensorSet::default();
@@ -107,16 +177,16 @@ pub fn load_file_into(path: &Path, set: &mut TensorSet) -> Result<()> {
     let mut raw = Vec::new();
     load_file(path, set, &mut raw)?;
     match raw.first() {
-        Some((name, _, _)) => Err(Error::UnsupportedDType {
-            name: name.clone(),
-            dtype: "F8_E4M3".into(),
+        Some(t) => Err(Error::UnsupportedDType {
+            name: t.name.clone(),
+            dtype: format!("{:?}", t.dtype),
         }),
         None => Ok(()),
     }
 }
 
-/// [`load_file_into`], keeping `F8_E4M3` tensors aside in `raw`.
-fn load_file(path: &Path, set: &mut TensorSet, raw: &mut Vec<RawFp8>) -> Result<()> {
+/// [`load_file_into`], keeping FP8 and integer tensors aside in `raw`.
+fn load_file(path: &Path, set: &mut TensorSet, raw: &mut Vec<RawTensor>) -> Result<()> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the map is read-only; wick never writes to checkpoint files, and a file
     // truncated by another process while mapped is outside what any mmap loader can defend.
@@ -131,12 +201,18 @@ fn load_file(path: &Path, set: &mut TensorSet, raw: &mut Vec<RawFp8>) -> Result<
         .map_err(|e| malformed(describe_header_error(&e, bytes)))?;
     let data_start = 8 + header_len;
     for (name, info) in meta.tensors() {
-        // `None`: an FP8 weight (one byte per element), kept aside for [`super::fp8`].
+        // `Err`: an FP8 or integer tensor, kept aside for [`super::quantization`].
+        use safetensors::Dtype as S;
         let dtype = match info.dtype {
-            safetensors::Dtype::F32 => Some(DType::F32),
-            safetensors::Dtype::F16 => Some(DType::F16),
-            safetensors::Dtype::BF16 => Some(DType::BF16),
-            safetensors::Dtype::F8_E4M3 => None,
+            S::F32 => Ok(DType::F32),
+            S::F16 => Ok(DType::F16),
+            S::BF16 => Ok(DType::BF16),
+            S::F8_E4M3 => Err(RawDType::F8_E4M3),
+            S::I8 => Err(RawDType::I8),
+            S::U8 => Err(RawDType::U8),
+            S::I16 => Err(RawDType::I16),
+            S::I32 => Err(RawDType::I32),
+            S::I64 => Err(RawDType::I64),
             other => {
                 return Err(Error::UnsupportedDType {
                     name,
@@ -150,9 +226,15 @@ fn load_file(path: &Path, set: &mut TensorSet, raw: &mut Vec<RawFp8>) -> Result<
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .ok_or_else(|| malformed(format!("tensor `{name}`: shape overflows")))?;
-        let expected = dtype.map_or(Some(numel), |d| d.bytes_for(numel));
+        let expected = match dtype {
+            Ok(d) => d.bytes_for(numel),
+            Err(r) => numel.checked_mul(r.size()),
+        };
         if expected != Some(end.saturating_sub(start)) {
-            let dtype = dtype.map_or("F8_E4M3".to_string(), |d| d.to_string());
+            let dtype = match dtype {
+                Ok(d) => d.to_string(),
+                Err(r) => format!("{r:?}"),
+            };
             return Err(malformed(format!(
                 "tensor `{name}`: {} bytes for shape {:?} of {dtype}",
                 end.saturating_sub(start),
@@ -167,13 +249,18 @@ fn load_file(path: &Path, set: &mut TensorSet, raw: &mut Vec<RawFp8>) -> Result<
         let name = super::names::with_model_prefix(&name);
         let data = Bytes::new(owner.clone(), range);
         match dtype {
-            Some(dtype) => set.insert(HostTensor {
+            Ok(dtype) => set.insert(HostTensor {
                 name,
                 dtype,
                 shape: info.shape.clone(),
                 data,
             })?,
-            None => raw.push((name, info.shape.clone(), data)),
+            Err(dtype) => raw.push(RawTensor {
+                name,
+                dtype,
+                shape: info.shape.clone(),
+                data,
+            }),
         }
     }
     Ok(())

@@ -8,6 +8,7 @@
 //! - **map**: opening the files: config, tokenizer, memory-mapping the weights and parsing
 //!   the safetensors / GGUF headers ([`super::checkpoint`]).
 //! - **repack**: re-laying the weights out for the kernels: FP8 → Q8_0 ([`super::fp8`]),
+//!   GPTQ, AWQ and compressed-tensors → Q4_0, Q4_1 or Q8_0 ([`super::quantization`]),
 //!   `--quantize`, the CPU backend's interleaved rows and norm vectors widened to f32, the GPU
 //!   backend's word-aligned blocks.
 //! - **upload**: writing the weights into GPU buffers (zero on the CPU, which reads the map

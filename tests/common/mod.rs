@@ -410,18 +410,26 @@ pub fn local_fixture(name: &str) -> PathBuf {
 }
 
 /// qwen3-tiny as an FP8 checkpoint (`tests/fixtures/qwen3-tiny-fp8`, made by
-/// `make_qwen3_tiny_fp8.py` with transformers' FP8 quantizer), assembled in a temporary
-/// directory as that script assembles it: qwen3-tiny's config with the FP8
-/// `quantization_config`, its tokenizer, and one `model.safetensors` holding its bf16
-/// embedding and norms beside the e4m3 linear weights and their `weight_scale_inv`.
+/// `make_qwen3_tiny_fp8.py` with transformers' FP8 quantizer), assembled by
+/// [`quantized_checkpoint`].
 pub fn qwen3_tiny_fp8() -> tempfile::TempDir {
+    quantized_checkpoint("qwen3-tiny-fp8", "fp8.safetensors")
+}
+
+/// A quantized qwen3-tiny fixture (`tests/fixtures/<name>`, made by the `make_qwen3_tiny_*.py`
+/// scripts with each format's own library) assembled in a temporary directory as the scripts
+/// describe: qwen3-tiny's config with the fixture's `quantization_config`, its tokenizer, and
+/// one `model.safetensors` holding the library's tensors (`file`) beside qwen3-tiny's bf16
+/// tensors of the layers it did not quantize (a layer `P` is quantized when the library wrote
+/// any `P.*`).
+pub fn quantized_checkpoint(name: &str, file: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let base = fixture("qwen3-tiny");
-    let fp8 = local_fixture("qwen3-tiny-fp8");
+    let src = local_fixture(name);
     let mut config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(base.join("config.json")).unwrap()).unwrap();
     config["quantization_config"] =
-        serde_json::from_slice(&std::fs::read(fp8.join("quantization_config.json")).unwrap())
+        serde_json::from_slice(&std::fs::read(src.join("quantization_config.json")).unwrap())
             .unwrap();
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
     for name in [
@@ -432,12 +440,17 @@ pub fn qwen3_tiny_fp8() -> tempfile::TempDir {
         std::fs::copy(base.join(name), dir.path().join(name)).unwrap();
     }
     let bf16 = std::fs::read(base.join("model.safetensors")).unwrap();
-    let quantized = std::fs::read(fp8.join("fp8.safetensors")).unwrap();
+    let quantized = std::fs::read(src.join(file)).unwrap();
     let bf16 = safetensors::SafeTensors::deserialize(&bf16).unwrap();
     let quantized = safetensors::SafeTensors::deserialize(&quantized).unwrap();
     let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = quantized.tensors();
+    let layers: std::collections::BTreeSet<String> = tensors
+        .iter()
+        .filter_map(|(n, _)| n.rsplit_once('.').map(|(p, _)| p.to_string()))
+        .collect();
     for (name, view) in bf16.tensors() {
-        if quantized.tensor(&name).is_err() {
+        let layer = name.rsplit_once('.').map(|(p, _)| p).unwrap_or("");
+        if quantized.tensor(&name).is_err() && !layers.contains(layer) {
             tensors.push((name, view));
         }
     }
