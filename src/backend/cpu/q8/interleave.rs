@@ -16,6 +16,7 @@
 //! | format | per group of `R` rows and one block | bytes per row-block (stored) |
 //! |---|---|---|
 //! | Q4_0 | `d[R]` f16, `qs[4][R][4]` | 18 (18) |
+//! | Q4_1 | `d[R]`, `m[R]` f16, `qs[4][R][4]` | 20 (20) |
 //! | Q8_0 | `d[R]` f16, `qs[8][R][4]` as `q + 128` (u8) | 34 (34) |
 //! | Q4_K | `d[R]`, `dmin[R]` f16, `sc[8][R]`, `mn[4][R][2]` u8 (6-bit values unpacked), `qs[32][R][4]` | 148 (144) |
 //! | Q6_K | `d[R]` f16, `sc[8][R][2]` i8, `ql[32][R][4]`, `qh[16][R][4]` | 210 (210) |
@@ -50,13 +51,17 @@ pub struct Interleaved {
 impl Interleaved {
     /// Whether `dtype` has an interleaved layout.
     pub fn supported(dtype: DType) -> bool {
-        matches!(dtype, DType::Q4_0 | DType::Q8_0 | DType::Q4_K | DType::Q6_K)
+        matches!(
+            dtype,
+            DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4_K | DType::Q6_K
+        )
     }
 
     /// Bytes of one block of a group of `r` rows.
     pub fn block_bytes(dtype: DType, r: usize) -> usize {
         r * match dtype {
             DType::Q4_0 => 18,
+            DType::Q4_1 => 20,
             DType::Q8_0 => 34,
             DType::Q4_K => 148,
             DType::Q6_K => 210,
@@ -115,6 +120,11 @@ impl Interleaved {
                             DType::Q4_0 => {
                                 out[2 * i..2 * i + 2].copy_from_slice(&blk[0..2]);
                                 chunks4(&mut out[2 * r..], i, &blk[2..18], 0);
+                            }
+                            DType::Q4_1 => {
+                                out[2 * i..2 * i + 2].copy_from_slice(&blk[0..2]);
+                                out[2 * r + 2 * i..2 * r + 2 * i + 2].copy_from_slice(&blk[2..4]);
+                                chunks4(&mut out[4 * r..], i, &blk[4..20], 0);
                             }
                             DType::Q8_0 => {
                                 out[2 * i..2 * i + 2].copy_from_slice(&blk[0..2]);
@@ -193,6 +203,11 @@ mod tests {
             let d = half::f16::from_f32(0.01 + 0.001 * (i % 5) as f32).to_le_bytes();
             match dtype {
                 DType::Q4_0 | DType::Q8_0 => blk[0..2].copy_from_slice(&d),
+                DType::Q4_1 => {
+                    blk[0..2].copy_from_slice(&d);
+                    let m = half::f16::from_f32(-0.05 + 0.02 * (i % 7) as f32).to_le_bytes();
+                    blk[2..4].copy_from_slice(&m);
+                }
                 DType::Q4_K => {
                     blk[0..2].copy_from_slice(&d);
                     blk[2..4].copy_from_slice(&d);
@@ -212,7 +227,13 @@ mod tests {
             .into_iter()
             .filter(|&i| super::super::interleave_rows(i).is_some())
             .collect();
-        for dtype in [DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q6_K] {
+        for dtype in [
+            DType::Q4_0,
+            DType::Q4_1,
+            DType::Q8_0,
+            DType::Q4_K,
+            DType::Q6_K,
+        ] {
             let (n, k) = (21, 512);
             let data = rows(dtype, n, k, 3);
             let rb = k / dtype.block_elems() * dtype.block_bytes();

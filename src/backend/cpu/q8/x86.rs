@@ -589,6 +589,32 @@ macro_rules! interleaved_kernels {
                         }
                     }
                 }
+                DType::Q4_1 => {
+                    // w = d·nibble + m: the minimum multiplies the activation block's sum.
+                    for b in 0..blocks {
+                        let p = gp.add(b * bb);
+                        prefetch(p, bb);
+                        let dv = f16s(p);
+                        let mv = f16s(p.add(2 * R));
+                        let qs = p.add(4 * R);
+                        let mut isum = [zeroi(); N];
+                        for c in 0..4 {
+                            let v = ld(qs.add(c * 4 * R));
+                            let lo = and(v, m4);
+                            let hi = and(srli4(v), m4);
+                            for j in 0..N {
+                                isum[j] = dp(isum[j], lo, bx(&x[j].qs, 32 * b + 4 * c));
+                                isum[j] = dp(isum[j], hi, bx(&x[j].qs, 32 * b + 16 + 4 * c));
+                            }
+                        }
+                        for j in 0..N {
+                            let dx = *x[j].d.get_unchecked(b);
+                            let ds = *x[j].dsum32.get_unchecked(b);
+                            acc[j] = fma(cvt(isum[j]), mul(dv, set1f(dx)), acc[j]);
+                            acc[j] = fma(mv, set1f(ds), acc[j]);
+                        }
+                    }
+                }
                 _ => unreachable!("no interleaved layout for {}", w.dtype),
             }
             for j in 0..N {
