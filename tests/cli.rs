@@ -546,3 +546,34 @@ fn gpu_memory_utilization_is_a_share_of_the_device_memory_on_lavapipe() {
         "256 MiB of 8 KiB blocks:\n{text}"
     );
 }
+
+/// A reader that goes away (`wick info | grep -q avx2`) ends the command quietly, as it ends
+/// other Unix tools: no panic about a broken pipe.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_a_command_without_a_panic() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wick"))
+        .arg("info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The read end closes before the report is written: its writes fail.
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        status.success() || status.signal() == Some(libc::SIGPIPE),
+        "{status:?}: {stderr}"
+    );
+}
