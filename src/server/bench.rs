@@ -710,6 +710,9 @@ pub async fn search_slo(
     })
 }
 
+/// The first model the server lists. A server that is still starting (connection refused,
+/// or listening while its model loads, with an empty list) is asked again for up to
+/// [`STARTING_WAIT`].
 async fn first_model(
     client: &reqwest::Client,
     base: &str,
@@ -720,17 +723,35 @@ async fn first_model(
         url: url.clone(),
         message,
     };
-    let resp = with_key(client.get(&url), key)
-        .send()
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    let status = resp.status();
-    let v: Value = resp.json().await.map_err(|e| err(e.to_string()))?;
-    v.pointer("/data/0/id")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .ok_or_else(|| err(format!("status {status}, no model in {v}")))
+    let deadline = std::time::Instant::now() + STARTING_WAIT;
+    loop {
+        let starting = std::time::Instant::now() < deadline;
+        let resp = match with_key(client.get(&url), key).send().await {
+            Ok(r) => r,
+            Err(e) if starting && e.is_connect() => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let status = resp.status();
+        let v: Value = resp.json().await.map_err(|e| err(e.to_string()))?;
+        if let Some(id) = v.pointer("/data/0/id").and_then(Value::as_str) {
+            return Ok(id.to_string());
+        }
+        let empty = v
+            .pointer("/data")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty);
+        if !(starting && status.is_success() && empty) {
+            return Err(err(format!("status {status}, no model in {v}")));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
+
+/// How long [`first_model`] waits for a server that is still starting.
+const STARTING_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 fn usage(v: &Value) -> Option<(usize, usize)> {
     let u = v.get("usage")?;
