@@ -26,7 +26,7 @@ use wick::loader::safetensors::load_dir_with;
 use wick::loader::TensorSet;
 use wick::model::Model;
 use wick::quant::DType;
-use wick::session::{Session, SessionOptions, WantLogits};
+use wick::session::{Session, SessionOptions};
 
 const TOL: f32 = 2e-3;
 /// 8-bit activations: the README's 0.1 does not hold on qwen3-tiny, whose rows are two or
@@ -175,18 +175,7 @@ fn session<B: Backend>(m: &Arc<Model<B>>) -> Session<B> {
 
 /// The last logits and the teacher-forced argmaxes of `case`.
 fn run_case<B: Backend>(m: &Arc<Model<B>>, case: &Case) -> (Vec<f32>, Vec<usize>) {
-    let mut s = session(m);
-    let mut last = Vec::new();
-    s.extend(&case.input_ids, WantLogits::Last, |_, row| {
-        last = row.to_vec()
-    })
-    .unwrap();
-    let mut argmaxes = vec![argmax(&last)];
-    for &id in &case.greedy_ids[..case.greedy_ids.len() - 1] {
-        s.extend(&[id], WantLogits::Last, |_, row| argmaxes.push(argmax(row)))
-            .unwrap();
-    }
-    (last, argmaxes)
+    teacher_forced(&mut session(m), case)
 }
 
 /// Runs every case of `f` on `m` and checks the last logits (within `tol` of the oracle, or

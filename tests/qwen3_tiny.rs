@@ -248,18 +248,7 @@ fn fp8_oracle() -> (Oracle, impl Fn(&str) -> f32) {
 
 /// The last logits and the teacher-forced argmaxes of `case` on `m`.
 fn run_case<B: Backend>(m: &Arc<Model<B>>, case: &Case) -> (Vec<f32>, Vec<usize>) {
-    let mut s = session(m, 512);
-    let mut last = Vec::new();
-    s.extend(&case.input_ids, WantLogits::Last, |_, row| {
-        last = row.to_vec()
-    })
-    .unwrap();
-    let mut argmaxes = vec![argmax(&last)];
-    for &id in &case.greedy_ids[..case.greedy_ids.len() - 1] {
-        s.extend(&[id], WantLogits::Last, |_, row| argmaxes.push(argmax(row)))
-            .unwrap();
-    }
-    (last, argmaxes)
+    teacher_forced(&mut session(m, 512), case)
 }
 
 /// The FP8 checkpoint as `wick` loads it (Q8_0) on every backend. The requantization moves

@@ -80,16 +80,7 @@ impl AwqScheme {
             return Err(bad_shape(&qweight.name, &qweight.shape, "[in, out/8]"));
         };
         let rows = words * 8;
-        let groups = match scales.shape[..] {
-            [g, o] if o == rows && g > 0 => g,
-            _ => {
-                return Err(bad_shape(
-                    &scales.name,
-                    &scales.shape,
-                    &format!("[groups, {rows}]"),
-                ))
-            }
-        };
+        let groups = scales.groups(rows)?;
         if qzeros.shape != [groups, words] {
             return Err(bad_shape(
                 &qzeros.name,

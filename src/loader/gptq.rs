@@ -90,16 +90,7 @@ impl GptqScheme {
             ));
         };
         let cols = packed_in * per;
-        let groups = match scales.shape[..] {
-            [g, o] if o == out && g > 0 => g,
-            _ => {
-                return Err(bad_shape(
-                    &scales.name,
-                    &scales.shape,
-                    &format!("[groups, {out}]"),
-                ))
-            }
-        };
+        let groups = scales.groups(out)?;
         let zero_words = out.div_ceil(per);
         if qzeros.shape != [groups, zero_words] {
             return Err(bad_shape(

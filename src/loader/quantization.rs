@@ -225,6 +225,21 @@ pub struct Floats {
     pub values: Vec<f32>,
 }
 
+impl Floats {
+    /// The number of groups of a `[groups, out]` scale grid (GPTQ's and AWQ's layout); an
+    /// error naming the tensor for any other shape.
+    pub fn groups(&self, out: usize) -> Result<usize> {
+        match self.shape[..] {
+            [g, o] if o == out && g > 0 => Ok(g),
+            _ => Err(super::gptq::bad_shape(
+                &self.name,
+                &self.shape,
+                &format!("[groups, {out}]"),
+            )),
+        }
+    }
+}
+
 impl<'a> Parts<'a> {
     /// The raw tensors by name, beside `set`.
     pub fn new(raw: Vec<RawTensor>, set: &'a mut TensorSet) -> Self {

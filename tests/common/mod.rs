@@ -119,6 +119,26 @@ impl Oracle {
     }
 }
 
+/// The last logits of `case`'s prompt through `s`, then the argmax at every step of its
+/// greedy continuation fed back (teacher-forced).
+pub fn teacher_forced<B: wick::backend::Backend>(
+    s: &mut wick::session::Session<B>,
+    case: &Case,
+) -> (Vec<f32>, Vec<usize>) {
+    use wick::session::WantLogits;
+    let mut last = Vec::new();
+    s.extend(&case.input_ids, WantLogits::Last, |_, row| {
+        last = row.to_vec()
+    })
+    .unwrap();
+    let mut argmaxes = vec![argmax(&last)];
+    for &id in &case.greedy_ids[..case.greedy_ids.len() - 1] {
+        s.extend(&[id], WantLogits::Last, |_, row| argmaxes.push(argmax(row)))
+            .unwrap();
+    }
+    (last, argmaxes)
+}
+
 /// Index of the largest value (lowest index on ties).
 pub fn argmax(v: &[f32]) -> usize {
     let mut best = 0;

@@ -127,7 +127,7 @@ struct Scratch {
     /// `[rows, D]` outputs.
     acc: Vec<f32>,
     /// One widened `[block_size, D]` block of values.
-    row: Vec<f32>,
+    values: Vec<f32>,
     /// One widened `[D, block_size]` block of keys.
     kt: Vec<f32>,
 }
@@ -183,12 +183,12 @@ pub fn attention(
             scratch.scores.resize(rows * cmax, 0.0);
             scratch.acc.clear();
             scratch.acc.resize(rows * d, 0.0);
-            scratch.row.resize(bs * d, 0.0);
+            scratch.values.resize(bs * d, 0.0);
             scratch.kt.resize(d * bs, 0.0);
             let (scores, acc, buf, kt) = (
                 &mut scratch.scores[..rows * cmax],
                 &mut scratch.acc,
-                &mut scratch.row,
+                &mut scratch.values,
                 &mut scratch.kt,
             );
             // Scores a block of positions at a time (one position per lane).

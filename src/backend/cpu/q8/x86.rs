@@ -553,15 +553,22 @@ macro_rules! interleaved_kernels {
             let blocks = w.k / w.dtype.block_elems();
             let bb = Interleaved::block_bytes(w.dtype, R);
             match w.dtype {
-                DType::Q4_0 | DType::Q8_0 => {
+                DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => {
                     let q8 = w.dtype == DType::Q8_0;
-                    // w = d·(nibble − 8), or d·(u − 128) for Q8_0's biased bytes.
-                    let off = if q8 { -128.0 } else { -8.0 };
+                    let q4_1 = w.dtype == DType::Q4_1;
+                    // w = d·(nibble − 8), d·(u − 128) for Q8_0's biased bytes, or d·nibble + m
+                    // for Q4_1: the offset, or the minimum, multiplies the activation block's
+                    // sum.
+                    let off = set1f(if q8 { -128.0 } else { -8.0 });
                     for b in 0..blocks {
                         let p = gp.add(b * bb);
                         prefetch(p, bb);
                         let dv = f16s(p);
-                        let qs = p.add(2 * R);
+                        let (mv, qs) = if q4_1 {
+                            (f16s(p.add(2 * R)), p.add(4 * R))
+                        } else {
+                            (mul(dv, off), p.add(2 * R))
+                        };
                         let mut isum = [zeroi(); N];
                         if q8 {
                             for c in 0..8 {
@@ -579,32 +586,6 @@ macro_rules! interleaved_kernels {
                                     isum[j] = dp(isum[j], lo, bx(&x[j].qs, 32 * b + 4 * c));
                                     isum[j] = dp(isum[j], hi, bx(&x[j].qs, 32 * b + 16 + 4 * c));
                                 }
-                            }
-                        }
-                        for j in 0..N {
-                            let dx = *x[j].d.get_unchecked(b);
-                            let ds = *x[j].dsum32.get_unchecked(b);
-                            acc[j] = fma(cvt(isum[j]), mul(dv, set1f(dx)), acc[j]);
-                            acc[j] = fma(dv, set1f(off * ds), acc[j]);
-                        }
-                    }
-                }
-                DType::Q4_1 => {
-                    // w = d·nibble + m: the minimum multiplies the activation block's sum.
-                    for b in 0..blocks {
-                        let p = gp.add(b * bb);
-                        prefetch(p, bb);
-                        let dv = f16s(p);
-                        let mv = f16s(p.add(2 * R));
-                        let qs = p.add(4 * R);
-                        let mut isum = [zeroi(); N];
-                        for c in 0..4 {
-                            let v = ld(qs.add(c * 4 * R));
-                            let lo = and(v, m4);
-                            let hi = and(srli4(v), m4);
-                            for j in 0..N {
-                                isum[j] = dp(isum[j], lo, bx(&x[j].qs, 32 * b + 4 * c));
-                                isum[j] = dp(isum[j], hi, bx(&x[j].qs, 32 * b + 16 + 4 * c));
                             }
                         }
                         for j in 0..N {
