@@ -13,6 +13,12 @@
 //!   the weights and a reserve for everything else, or refuses with the numbers when even the
 //!   smallest useful cache cannot fit.
 //!
+//! - **Resident memory**: [`resident_zeroed`] allocates memory that is resident from the
+//!   start (the KV pool, the prefix cache's index), so that resident memory does not climb as
+//!   a server fills its cache and a memory limit too small for it shows at start, not under
+//!   load; [`release_free_memory`] hands the allocator's free pages back to the system (glibc
+//!   keeps what a burst of requests freed, spread over its per-thread arenas, otherwise).
+//!
 //! The cgroup files are found through `/proc/self/cgroup` under `/sys/fs/cgroup`; the
 //! nearest limit on the path up to the root applies. `WICK_CGROUP_ROOT` points the reader at
 //! another directory that holds the files directly (`cpu.max`, `memory.max`, or v1's
@@ -113,6 +119,42 @@ impl fmt::Display for Fences {
             Some(m) => write!(f, ", memory limit {} MiB", mib(m)),
             None => write!(f, ", no memory limit"),
         }
+    }
+}
+
+/// `n` zeroed values whose pages are all resident: each page is written once (in parallel),
+/// where a plain zeroed allocation would be mapped lazily, page by page, as it is first written.
+pub fn resident_zeroed<T: bytemuck::Zeroable + Copy + Send>(n: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut v: Vec<T> = bytemuck::zeroed_vec(n);
+    let per_page = (4096 / std::mem::size_of::<T>().max(1)).max(1);
+    v.par_chunks_mut(per_page * 256).for_each(|chunk| {
+        // A page's worth of values spans at most two pages (the vector need not start on a
+        // page boundary): its first and last values are written.
+        for page in chunk.chunks_mut(per_page) {
+            let last = page.len() - 1;
+            // SAFETY: `page` is a non-empty slice of initialized values; a volatile write of
+            // a zero (the value already there) cannot be optimized away, so the page is
+            // faulted in now.
+            unsafe {
+                std::ptr::write_volatile(page.as_mut_ptr(), T::zeroed());
+                std::ptr::write_volatile(page.as_mut_ptr().add(last), T::zeroed());
+            }
+        }
+    });
+    v
+}
+
+/// Returns the allocator's free memory to the system where the allocator keeps it: glibc's
+/// `malloc` holds on to the pages freed in each of its per-thread arenas, so the resident
+/// memory of a server that has served a burst stays at the burst's peak; `malloc_trim`
+/// releases them. Elsewhere (musl with mimalloc, macOS, Windows) the allocator returns memory
+/// on its own and this does nothing.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own state, under its locks.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -366,6 +408,35 @@ pub fn pin(_cpus: &[usize]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pages of `v` the kernel has mapped (`mincore`).
+    #[cfg(target_os = "linux")]
+    fn resident_pages<T>(v: &[T]) -> (usize, usize) {
+        let page = 4096usize;
+        let start = v.as_ptr() as usize / page * page;
+        let end = (v.as_ptr() as usize + std::mem::size_of_val(v)).div_ceil(page) * page;
+        let mut map = vec![0u8; (end - start) / page];
+        // SAFETY: the range covers `v`'s allocation rounded out to pages, all mapped.
+        let rc = unsafe { libc::mincore(start as *mut _, end - start, map.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        (map.iter().filter(|&&m| m & 1 == 1).count(), map.len())
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn resident_zeroed_maps_every_page_and_a_plain_zeroed_vec_does_not() {
+        let n = 16 << 20; // 64 MiB of f32: a fresh mapping, not recycled heap.
+        let lazy: Vec<f32> = bytemuck::zeroed_vec(n);
+        let (mapped, pages) = resident_pages(&lazy);
+        assert!(mapped < pages / 2, "{mapped} of {pages} pages already mapped");
+        let v: Vec<f32> = resident_zeroed(n);
+        let (mapped, pages) = resident_pages(&v);
+        assert_eq!(mapped, pages);
+        assert!(v.iter().all(|&x| x == 0.0));
+        let h: Vec<half::f16> = resident_zeroed(3);
+        assert_eq!(h, vec![half::f16::ZERO; 3]);
+        assert!(resident_zeroed::<u64>(0).is_empty());
+    }
 
     #[test]
     fn cpu_max_and_cfs_quota() {

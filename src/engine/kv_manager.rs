@@ -11,7 +11,7 @@
 //! Hashes are 64-bit; a hit is confirmed by comparing the stored parent hash and token ids,
 //! so a collision can only cost a miss, never a wrong answer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
 /// Default tokens per block.
@@ -59,39 +59,143 @@ pub fn extend_keys(known: &mut Vec<BlockKey>, tokens: &[u32], block_size: usize)
 }
 
 /// Blocks, reference counts and the prefix cache.
+///
+/// Everything it keeps per block (counts, the cached keys, the LRU links, the hash index's
+/// room) is allocated at creation, so that serving never allocates here and the memory does
+/// not grow as the cache fills.
 #[derive(Debug)]
 pub struct KvManager {
     block_size: usize,
     ref_counts: Vec<u32>,
     /// Free blocks holding nothing reusable.
     free: Vec<u32>,
-    /// Free blocks holding a cached prefix, by the time they were released (oldest first).
-    lru: BTreeMap<u64, u32>,
-    /// Each block's position in `lru`, when it is there.
-    lru_stamp: Vec<Option<u64>>,
-    clock: u64,
-    /// The key of each cached block.
-    keys: Vec<Option<BlockKey>>,
+    /// Free blocks holding a cached prefix, least recently released first.
+    lru: Lru,
+    /// The hash of each cached block's key; 0 for a block that caches nothing. Empty when
+    /// caching is off, as are `parents` and `tokens`.
+    hashes: Vec<u64>,
+    /// The parent hash of each cached block's key.
+    parents: Vec<u64>,
+    /// The token ids of each cached block's key, `block_size` per block.
+    tokens: Vec<u32>,
     /// Cached blocks by hash.
     by_hash: HashMap<u64, u32>,
     caching: bool,
 }
 
+/// No block.
+const NIL: u32 = u32::MAX;
+
+/// A list of blocks threaded through per-block links, for O(1) removal from the middle
+/// without allocating.
+#[derive(Debug)]
+struct Lru {
+    prev: Vec<u32>,
+    next: Vec<u32>,
+    linked: Vec<bool>,
+    head: u32,
+    tail: u32,
+    len: usize,
+}
+
+impl Lru {
+    fn new(n: usize) -> Self {
+        Lru {
+            prev: vec![NIL; n],
+            next: vec![NIL; n],
+            linked: crate::resources::resident_zeroed(n),
+            head: NIL,
+            tail: NIL,
+            len: 0,
+        }
+    }
+
+    fn contains(&self, b: u32) -> bool {
+        self.linked[b as usize]
+    }
+
+    /// Appends `b` at the most-recent end.
+    fn push_back(&mut self, b: u32) {
+        debug_assert!(!self.contains(b));
+        let i = b as usize;
+        self.prev[i] = self.tail;
+        self.next[i] = NIL;
+        match self.tail {
+            NIL => self.head = b,
+            t => self.next[t as usize] = b,
+        }
+        self.tail = b;
+        self.linked[i] = true;
+        self.len += 1;
+    }
+
+    fn remove(&mut self, b: u32) {
+        debug_assert!(self.contains(b));
+        let i = b as usize;
+        let (p, n) = (self.prev[i], self.next[i]);
+        match p {
+            NIL => self.head = n,
+            p => self.next[p as usize] = n,
+        }
+        match n {
+            NIL => self.tail = p,
+            n => self.prev[n as usize] = p,
+        }
+        self.linked[i] = false;
+        self.len -= 1;
+    }
+
+    /// Takes the least recently appended block.
+    fn pop_front(&mut self) -> Option<u32> {
+        let b = self.head;
+        (b != NIL).then(|| {
+            self.remove(b);
+            b
+        })
+    }
+
+    /// The blocks, least recent first.
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        std::iter::successors((self.head != NIL).then_some(self.head), |&b| {
+            let n = self.next[b as usize];
+            (n != NIL).then_some(n)
+        })
+    }
+}
+
 impl KvManager {
     /// `num_blocks` blocks of `block_size` tokens; `caching` turns prefix reuse on.
     pub fn new(num_blocks: usize, block_size: usize, caching: bool) -> Self {
+        use crate::resources::resident_zeroed;
         assert!(block_size > 0);
+        let cached = if caching { num_blocks } else { 0 };
+        // The index's table is written once through so that its memory, too, is resident
+        // from the start; `clear` keeps the table.
+        let mut by_hash = HashMap::with_capacity(cached);
+        by_hash.extend((0..cached as u64).map(|h| (h, 0)));
+        by_hash.clear();
         KvManager {
             block_size,
-            ref_counts: vec![0; num_blocks],
+            ref_counts: resident_zeroed(num_blocks),
             free: (0..num_blocks as u32).rev().collect(),
-            lru: BTreeMap::new(),
-            lru_stamp: vec![None; num_blocks],
-            clock: 0,
-            keys: vec![None; num_blocks],
-            by_hash: HashMap::new(),
+            lru: Lru::new(cached),
+            hashes: resident_zeroed(cached),
+            parents: resident_zeroed(cached),
+            tokens: resident_zeroed(cached * block_size),
+            by_hash,
             caching,
         }
+    }
+
+    /// Whether `block` holds a cached prefix.
+    fn is_cached(&self, block: u32) -> bool {
+        self.caching && self.hashes[block as usize] != 0
+    }
+
+    /// The cached token ids of `block`.
+    fn tokens_of(&self, block: u32) -> &[u32] {
+        let bs = self.block_size;
+        &self.tokens[block as usize * bs..][..bs]
     }
 
     /// Tokens per block.
@@ -111,12 +215,12 @@ impl KvManager {
 
     /// Blocks that can be allocated (free, cached or not).
     pub fn num_free(&self) -> usize {
-        self.free.len() + self.lru.len()
+        self.free.len() + self.lru.len
     }
 
     /// Free blocks that still hold a cached prefix.
     pub fn num_cached_free(&self) -> usize {
-        self.lru.len()
+        self.lru.len
     }
 
     /// Blocks held by at least one sequence.
@@ -140,11 +244,9 @@ impl KvManager {
         let b = match self.free.pop() {
             Some(b) => b,
             None => {
-                let (_, b) = self.lru.pop_first()?;
-                self.lru_stamp[b as usize] = None;
-                if let Some(key) = self.keys[b as usize].take() {
-                    self.by_hash.remove(&key.hash);
-                }
+                let b = self.lru.pop_front()?;
+                let hash = std::mem::take(&mut self.hashes[b as usize]);
+                self.by_hash.remove(&hash);
                 b
             }
         };
@@ -160,10 +262,8 @@ impl KvManager {
         assert!(*rc > 0, "double free of KV block {block}");
         *rc -= 1;
         if *rc == 0 {
-            if self.keys[block as usize].is_some() {
-                self.clock += 1;
-                self.lru.insert(self.clock, block);
-                self.lru_stamp[block as usize] = Some(self.clock);
+            if self.is_cached(block) {
+                self.lru.push_back(block);
             } else {
                 self.free.push(block);
             }
@@ -204,7 +304,10 @@ impl KvManager {
     /// The cached block holding `key`, if any.
     fn find(&self, key: &BlockKey) -> Option<u32> {
         let &b = self.by_hash.get(&key.hash)?;
-        (self.keys[b as usize].as_ref() == Some(key)).then_some(b)
+        let same = self.hashes[b as usize] == key.hash
+            && self.parents[b as usize] == key.parent
+            && self.tokens_of(b) == key.tokens;
+        same.then_some(b)
     }
 
     /// How many of `keys` (a prefix's blocks, in order) are cached, from the first on.
@@ -229,10 +332,7 @@ impl KvManager {
         for key in &keys[..n] {
             let b = self.find(key).expect("counted as a hit");
             if self.ref_counts[b as usize] == 0 {
-                let stamp = self.lru_stamp[b as usize]
-                    .take()
-                    .expect("free cached block");
-                self.lru.remove(&stamp);
+                self.lru.remove(b);
             }
             self.ref_counts[b as usize] += 1;
             blocks.push(b);
@@ -242,7 +342,7 @@ impl KvManager {
     /// Records that held block `block` now holds the full block `key`. Does nothing when
     /// caching is off, the block is already cached, or another block holds the same key.
     pub fn register(&mut self, block: u32, key: &BlockKey) {
-        if !self.caching || self.keys[block as usize].is_some() {
+        if !self.caching || self.is_cached(block) || key.tokens.len() != self.block_size {
             return;
         }
         debug_assert!(self.ref_counts[block as usize] > 0);
@@ -250,7 +350,11 @@ impl KvManager {
             return;
         }
         self.by_hash.insert(key.hash, block);
-        self.keys[block as usize] = Some(key.clone());
+        let i = block as usize;
+        self.hashes[i] = key.hash;
+        self.parents[i] = key.parent;
+        let bs = self.block_size;
+        self.tokens[i * bs..][..bs].copy_from_slice(&key.tokens);
     }
 
     /// Sum of all reference counts (for invariant checks).
@@ -262,7 +366,7 @@ impl KvManager {
     pub fn check(&self) -> std::result::Result<(), String> {
         let n = self.num_blocks();
         let mut seen = vec![false; n];
-        for &b in self.free.iter().chain(self.lru.values()) {
+        for b in self.free.iter().copied().chain(self.lru.iter()) {
             if std::mem::replace(&mut seen[b as usize], true) {
                 return Err(format!("block {b} is free twice"));
             }
@@ -275,13 +379,16 @@ impl KvManager {
                 return Err(format!("block {b} leaked"));
             }
         }
-        for &b in self.lru.values() {
-            if self.keys[b as usize].is_none() {
+        if self.lru.iter().count() != self.lru.len {
+            return Err("the LRU list's length is off".into());
+        }
+        for b in self.lru.iter() {
+            if !self.is_cached(b) {
                 return Err(format!("uncached block {b} in the LRU list"));
             }
         }
         for (h, &b) in &self.by_hash {
-            if self.keys[b as usize].as_ref().map(|k| k.hash) != Some(*h) {
+            if self.hashes[b as usize] != *h {
                 return Err(format!("hash index points at block {b} with another key"));
             }
         }

@@ -674,6 +674,7 @@ pub async fn serve(
         .opts
         .ui
         .then(|| tokio::spawn(sample_history(state.clone())));
+    let trimmer = tokio::spawn(release_memory());
     let st = state.clone();
     let limits = state.opts.limits;
     let drained = async move {
@@ -700,7 +701,33 @@ pub async fn serve(
     if let Some(s) = sampler {
         s.abort();
     }
+    trimmer.abort();
     Ok(())
+}
+
+/// How often the allocator's free memory goes back to the system.
+const RELEASE_MEMORY_EVERY: Duration = Duration::from_secs(5);
+
+/// Hands the allocator's free pages back to the system every few seconds
+/// ([`crate::resources::release_free_memory`]): without it the process keeps the peak of
+/// every burst of requests (connection buffers, parsed bodies, prompts, replies, freed on
+/// threads whose arenas then keep the pages), and its resident memory creeps up over a
+/// long run. It takes a few milliseconds on a blocking thread.
+async fn release_memory() {
+    let mut tick = tokio::time::interval(RELEASE_MEMORY_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let took = tokio::task::spawn_blocking(|| {
+            let start = std::time::Instant::now();
+            crate::resources::release_free_memory();
+            start.elapsed()
+        })
+        .await;
+        if let Ok(took) = took {
+            tracing::trace!("free memory released in {took:?}");
+        }
+    }
 }
 
 /// Feeds the dashboard's history once a second from the moment the model is loaded.

@@ -37,13 +37,15 @@ pub enum KvPool {
 }
 
 impl KvPool {
-    /// A zeroed pool for `layout`. Zeroed allocations are mapped lazily by the OS: blocks
-    /// never written cost no memory.
+    /// A zeroed pool for `layout`, resident from the start
+    /// ([`crate::resources::resident_zeroed`]): the process holds its whole KV cache at once,
+    /// as the GPU backend does, rather than growing towards it as the prefix cache fills
+    /// blocks it has never written.
     pub fn zeroed(layout: &KvLayout) -> KvPool {
         let n = layout.pool_len();
         match layout.dtype {
-            KvDtype::F32 => KvPool::F32(vec![0.0; n]),
-            KvDtype::F16 => KvPool::F16(vec![f16::ZERO; n]),
+            KvDtype::F32 => KvPool::F32(crate::resources::resident_zeroed(n)),
+            KvDtype::F16 => KvPool::F16(crate::resources::resident_zeroed(n)),
         }
     }
 
