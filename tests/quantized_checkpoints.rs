@@ -2,15 +2,20 @@
 //! qwen3-tiny quantized and packed by each format's own library (`tests/fixtures/make_*.py`),
 //! and transformers' float32 forward on the weights as that library dequantizes them.
 //!
-//! Three ways of running each fixture, with the README's tolerances:
+//! Ways of running each fixture, with the README's tolerances:
 //! - the exact path (every weight read into f32, f32 activations on the CPU): 2e-3;
 //! - the native blocks wick reads them into (Q4_0, Q4_1, Q8_0) with f32 compute (the CPU with
-//!   f32 activations, and the GPU, which computes in f32 on dequantized blocks): 2e-3 where
-//!   the mapping is exact; where wick requantizes to Q8_0, within 2e-3 of llama.cpp's own Q8_0
-//!   of the same weights (`q8_0_requantized` in the oracle), or under it where only some
-//!   blocks are requantized;
-//! - the same blocks with the CPU's default 8-bit activations: 0.1 more (the README's rule
-//!   for 8-bit activations).
+//!   f32 activations, and the GPU, which computes in f32 on dequantized blocks), the bf16
+//!   embedding kept as stored: 2e-3 where the mapping is exact; where wick requantizes to
+//!   Q8_0, within 2e-3 of llama.cpp's own Q8_0 of the same weights (`q8_0_requantized` in the
+//!   oracle); where the mapping rounds (Q4_1's `m`) or requantizes only some blocks (8-bit
+//!   `q − z` that does not fit a byte), within 2e-3 of the oracle's figure for exactly that
+//!   (`q4_1_mapped`, `q8_0_mapped`);
+//! - the same blocks with the embedding read into Q8_0, as wick loads them by default: within
+//!   2e-3 of the same figures computed with llama.cpp's Q8_0 of the embedding as well
+//!   (`embedding_q8_0` in the oracle);
+//! - either with the CPU's default 8-bit activations: 0.1 more (the README's rule for 8-bit
+//!   activations).
 
 mod common;
 
@@ -21,7 +26,7 @@ use common::*;
 use wick::backend::cpu::{ActQuant, CpuBackend};
 use wick::backend::{Backend, KvDtype};
 use wick::loader::checkpoint::Checkpoint;
-use wick::loader::quantization::scheme_of;
+use wick::loader::quantization::{scheme_of, QuantScheme};
 use wick::loader::safetensors::load_dir_with;
 use wick::loader::TensorSet;
 use wick::model::Model;
@@ -34,7 +39,7 @@ const TOL: f32 = 2e-3;
 /// Q4_0 file moves it by up to 0.136); held to twice the README's figure.
 const TOL_Q8_ACT: f32 = 0.2;
 
-/// What wick makes of a fixture's weights by default.
+/// What wick makes of a fixture's linear weights by default.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mapping {
     /// Every weight exactly, in this format.
@@ -44,9 +49,28 @@ enum Mapping {
     Q4_1,
     /// Every weight requantized to Q8_0 (llama.cpp's figure applies).
     Requantized,
-    /// Q8_0, exact in some blocks and requantized in the others (at most llama.cpp's
-    /// figure).
+    /// Q8_0 with `d = s`, exact in the blocks where `q − z` fits a byte and requantized in
+    /// the others: within 2e-3 of the oracle's figure for that (`q8_0_mapped`).
     Partly,
+}
+
+/// How the checkpoint's bf16 embedding (the tied output head) is read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Embedding {
+    /// As stored ([`QuantScheme::keep_embedding`]).
+    AsStored,
+    /// Into Q8_0, wick's default.
+    Q8_0,
+}
+
+impl Embedding {
+    /// The tensor type it has.
+    fn dtype(self) -> DType {
+        match self {
+            Embedding::AsStored => DType::BF16,
+            Embedding::Q8_0 => DType::Q8_0,
+        }
+    }
 }
 
 /// A fixture: its directory, the tensors file in it, and what wick makes of it.
@@ -124,11 +148,49 @@ const FIXTURES: &[Fixture] = &[
     },
 ];
 
-/// A fixture's oracle and, per case, llama.cpp's Q8_0 figure and the Q4_1 mapping's.
+/// The largest |Δ| of one case's last logits from the oracle's that the fixture script
+/// computed (transformers, with llama.cpp's gguf-py quantizer) for the linear weights as a
+/// mapping gives them.
+#[derive(Clone, Copy, Debug)]
+struct Figures {
+    /// Exact (0 with the embedding as stored: the oracle itself).
+    exact: f32,
+    /// Requantized to Q8_0 by llama.cpp.
+    q8_0: f32,
+    /// As Q4_1 blocks with `m = f16(−s·z)` (the asymmetric 4-bit fixtures).
+    q4_1: Option<f32>,
+    /// As Q8_0 blocks with `d = s` where `q − z` fits a byte, requantized by llama.cpp
+    /// elsewhere (the asymmetric 8-bit fixture).
+    partly_q8_0: Option<f32>,
+}
+
+impl Figures {
+    /// The figure of `mapping`.
+    fn of(self, mapping: Mapping) -> f32 {
+        match mapping {
+            Mapping::Exact(_) => self.exact,
+            Mapping::Q4_1 => self.q4_1.expect("the oracle's q4_1_mapped"),
+            Mapping::Requantized => self.q8_0,
+            Mapping::Partly => self.partly_q8_0.expect("the oracle's q8_0_mapped"),
+        }
+    }
+}
+
+/// A fixture's oracle and, per case, the figures with the embedding as stored and with it
+/// requantized to Q8_0.
 struct FixtureOracle {
     oracle: Oracle,
-    q8_0: Vec<f32>,
-    q4_1: Vec<Option<f32>>,
+    as_stored: Vec<Figures>,
+    q8_0_embedding: Vec<Figures>,
+}
+
+impl FixtureOracle {
+    fn figures(&self, e: Embedding) -> &[Figures] {
+        match e {
+            Embedding::AsStored => &self.as_stored,
+            Embedding::Q8_0 => &self.q8_0_embedding,
+        }
+    }
 }
 
 fn oracle(f: &Fixture) -> FixtureOracle {
@@ -138,24 +200,33 @@ fn oracle(f: &Fixture) -> FixtureOracle {
         serde_json::from_slice(&std::fs::read(dir.join("oracle.json")).unwrap()).unwrap();
     let cases = json["cases"].as_array().unwrap();
     let figure = |c: &serde_json::Value, k: &str| c[k].as_f64().map(|v| v as f32);
+    let figures = |c: &serde_json::Value, exact: f32| Figures {
+        exact,
+        q8_0: figure(c, "q8_0_requantized").unwrap(),
+        q4_1: figure(c, "q4_1_mapped"),
+        partly_q8_0: figure(c, "q8_0_mapped"),
+    };
+    let q8_0_embedding = |c: &serde_json::Value| {
+        let e = &c["embedding_q8_0"];
+        figures(e, figure(e, "exact").unwrap())
+    };
     FixtureOracle {
         oracle,
-        q8_0: cases
-            .iter()
-            .map(|c| figure(c, "q8_0_requantized").unwrap())
-            .collect(),
-        q4_1: cases.iter().map(|c| figure(c, "q4_1_mapped")).collect(),
+        as_stored: cases.iter().map(|c| figures(c, 0.0)).collect(),
+        q8_0_embedding: cases.iter().map(q8_0_embedding).collect(),
     }
 }
 
-/// The fixture assembled and opened as `wick` opens it, and with `exact` its tensors read
-/// into f32 (else the checkpoint's own).
-fn load(f: &Fixture, exact: bool) -> (tempfile::TempDir, Checkpoint, TensorSet) {
+/// The fixture assembled and opened as `wick` opens it (the checkpoint's own scheme), and
+/// its tensors read again with the scheme changed by `read`.
+fn load(
+    f: &Fixture,
+    read: impl Fn(QuantScheme) -> QuantScheme,
+) -> (tempfile::TempDir, Checkpoint, TensorSet) {
     let dir = quantized_checkpoint(f.name, f.file);
     let ckpt = Checkpoint::open_dir(dir.path(), f.name.into()).unwrap();
     let scheme = scheme_of(&config_json(dir.path())).unwrap().unwrap();
-    let scheme = if exact { scheme.exact() } else { scheme };
-    let tensors = load_dir_with(dir.path(), Some(scheme)).unwrap();
+    let tensors = load_dir_with(dir.path(), Some(read(scheme))).unwrap();
     (dir, ckpt, tensors)
 }
 
@@ -178,39 +249,34 @@ fn run_case<B: Backend>(m: &Arc<Model<B>>, case: &Case) -> (Vec<f32>, Vec<usize>
     teacher_forced(&mut session(m), case)
 }
 
-/// Runs every case of `f` on `m` and checks the last logits (within `tol` of the oracle, or
-/// of the Q8_0 figure as `figure` says), the top 8 at the last position and the greedy
-/// continuation. Returns the worst |Δ|.
+/// Runs every case of `f` on `m`, whose linear weights are read as `mapping` says and its
+/// embedding as `embedding` says, and checks the last logits (within `tol` of the oracle's
+/// figure for that pair), the top 8 at the last position and the greedy continuation.
+/// Returns the worst |Δ|.
 fn check<B: Backend>(
     m: &Arc<Model<B>>,
     o: &FixtureOracle,
     what: &str,
     tol: f32,
-    figure: Option<Mapping>,
+    (mapping, embedding): (Mapping, Embedding),
 ) -> f32 {
     let mut worst = 0f32;
-    for ((case, &q8), &q41) in o.oracle.cases.iter().zip(&o.q8_0).zip(&o.q4_1) {
+    for (case, figures) in o.oracle.cases.iter().zip(o.figures(embedding)) {
         let (last, argmaxes) = run_case(m, case);
         let d = max_abs_diff(&last, &o.oracle.last_logits(&case.name));
+        let want = figures.of(mapping);
         eprintln!(
-            "{what} {}: last logits max |Δ| {d:.2e} (llama.cpp's Q8_0 {q8:.2e})",
-            case.name
+            "{what} {}: last logits max |Δ| {d:.3e}, the oracle's figure {want:.3e} \
+             ({mapping:?}, embedding {embedding:?}; llama.cpp's Q8_0 of every layer {:.3e})",
+            case.name, figures.q8_0
         );
-        let (ok, allowed) = match figure {
-            Some(Mapping::Q4_1) => {
-                let q41 = q41.expect("the oracle's q4_1_mapped");
-                eprintln!("  the Q4_1 mapping's own figure: {q41:.2e}");
-                ((d - q41).abs() <= tol, q41 + tol)
-            }
-            Some(Mapping::Requantized) => ((d - q8).abs() <= tol, q8 + tol),
-            Some(Mapping::Partly) => (d <= q8 + tol, q8 + tol),
-            _ => (d <= tol, tol),
-        };
         assert!(
-            ok,
-            "{what} {}: last logits max |Δ| {d}, allowed {tol} ({figure:?}, Q8_0 {q8})",
+            (d - want).abs() <= tol,
+            "{what} {}: last logits max |Δ| {d}, the oracle's figure {want} ± {tol} \
+             ({mapping:?}, embedding {embedding:?})",
             case.name
         );
+        let allowed = want + tol;
         check_topk(
             case.input_ids.len() - 1,
             &last,
@@ -230,28 +296,39 @@ fn cpu_model(ckpt: &Checkpoint, tensors: &TensorSet, act: ActQuant) -> Arc<Model
     Arc::new(m.with_kv_dtype(KvDtype::F32))
 }
 
-/// The exact path: every fixture read into f32 and run in f32 on the CPU meets 2e-3.
+/// The exact path: every fixture read into f32 (the embedding as stored) and run in f32 on
+/// the CPU meets 2e-3.
 #[test]
 fn exact_path_matches_the_oracles() {
     for f in FIXTURES {
-        let (_dir, ckpt, tensors) = load(f, true);
+        let (_dir, ckpt, tensors) = load(f, QuantScheme::exact);
         let q = tensors
             .get("model.layers.0.self_attn.q_proj.weight")
             .unwrap();
         assert_eq!(q.dtype, DType::F32);
+        let e = tensors.get("model.embed_tokens.weight").unwrap();
+        assert_eq!(e.dtype, DType::BF16);
         let m = cpu_model(&ckpt, &tensors, ActQuant::F32);
-        check(&m, &oracle(f), &format!("{} exact", f.name), TOL, None);
+        let exact = (Mapping::Exact(DType::F32), Embedding::AsStored);
+        check(&m, &oracle(f), &format!("{} exact", f.name), TOL, exact);
     }
 }
 
-/// The native blocks on the CPU as `wick` loads them (`Checkpoint::open_dir`), with f32
-/// activations (2e-3, or the Q8_0 figure) and with the default 8-bit activations (0.1 more).
-#[test]
-fn native_blocks_match_the_oracles_on_the_cpu() {
+/// The native blocks on the CPU with the embedding read as `embedding` says (into Q8_0 as
+/// `wick` loads them, `Checkpoint::open_dir`), with f32 activations (2e-3 of the oracle's
+/// figure) and with the default 8-bit activations (0.1 more).
+fn native_blocks_on_the_cpu(embedding: Embedding) {
     for f in FIXTURES {
-        let (_dir, ckpt, exact) = load(f, true);
-        let tensors = &ckpt.tensors;
-        check_dtypes(f, tensors);
+        let (_dir, ckpt, exact) = load(f, QuantScheme::exact);
+        let kept;
+        let tensors = match embedding {
+            Embedding::Q8_0 => &ckpt.tensors,
+            Embedding::AsStored => {
+                (_, _, kept) = load(f, QuantScheme::keep_embedding);
+                &kept
+            }
+        };
+        check_dtypes(f, tensors, embedding);
         let mut worst = 0f32;
         for name in tensors.names().filter(|n| n.ends_with("_proj.weight")) {
             let d = max_abs_diff(
@@ -265,27 +342,37 @@ fn native_blocks_match_the_oracles_on_the_cpu() {
             f.name
         );
         let o = oracle(f);
+        let read = (f.mapping, embedding);
         let m = cpu_model(&ckpt, tensors, ActQuant::F32);
-        check(
-            &m,
-            &o,
-            &format!("{} blocks, f32 activations", f.name),
-            TOL,
-            Some(f.mapping),
-        );
+        let what = format!("{} blocks, embedding {embedding:?}", f.name);
+        check(&m, &o, &format!("{what}, f32 activations"), TOL, read);
         let m = cpu_model(&ckpt, tensors, ActQuant::Q8);
         check(
             &m,
             &o,
-            &format!("{} blocks, 8-bit activations", f.name),
+            &format!("{what}, 8-bit activations"),
             TOL_Q8_ACT,
-            Some(f.mapping),
+            read,
         );
     }
 }
 
-/// Every linear weight is in the format the fixture's mapping says.
-fn check_dtypes(f: &Fixture, tensors: &TensorSet) {
+/// With the embedding as stored, the blocks are held to 2e-3 where their mapping is exact.
+#[test]
+fn native_blocks_match_the_oracles_on_the_cpu() {
+    native_blocks_on_the_cpu(Embedding::AsStored);
+}
+
+/// As `wick` loads them, the embedding in Q8_0: the logits move by what llama.cpp's Q8_0
+/// of the same embedding moves them.
+#[test]
+fn native_blocks_with_the_q8_0_embedding_match_the_oracles_on_the_cpu() {
+    native_blocks_on_the_cpu(Embedding::Q8_0);
+}
+
+/// Every linear weight is in the format the fixture's mapping says, the embedding in the
+/// one `embedding` says.
+fn check_dtypes(f: &Fixture, tensors: &TensorSet, embedding: Embedding) {
     let want = match f.mapping {
         Mapping::Exact(d) => d,
         Mapping::Q4_1 => DType::Q4_1,
@@ -294,6 +381,8 @@ fn check_dtypes(f: &Fixture, tensors: &TensorSet) {
     for name in tensors.names().filter(|n| n.ends_with("_proj.weight")) {
         assert_eq!(tensors.get(name).unwrap().dtype, want, "{}: {name}", f.name);
     }
+    let e = tensors.get("model.embed_tokens.weight").unwrap();
+    assert_eq!(e.dtype, embedding.dtype(), "{}: the embedding", f.name);
     assert!(
         tensors
             .names()
@@ -303,24 +392,26 @@ fn check_dtypes(f: &Fixture, tensors: &TensorSet) {
     );
 }
 
-/// The native blocks on the GPU as `wick` loads them (`Checkpoint::open_dir`): f32 compute
-/// on the dequantized blocks, so 2e-3 (or the Q8_0 figure).
+/// The native blocks on the GPU, with the embedding as stored and as `wick` loads them
+/// (`Checkpoint::open_dir`, Q8_0): f32 compute on the dequantized blocks, so 2e-3 of the
+/// oracle's figure.
 #[cfg(feature = "gpu")]
 #[test]
 fn native_blocks_match_the_oracles_on_the_gpu() {
     for f in FIXTURES {
-        let Some(b) = gpu_backend() else { return };
-        let (_dir, ckpt, _) = load(f, false);
-        check_dtypes(f, &ckpt.tensors);
-        let m = Model::load(b, ckpt.config.clone(), &ckpt.tensors).unwrap();
-        let m = Arc::new(m.with_kv_dtype(KvDtype::F32));
-        check(
-            &m,
-            &oracle(f),
-            &format!("{} GPU", f.name),
-            TOL,
-            Some(f.mapping),
-        );
+        let (_dir, ckpt, kept) = load(f, QuantScheme::keep_embedding);
+        let o = oracle(f);
+        for (embedding, tensors) in [
+            (Embedding::AsStored, &kept),
+            (Embedding::Q8_0, &ckpt.tensors),
+        ] {
+            let Some(b) = gpu_backend() else { return };
+            check_dtypes(f, tensors, embedding);
+            let m = Model::load(b, ckpt.config.clone(), tensors).unwrap();
+            let m = Arc::new(m.with_kv_dtype(KvDtype::F32));
+            let what = format!("{} GPU, embedding {embedding:?}", f.name);
+            check(&m, &o, &what, TOL, (f.mapping, embedding));
+        }
     }
 }
 
@@ -485,7 +576,9 @@ fn desc_act_falls_back_to_q8_0_not_q4_1() {
         .unwrap();
     let dir = quantized_checkpoint(f.name, f.file);
     let ckpt = Checkpoint::open_dir(dir.path(), f.name.into()).unwrap();
+    // The embedding as stored, so that only the fallback moves the logits.
     let scheme = scheme_of(&config_json(dir.path())).unwrap().unwrap();
+    let scheme = scheme.keep_embedding();
     let o = oracle(f);
     let mut worst = Vec::new();
     for dtype in [DType::Q8_0, DType::Q4_1] {

@@ -36,7 +36,6 @@ use super::grouped::{contiguous_groups, GroupedWeight, IntScheme};
 use super::quantization::Parts;
 use super::safetensors::RawDType;
 use crate::error::{Error, Result};
-use crate::quant::DType;
 
 /// What a compressed-tensors `quantization_config` says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,11 +120,7 @@ impl CtScheme {
             bits,
             group_size,
             int: IntScheme::default(),
-            fp8: Fp8Scheme {
-                block: None,
-                into: DType::Q8_0,
-                scale: "weight_scale",
-            },
+            fp8: Fp8Scheme::new(None, "weight_scale"),
         })
     }
 

@@ -26,8 +26,8 @@
 //! instead: exact, four times the memory. A native FP8 path would save 6% of the bytes and
 //! needs e4m3 decoding in every kernel.
 //!
-//! Read into Q8_0, the bf16 embedding becomes Q8_0 too (a tied model reads it whole for every
-//! token's logits), as in llama.cpp's Q8_0 files; the norms stay as they are.
+//! Read into Q8_0, the bf16 embedding becomes Q8_0 too, as with every quantized checkpoint
+//! ([`super::quantization`] does it and says why); the norms stay as they are.
 //!
 //! Static activation scales (`activation_scheme: static`) are refused: wick quantizes
 //! activations itself, per block, which is what `dynamic` means.
@@ -52,9 +52,23 @@ pub struct Fp8Scheme {
     /// The suffix of the scales beside `X.weight`: `weight_scale_inv` (transformers' FP8)
     /// or `weight_scale` (compressed-tensors); both multiply.
     pub scale: &'static str,
+    /// Keep the float embedding and an untied head as stored instead of reading them into
+    /// Q8_0 with the weights ([`super::quantization`] does that).
+    pub keep_embedding: bool,
 }
 
 impl Fp8Scheme {
+    /// Weights with scales named `scale`, in blocks of `block` (or as the scales' shape
+    /// says), read into Q8_0.
+    pub fn new(block: Option<[usize; 2]>, scale: &'static str) -> Fp8Scheme {
+        Fp8Scheme {
+            block,
+            into: DType::Q8_0,
+            scale,
+            keep_embedding: false,
+        }
+    }
+
     /// The same scheme read into f32: exact, for tests and for users who want no
     /// requantization.
     pub fn exact(self) -> Fp8Scheme {
@@ -110,11 +124,7 @@ impl Fp8Scheme {
                 }
             }
         };
-        Ok(Some(Fp8Scheme {
-            block,
-            into: DType::Q8_0,
-            scale: "weight_scale_inv",
-        }))
+        Ok(Some(Fp8Scheme::new(block, "weight_scale_inv")))
     }
 }
 
@@ -138,8 +148,6 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
 /// if its rows are not whole blocks).
 pub fn convert(scheme: Fp8Scheme, fp8: Vec<RawTensor>, set: &mut TensorSet) -> Result<()> {
     let table: Vec<f32> = (0..=255u8).map(e4m3_to_f32).collect();
-    // A compressed-tensors checkpoint may have no FP8 layer: its embedding stays as it is.
-    let any_fp8 = !fp8.is_empty();
     for t in fp8 {
         let RawTensor {
             name,
@@ -219,21 +227,6 @@ pub fn convert(scheme: Fp8Scheme, fp8: Vec<RawTensor>, set: &mut TensorSet) -> R
             data: Bytes::from_vec(out),
         })?;
     }
-    // The embedding (and an untied head) stay bf16 in FP8 checkpoints; read into Q8_0 as
-    // well, so that the model's largest matrix, which decode reads whole for the logits,
-    // costs what the FP8 layers cost (as llama.cpp's Q8_0 files have it).
-    if scheme.into == DType::Q8_0 && any_fp8 {
-        for name in ["model.embed_tokens.weight", "lm_head.weight"] {
-            let convert = set.try_get(name).is_some_and(|t| {
-                matches!(t.dtype, DType::BF16 | DType::F16 | DType::F32)
-                    && t.shape.last().is_some_and(|c| c.is_multiple_of(32))
-            });
-            if convert {
-                let t = set.remove(name).expect("present");
-                set.insert(super::convert_tensor(&t, DType::Q8_0)?)?;
-            }
-        }
-    }
     let suffix = format!(".{}", scheme.scale);
     if let Some(left) = set.names().find(|n| n.ends_with(&suffix)) {
         return Err(Error::UnsupportedModel(format!(
@@ -279,6 +272,7 @@ mod tests {
                 block: Some([128, 128]),
                 into: DType::Q8_0,
                 scale: "weight_scale_inv",
+                keep_embedding: false,
             }))
         );
         assert_eq!(
@@ -287,6 +281,7 @@ mod tests {
                 block: None,
                 into: DType::Q8_0,
                 scale: "weight_scale_inv",
+                keep_embedding: false,
             }))
         );
         assert_eq!(parse(r#"{"quant_method": "gptq"}"#), Ok(None));
@@ -317,11 +312,7 @@ mod tests {
             data: Bytes::from_vec(scales.iter().flat_map(|s| s.to_le_bytes()).collect()),
         })
         .unwrap();
-        let scheme = Fp8Scheme {
-            block: Some([2, 40]),
-            into: DType::Q8_0,
-            scale: "weight_scale_inv",
-        };
+        let scheme = Fp8Scheme::new(Some([2, 40]), "weight_scale_inv");
         convert(scheme, vec![raw("w.weight", vec![rows, cols], q)], &mut set).unwrap();
         let w = set.get("w.weight").unwrap();
         assert_eq!(w.dtype, DType::Q8_0);
@@ -340,11 +331,7 @@ mod tests {
 
     #[test]
     fn missing_or_misshapen_scales_are_errors() {
-        let scheme = Fp8Scheme {
-            block: Some([32, 32]),
-            into: DType::Q8_0,
-            scale: "weight_scale_inv",
-        };
+        let scheme = Fp8Scheme::new(Some([32, 32]), "weight_scale_inv");
         let w = || vec![raw("w.weight", vec![64, 64], vec![0x38; 64 * 64])];
         let mut empty = TensorSet::default();
         assert!(convert(scheme, w(), &mut empty)

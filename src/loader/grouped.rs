@@ -25,8 +25,8 @@
 //!   `q − z` fits in −128…127: always for symmetric weights (`z = 128`). A block of an
 //!   asymmetric matrix whose values do not fit is requantized to Q8_0 from its exact values
 //!   (`d = max|w| / 127`, llama.cpp's rounding): one rounding of at most `max|w| / 254`. On
-//!   the asymmetric per-row GPTQ fixture the logits move by 0.07–0.10, under the 0.09–0.12
-//!   of requantizing every block.
+//!   the asymmetric per-row GPTQ fixture the logits move by 0.07–0.10, the oracle's figure
+//!   for exactly that mix (`q8_0_mapped`), under the 0.09–0.12 of requantizing every block.
 //!
 //! The scale must be an f16 number for `d = s` (GPTQ's and AWQ's are f16; a bf16 or f32
 //! scale of compressed-tensors usually is, and is checked). Everything else — groups that
@@ -59,6 +59,9 @@ pub struct IntScheme {
     /// The format of weights whose groups do not map onto blocks: [`DType::Q8_0`] by
     /// default (f32 when the rows are not whole blocks either).
     pub fallback: DType,
+    /// Keep the float embedding and an untied head as stored instead of reading them into
+    /// Q8_0 ([`super::quantization`] says why it does by default).
+    pub keep_embedding: bool,
 }
 
 impl Default for IntScheme {
@@ -66,6 +69,7 @@ impl Default for IntScheme {
         IntScheme {
             exact: false,
             fallback: DType::Q8_0,
+            keep_embedding: false,
         }
     }
 }

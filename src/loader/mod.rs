@@ -9,7 +9,8 @@
 //! - [`safetensors`]: Hugging Face `model.safetensors` and sharded checkpoints.
 //! - [`quantization`]: `quantization_config` read, and the packed weights it describes
 //!   converted: [`fp8`] (into Q8_0), [`gptq`], [`awq`] and [`compressed_tensors`] (through
-//!   [`grouped`], into Q4_0, Q4_1 or Q8_0 where that is exact); other methods refused.
+//!   [`grouped`], into Q4_0, Q4_1 or Q8_0 where that is exact), the float embedding beside
+//!   them into Q8_0; other methods refused.
 //! - [`gguf`]: llama.cpp's GGUF files (quantized weights, tokenizer and template in one file).
 //! - [`gguf_write`]: writing GGUF files (`wick quantize`).
 //! - [`names`]: the GGUF → Hugging Face tensor name table.

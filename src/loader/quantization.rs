@@ -8,11 +8,27 @@
 //! | `gptq` (2/4/8 bits, v1 and v2 zeros, `desc_act`) | [`super::gptq`] | 4-bit: Q4_0 if symmetric (exact), else Q4_1 (`m` rounded to f16); 8-bit: Q8_0, exact where `q − z` fits a byte; reordered groups and 2-bit: Q8_0 (requantized) |
 //! | `awq` (4 bits, GEMM packing) | [`super::awq`] | Q4_1 (Q4_0 if all zeros are 8) |
 //! | `compressed-tensors` (`pack-quantized` 1–8 bits, `int-quantized`, `float-quantized`) | [`super::compressed_tensors`] | as GPTQ for ints; FP8 as `fp8` |
+//! | any of them: the float embedding (`model.embed_tokens.weight`) and an untied `lm_head.weight` | here ([`embedding_into_q8_0`]) | Q8_0 (requantized); as stored with [`QuantScheme::keep_embedding`] |
 //!
 //! [`super::grouped`] says exactly where the integer formats' mapping is exact and where it
 //! rounds. Every scheme has an exact variant ([`QuantScheme::exact`]) that reads the
-//! weights into f32. Any other method (bitsandbytes, HQQ, EETQ, …) is refused with an error
-//! naming it and the supported ones.
+//! weights into f32 and keeps the embedding as stored. Any other method (bitsandbytes, HQQ,
+//! EETQ, …) is refused with an error naming it and the supported ones.
+//!
+//! **Why the embedding becomes Q8_0.** These checkpoints pack the linear layers only; the
+//! embedding (which Qwen3-0.6B ties as the output head) and an untied head stay bf16. Decode
+//! reads the head whole for every token's logits: on Qwen3-0.6B its 151936 × 1024 bf16 values
+//! are 311 MB, more than all of its 4-bit layers, so a 4-bit checkpoint with its embedding
+//! as stored decodes a quarter to a third slower than the GGUF file of the same blocks (the
+//! README's measurements). Q8_0 (165 MB) is what llama.cpp's Q8_0 files hold it in (its 4-bit
+//! mixes take Q6_K, smaller and coarser), and it moves the logits by the Q8_0 step only: on
+//! the test fixtures (`tests/quantized_checkpoints.rs`, hidden size 64, so every row is two
+//! blocks) by 0.07–0.10, the figure of llama.cpp's own Q8_0 quantizer for the same embedding,
+//! which wick's lands on within 2e-3. It is done once at least one packed layer was read,
+//! for rows of whole blocks. The command line reads a checkpoint as its `config.json` says
+//! and has no switch for it; a library user loading through
+//! [`load_dir_with`](super::safetensors::load_dir_with) keeps the embedding as stored with
+//! [`QuantScheme::keep_embedding`].
 //!
 //! A packed weight with a missing part (`qzeros`, `weight_scale`, …), a part of the wrong
 //! shape, or a packed tensor that belongs to no layer is an error naming the tensor.
@@ -29,7 +45,7 @@ use super::grouped::{GroupedWeight, IntScheme};
 use super::safetensors::{RawDType, RawTensor};
 use super::{HostTensor, TensorSet};
 use crate::error::{Error, Result};
-use crate::quant::DType;
+use crate::quant::{q8_0, DType};
 
 /// What a checkpoint's `quantization_config` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,12 +72,29 @@ impl QuantScheme {
         self.with_int(|i| i.fallback = dtype)
     }
 
+    /// The same scheme keeping the float embedding and an untied head as stored (bf16 in
+    /// the published checkpoints) instead of reading them into Q8_0: the checkpoint's own
+    /// values, at the decode speed the module doc gives.
+    pub fn keep_embedding(self) -> QuantScheme {
+        self.with_int(|i| i.keep_embedding = true)
+    }
+
+    /// Changes the settings every format shares; FP8's are the same ones in its own terms
+    /// (exact is `into` f32).
     fn with_int(self, f: impl Fn(&mut IntScheme)) -> QuantScheme {
         match self {
             QuantScheme::Fp8(s) => {
-                let mut i = IntScheme::default();
+                let mut i = IntScheme {
+                    exact: s.into == DType::F32,
+                    keep_embedding: s.keep_embedding,
+                    ..IntScheme::default()
+                };
                 f(&mut i);
-                QuantScheme::Fp8(if i.exact { s.exact() } else { s })
+                let s = if i.exact { s.exact() } else { s };
+                QuantScheme::Fp8(Fp8Scheme {
+                    keep_embedding: i.keep_embedding,
+                    ..s
+                })
             }
             QuantScheme::Gptq(mut s) => {
                 f(&mut s.int);
@@ -76,7 +109,21 @@ impl QuantScheme {
                 if s.int.exact {
                     s.fp8 = s.fp8.exact();
                 }
+                s.fp8.keep_embedding = s.int.keep_embedding;
                 QuantScheme::CompressedTensors(s)
+            }
+        }
+    }
+
+    /// Whether the float embedding and an untied head are read into Q8_0: unless the
+    /// scheme is exact or keeps them as stored.
+    fn embedding_into_q8_0(self) -> bool {
+        match self {
+            QuantScheme::Fp8(s) => s.into == DType::Q8_0 && !s.keep_embedding,
+            QuantScheme::Gptq(GptqScheme { int, .. })
+            | QuantScheme::Awq(AwqScheme { int, .. })
+            | QuantScheme::CompressedTensors(CtScheme { int, .. }) => {
+                !int.exact && !int.keep_embedding
             }
         }
     }
@@ -135,21 +182,38 @@ fn unsupported(q: &Value, why: Option<String>) -> String {
 }
 
 /// Replaces the packed tensors of `raw` (and their scales and zeros in `set`) by the
-/// tensors `scheme` reads them into.
+/// tensors `scheme` reads them into, and then, unless the scheme says otherwise, the float
+/// embedding and an untied head by Q8_0 ([`embedding_into_q8_0`]).
 pub fn convert(scheme: QuantScheme, raw: Vec<RawTensor>, set: &mut TensorSet) -> Result<()> {
+    let packed = convert_packed(scheme, raw, set)?;
+    // A checkpoint with no packed layer (an FP8 config over float weights) keeps its floats.
+    if packed > 0 && scheme.embedding_into_q8_0() {
+        embedding_into_q8_0(set)?;
+    }
+    Ok(())
+}
+
+/// The packed part of [`convert`]; returns how many packed layers there were.
+fn convert_packed(scheme: QuantScheme, raw: Vec<RawTensor>, set: &mut TensorSet) -> Result<usize> {
     match scheme {
-        QuantScheme::Fp8(s) => super::fp8::convert(s, raw, set),
+        QuantScheme::Fp8(s) => {
+            let n = raw.len();
+            super::fp8::convert(s, raw, set)?;
+            Ok(n)
+        }
         QuantScheme::Gptq(s) => {
             let mut parts = Parts::new(raw, set);
             let n = parts.convert_layers(".qweight", s.int, |b, p| s.unpack(b, p))?;
             none_packed(n, "gptq", "`*.qweight`")?;
-            parts.finish()
+            parts.finish()?;
+            Ok(n)
         }
         QuantScheme::Awq(s) => {
             let mut parts = Parts::new(raw, set);
             let n = parts.convert_layers(".qweight", s.int, |b, p| s.unpack(b, p))?;
             none_packed(n, "awq", "`*.qweight`")?;
-            parts.finish()
+            parts.finish()?;
+            Ok(n)
         }
         QuantScheme::CompressedTensors(s) => {
             let mut parts = Parts::new(raw, set);
@@ -168,15 +232,38 @@ pub fn convert(scheme: QuantScheme, raw: Vec<RawTensor>, set: &mut TensorSet) ->
                 parts.set.insert(w.into_tensor(s.int)?)?;
             }
             let fp8 = parts.take_all(RawDType::F8_E4M3);
+            n += fp8.len();
             none_packed(
-                n + fp8.len(),
+                n,
                 "compressed-tensors",
                 "`*.weight_packed`, int8 or FP8 weight",
             )?;
             parts.finish()?;
-            super::fp8::convert(s.fp8, fp8, set)
+            super::fp8::convert(s.fp8, fp8, set)?;
+            Ok(n)
         }
     }
+}
+
+/// The tensors decode reads whole for every token's logits: the embedding (the head of a
+/// tied model) and an untied head.
+const HEAD: [&str; 2] = ["model.embed_tokens.weight", "lm_head.weight"];
+
+/// Reads the embedding and an untied head into Q8_0 (as llama.cpp's Q8_0 files hold them)
+/// where they are float matrices of whole Q8_0 blocks; the module doc says why.
+pub fn embedding_into_q8_0(set: &mut TensorSet) -> Result<()> {
+    for name in HEAD {
+        let convert = set.try_get(name).is_some_and(|t| {
+            matches!(t.dtype, DType::BF16 | DType::F16 | DType::F32)
+                && t.shape.len() == 2
+                && t.shape[1].is_multiple_of(q8_0::BLOCK_ELEMS)
+        });
+        if convert {
+            let t = set.remove(name).expect("present");
+            set.insert(super::convert_tensor(&t, DType::Q8_0)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// A checkpoint whose config names a method but that holds none of its packed tensors
@@ -368,6 +455,145 @@ impl<'a> Parts<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loader::Bytes;
+
+    fn floats(name: &str, dtype: DType, shape: Vec<usize>) -> HostTensor {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+            .collect();
+        let data: Vec<u8> = match dtype {
+            DType::BF16 => values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+            DType::F16 => values
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect(),
+            _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        HostTensor {
+            name: name.into(),
+            dtype,
+            shape,
+            data: Bytes::from_vec(data),
+        }
+    }
+
+    /// An FP8 checkpoint's parts: one 64 × 64 layer of ones with its scale (without
+    /// `layers`, none), a bf16 embedding, an untied f16 head `head_cols` wide, a norm.
+    fn fp8_checkpoint(layers: bool, head_cols: usize) -> (Vec<RawTensor>, TensorSet) {
+        let mut set = TensorSet::default();
+        set.insert(floats(
+            "model.embed_tokens.weight",
+            DType::BF16,
+            vec![8, 64],
+        ))
+        .unwrap();
+        set.insert(floats("lm_head.weight", DType::F16, vec![8, head_cols]))
+            .unwrap();
+        set.insert(floats("model.norm.weight", DType::BF16, vec![64]))
+            .unwrap();
+        if !layers {
+            return (Vec::new(), set);
+        }
+        set.insert(floats("w.weight_scale_inv", DType::F32, vec![1, 1]))
+            .unwrap();
+        let raw = vec![RawTensor {
+            name: "w.weight".into(),
+            dtype: RawDType::F8_E4M3,
+            shape: vec![64, 64],
+            data: Bytes::from_vec(vec![0x38; 64 * 64]),
+        }];
+        (raw, set)
+    }
+
+    fn dtype(set: &TensorSet, name: &str) -> DType {
+        set.get(name).unwrap().dtype
+    }
+
+    /// By default the float embedding and an untied head of whole blocks become Q8_0 (the
+    /// embedding within one Q8_0 step, `max |w| / 127` per block, of its values); exact
+    /// schemes, `keep_embedding` (kept through `with_fallback`), a head of partial blocks,
+    /// the norms and a checkpoint with no packed layer keep theirs.
+    #[test]
+    fn the_embedding_becomes_q8_0_unless_kept() {
+        let fp8 = QuantScheme::Fp8(Fp8Scheme::new(None, "weight_scale_inv"));
+        let (raw, mut set) = fp8_checkpoint(true, 64);
+        let want = set.get("model.embed_tokens.weight").unwrap().to_f32();
+        convert(fp8, raw, &mut set).unwrap();
+        assert_eq!(dtype(&set, "w.weight"), DType::Q8_0);
+        assert_eq!(dtype(&set, "model.embed_tokens.weight"), DType::Q8_0);
+        assert_eq!(dtype(&set, "lm_head.weight"), DType::Q8_0);
+        assert_eq!(dtype(&set, "model.norm.weight"), DType::BF16);
+        let got = set.get("model.embed_tokens.weight").unwrap().to_f32();
+        for (w, g) in want.chunks_exact(32).zip(got.chunks_exact(32)) {
+            let step = w.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            for (a, b) in w.iter().zip(g) {
+                assert!((a - b).abs() <= step, "{a} {b}");
+            }
+        }
+
+        for (scheme, layers, head_cols) in [
+            (fp8.keep_embedding(), true, 64),
+            (fp8.exact(), true, 64),
+            (fp8.keep_embedding().with_fallback(DType::Q4_1), true, 64),
+            (fp8, false, 64),
+        ] {
+            let (raw, mut set) = fp8_checkpoint(layers, head_cols);
+            convert(scheme, raw, &mut set).unwrap();
+            assert_eq!(
+                dtype(&set, "model.embed_tokens.weight"),
+                DType::BF16,
+                "{scheme:?}"
+            );
+            assert_eq!(dtype(&set, "lm_head.weight"), DType::F16, "{scheme:?}");
+        }
+        let (raw, mut set) = fp8_checkpoint(true, 48);
+        convert(fp8, raw, &mut set).unwrap();
+        assert_eq!(dtype(&set, "model.embed_tokens.weight"), DType::Q8_0);
+        assert_eq!(dtype(&set, "lm_head.weight"), DType::F16);
+    }
+
+    /// `keep_embedding` and `exact` reach every format's settings, in either order, and
+    /// compressed-tensors' FP8 part follows its integer part.
+    #[test]
+    fn keep_embedding_and_exact_compose() {
+        let ct = with(
+            r#"{"quant_method": "compressed-tensors", "format": "pack-quantized",
+                "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int",
+                "strategy": "group", "group_size": 32}}}}"#,
+        )
+        .unwrap()
+        .unwrap();
+        let gptq = with(r#"{"quant_method": "gptq", "bits": 4, "group_size": 32}"#)
+            .unwrap()
+            .unwrap();
+        let fp8 = with(r#"{"quant_method": "fp8"}"#).unwrap().unwrap();
+        for s in [ct, gptq, fp8] {
+            assert!(s.embedding_into_q8_0(), "{s:?}");
+            for kept in [
+                s.keep_embedding(),
+                s.exact(),
+                s.keep_embedding().exact(),
+                s.exact().keep_embedding(),
+            ] {
+                assert!(!kept.embedding_into_q8_0(), "{kept:?}");
+            }
+            let both = s.exact().keep_embedding();
+            assert_eq!(both, s.keep_embedding().exact());
+            match both {
+                QuantScheme::Fp8(f) => assert!(f.into == DType::F32 && f.keep_embedding),
+                QuantScheme::CompressedTensors(c) => {
+                    assert!(c.int.exact && c.int.keep_embedding);
+                    assert!(c.fp8.into == DType::F32 && c.fp8.keep_embedding);
+                }
+                QuantScheme::Gptq(g) => assert!(g.int.exact && g.int.keep_embedding),
+                QuantScheme::Awq(_) => unreachable!(),
+            }
+        }
+    }
 
     fn with(q: &str) -> Result<Option<QuantScheme>> {
         let v: Value = serde_json::from_str(&format!("{{\"quantization_config\": {q}}}")).unwrap();
