@@ -428,7 +428,10 @@ mod tests {
         let n = 16 << 20; // 64 MiB of f32: a fresh mapping, not recycled heap.
         let lazy: Vec<f32> = bytemuck::zeroed_vec(n);
         let (mapped, pages) = resident_pages(&lazy);
-        assert!(mapped < pages / 2, "{mapped} of {pages} pages already mapped");
+        assert!(
+            mapped < pages / 2,
+            "{mapped} of {pages} pages already mapped"
+        );
         let v: Vec<f32> = resident_zeroed(n);
         let (mapped, pages) = resident_pages(&v);
         assert_eq!(mapped, pages);

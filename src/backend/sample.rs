@@ -96,6 +96,11 @@ impl RowSampling {
     pub fn is_greedy(&self) -> bool {
         self.temperature.is_nan() || self.temperature < GREEDY_TEMPERATURE
     }
+
+    /// Whether min-p, top-k and top-p all let every token of a `vocab`-token row through.
+    fn filters_off(&self, vocab: usize) -> bool {
+        self.min_p <= 0.0 && (self.top_k == 0 || self.top_k as usize >= vocab) && self.top_p >= 1.0
+    }
 }
 
 const _: () = assert!(size_of::<RowSampling>() == 32);
@@ -168,28 +173,103 @@ fn by_rank(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
 /// Chooses the token of one row of logits `[V]` (see the module docs for the algorithm).
 /// `scratch` holds the survivors (up to `[V]`); it is reused across calls.
 pub fn sample_row(logits: &[f32], p: &RowSampling, scratch: &mut Vec<(u32, f32)>) -> u32 {
+    sample_row_with(logits, p, scratch, false)
+}
+
+/// [`sample_row`]; with `parallel`, a row without filters runs its race on the current rayon
+/// pool, in chunks (the winner does not depend on how the row is cut).
+fn sample_row_with(
+    logits: &[f32],
+    p: &RowSampling,
+    scratch: &mut Vec<(u32, f32)>,
+    parallel: bool,
+) -> u32 {
     assert!(!logits.is_empty(), "sampling an empty row");
     let best = argmax(logits);
     let max = logits[best as usize];
     if p.is_greedy() || !max.is_finite() {
         return best;
     }
-    filter(logits, p, max, scratch);
-    // The race, among the survivors with any weight.
-    let inv_t = 1.0 / p.temperature;
-    let mut winner: Option<(u32, f32)> = None;
-    for &(id, l) in scratch.iter() {
-        if let Some(score) = race_score(l, max, inv_t, p.seed, id) {
-            let better = match winner {
-                None => true,
-                Some((wid, ws)) => score > ws || (score == ws && id < wid),
-            };
-            if better {
-                winner = Some((id, score));
+    let race = Race {
+        max,
+        inv_t: 1.0 / p.temperature,
+        seed: p.seed,
+    };
+    // The argmax survives every filter; its score is where the race starts.
+    let start = race.enter(None, best, max);
+    let winner = if p.filters_off(logits.len()) {
+        // Every token races: straight from the logits, without copying them.
+        let run = |base: usize, chunk: &[f32]| {
+            chunk
+                .iter()
+                .enumerate()
+                .fold(start, |w, (i, &l)| race.enter(w, (base + i) as u32, l))
+        };
+        if parallel && logits.len() >= 2 * RACE_CHUNK {
+            use rayon::prelude::*;
+            logits
+                .par_chunks(RACE_CHUNK)
+                .enumerate()
+                .map(|(c, chunk)| run(c * RACE_CHUNK, chunk))
+                .reduce(|| start, Race::better)
+        } else {
+            run(0, logits)
+        }
+    } else {
+        filter(logits, p, max, scratch);
+        scratch
+            .iter()
+            .fold(start, |w, &(id, l)| race.enter(w, id, l))
+    };
+    winner.map_or(best, |(id, _)| id)
+}
+
+/// Logits per chunk of a parallel race.
+const RACE_CHUNK: usize = 16384;
+
+/// An upper bound of `-ln E` over every noise [`race_noise`] gives: its smallest `E` is
+/// about `2^-24` (`u` one half-step below 1), so `-ln E ≤ 16.64`. A token whose
+/// `(l - max) / T` is more than this below the best score so far cannot win, and its noise
+/// is not computed; on a trained model that is most of the vocabulary.
+const MAX_NEG_LN_NOISE: f32 = 17.0;
+
+/// The exponential race of one row.
+#[derive(Clone, Copy)]
+struct Race {
+    max: f32,
+    inv_t: f32,
+    seed: u32,
+}
+
+impl Race {
+    /// The leader after token `id` with logit `l` enters against `leader`: the larger
+    /// [`race_score`], ties to the lower id. Tokens that cannot beat the leader are
+    /// skipped without their noise (see [`MAX_NEG_LN_NOISE`]).
+    fn enter(self, leader: Option<(u32, f32)>, id: u32, l: f32) -> Option<(u32, f32)> {
+        if let Some((_, ws)) = leader {
+            if (l - self.max) * self.inv_t + MAX_NEG_LN_NOISE < ws {
+                return leader;
             }
         }
+        match race_score(l, self.max, self.inv_t, self.seed, id) {
+            Some(score) => Race::better(leader, Some((id, score))),
+            None => leader,
+        }
     }
-    winner.map_or(best, |(id, _)| id)
+
+    /// The better of two leaders: the higher score, ties to the lower id.
+    fn better(a: Option<(u32, f32)>, b: Option<(u32, f32)>) -> Option<(u32, f32)> {
+        match (a, b) {
+            (Some((ai, a_s)), Some((bi, b_s))) => {
+                if b_s > a_s || (b_s == a_s && bi < ai) {
+                    b
+                } else {
+                    a
+                }
+            }
+            (None, x) | (x, None) => x,
+        }
+    }
 }
 
 /// The filters of a row that is not greedy and whose largest logit `max` is finite: leaves
@@ -235,7 +315,8 @@ pub(crate) fn filter(logits: &[f32], p: &RowSampling, max: f32, cands: &mut Vec<
     }
 }
 
-/// [`sample_row`] over `rows` rows of `logits` (`[rows, V]`), writing `out[rows]`.
+/// [`sample_row`] over `rows` rows of `logits` (`[rows, V]`), writing `out[rows]`; a row's
+/// race runs on the current rayon pool (the CPU backend's, inside its step).
 pub fn sample_rows(
     logits: &[f32],
     vocab: usize,
@@ -250,9 +331,9 @@ pub fn sample_rows(
             Some(mask) if p.mask != NO_MASK => {
                 let mut masked = row.to_vec();
                 apply_mask(&mut masked, mask);
-                sample_row(&masked, p, scratch)
+                sample_row_with(&masked, p, scratch, true)
             }
-            _ => sample_row(row, p, scratch),
+            _ => sample_row_with(row, p, scratch, true),
         };
     }
 }
@@ -288,6 +369,59 @@ mod tests {
             sample_row(&[f32::NEG_INFINITY, f32::NEG_INFINITY], &g, &mut s),
             0
         );
+    }
+
+    /// The race without shortcuts: every token's score, the best one (ties to the lower id).
+    fn full_race(l: &[f32], p: &RowSampling) -> u32 {
+        let max = l[argmax(l) as usize];
+        let mut w: Option<(u32, f32)> = None;
+        for (i, &x) in l.iter().enumerate() {
+            if let Some(s) = race_score(x, max, 1.0 / p.temperature, p.seed, i as u32) {
+                if w.is_none_or(|(wi, ws)| s > ws || (s == ws && (i as u32) < wi)) {
+                    w = Some((i as u32, s));
+                }
+            }
+        }
+        w.unwrap().0
+    }
+
+    #[test]
+    fn the_pruned_and_parallel_race_picks_what_the_full_race_picks() {
+        // Logits spread as a trained model's (a few high, a long tail 20+ below: the bound
+        // skips most) and as a random model's (all close: it skips none), over 3 chunks.
+        let n = 3 * RACE_CHUNK + 77;
+        let mut state = 12345u32;
+        let mut next = || {
+            state = mix(state.wrapping_add(0x9e37_79b9));
+            state as f32 / u32::MAX as f32
+        };
+        let wide: Vec<f32> = (0..n)
+            .map(|i| {
+                if i % 997 == 0 {
+                    20.0 + 5.0 * next()
+                } else {
+                    10.0 * next() - 5.0
+                }
+            })
+            .collect();
+        let narrow: Vec<f32> = (0..n).map(|_| next()).collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let mut scratch = Vec::new();
+        for l in [&wide, &narrow] {
+            for seed in 0..40 {
+                for t in [0.3, 1.0, 2.5] {
+                    let p = RowSampling::new(t, 0, 1.0, 0.0, seed);
+                    let want = full_race(l, &p);
+                    assert_eq!(sample_row(l, &p, &mut scratch), want, "seed {seed} T {t}");
+                    let mut out = [0u32];
+                    pool.install(|| sample_rows(l, n, &[p], &[], &mut out, &mut scratch));
+                    assert_eq!(out[0], want, "parallel, seed {seed} T {t}");
+                }
+            }
+        }
     }
 
     /// How often each id is drawn over `n` seeds.

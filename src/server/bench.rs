@@ -711,7 +711,7 @@ pub async fn search_slo(
 }
 
 /// The first model the server lists. A server that is still starting (connection refused,
-/// or listening while its model loads, with an empty list) is asked again for up to
+/// or listening while its model loads, with a 503 or an empty list) is asked again for up to
 /// [`STARTING_WAIT`].
 async fn first_model(
     client: &reqwest::Client,
@@ -735,6 +735,12 @@ async fn first_model(
             Err(e) => return Err(err(e.to_string())),
         };
         let status = resp.status();
+        // A server still loading its model answers 503 (llama-server, and wick before it
+        // listens with the model) or an empty list.
+        if starting && status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            continue;
+        }
         let v: Value = resp.json().await.map_err(|e| err(e.to_string()))?;
         if let Some(id) = v.pointer("/data/0/id").and_then(Value::as_str) {
             return Ok(id.to_string());
