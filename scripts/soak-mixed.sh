@@ -34,8 +34,9 @@ cleanup() {
   kill "$server" 2>/dev/null || true
 }
 trap cleanup EXIT
-for _ in $(seq 120); do
+for _ in $(seq 240); do
   curl -sf "$url/health" >/dev/null && break
+  kill -0 "$server" 2>/dev/null || { echo "the server ended:"; cat "$log"; exit 1; }
   sleep 0.5
 done
 name=$(curl -s "$url/v1/models" | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
@@ -55,7 +56,8 @@ metric() { awk -v m="$1" '$1 == m { print $2 }' <<<"$2"; }
 echo "requests rss_mib"
 next=500
 while true; do
-  m=$(curl -s "$url/metrics")
+  kill -0 "$server" 2>/dev/null || { echo "the server ended:"; cat "$log"; exit 1; }
+  m=$(curl -s "$url/metrics" || true)
   n=$(metric wick_requests_submitted_total "$m")
   rss=$(metric wick_process_resident_memory_bytes "$m")
   if [ -n "$n" ] && [ "$n" -ge "$next" ]; then

@@ -203,34 +203,36 @@ async fn log_stats(state: Arc<wick::server::AppState>, every: f64) {
         tick.tick().await;
         let Some(l) = state.loaded() else { continue };
         let now = (std::time::Instant::now(), l.engine.metrics().snapshot());
-        if let Some((t0, s0)) = &last {
-            let s = &now.1;
-            let secs = now.0.duration_since(*t0).as_secs_f64().max(1e-3);
-            let prompt = s.prompt_tokens.saturating_sub(s0.prompt_tokens);
-            let generated = s.generation_tokens.saturating_sub(s0.generation_tokens);
-            if prompt + generated > 0 || s.running + s.waiting > 0 {
-                let kv = 100.0 * s.kv_blocks_used as f64 / s.kv_blocks_total.max(1) as f64;
-                let queried = s
-                    .prefix_cache_query_tokens
-                    .saturating_sub(s0.prefix_cache_query_tokens);
-                let hit = s
-                    .prefix_cache_hit_tokens
-                    .saturating_sub(s0.prefix_cache_hit_tokens);
-                let hit_rate = if queried > 0 {
-                    100.0 * hit as f64 / queried as f64
-                } else {
-                    0.0
-                };
-                eprintln!(
-                    "wick: Avg prompt throughput: {:.1} tokens/s, Avg generation throughput: \
-                     {:.1} tokens/s, Running: {} reqs, Waiting: {} reqs, KV cache usage: \
-                     {kv:.1}%, Prefix cache hit rate: {hit_rate:.1}%",
-                    prompt as f64 / secs,
-                    generated as f64 / secs,
-                    s.running,
-                    s.waiting,
-                );
-            }
+        // The first interval counts from the engine's start (every counter 0 then), so a
+        // request served before the first tick is not taken for the baseline.
+        let start = now.0.checked_sub(every).unwrap_or(now.0);
+        let (t0, s0) = *last.get_or_insert((start, Default::default()));
+        let s = &now.1;
+        let secs = now.0.duration_since(t0).as_secs_f64().max(1e-3);
+        let prompt = s.prompt_tokens.saturating_sub(s0.prompt_tokens);
+        let generated = s.generation_tokens.saturating_sub(s0.generation_tokens);
+        if prompt + generated > 0 || s.running + s.waiting > 0 {
+            let kv = 100.0 * s.kv_blocks_used as f64 / s.kv_blocks_total.max(1) as f64;
+            let queried = s
+                .prefix_cache_query_tokens
+                .saturating_sub(s0.prefix_cache_query_tokens);
+            let hit = s
+                .prefix_cache_hit_tokens
+                .saturating_sub(s0.prefix_cache_hit_tokens);
+            let hit_rate = if queried > 0 {
+                100.0 * hit as f64 / queried as f64
+            } else {
+                0.0
+            };
+            eprintln!(
+                "wick: Avg prompt throughput: {:.1} tokens/s, Avg generation throughput: \
+                 {:.1} tokens/s, Running: {} reqs, Waiting: {} reqs, KV cache usage: \
+                 {kv:.1}%, Prefix cache hit rate: {hit_rate:.1}%",
+                prompt as f64 / secs,
+                generated as f64 / secs,
+                s.running,
+                s.waiting,
+            );
         }
         last = Some(now);
     }
