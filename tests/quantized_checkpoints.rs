@@ -418,6 +418,15 @@ fn native_blocks_match_the_oracles_on_the_gpu() {
 /// A safetensors file's tensors, owned: name, dtype, shape, bytes.
 type Tensors = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
 
+/// Swaps the dimensions of tensor `name`'s shape (its bytes stay as they are).
+fn reverse_shape(t: &mut Tensors, name: &str) {
+    for (n, _, s, _) in t.iter_mut() {
+        if n == name {
+            s.reverse();
+        }
+    }
+}
+
 /// Rewrites `dir/model.safetensors` through `edit`.
 fn rewrite(dir: &Path, edit: impl Fn(&mut Tensors)) {
     let path = dir.join("model.safetensors");
@@ -461,13 +470,7 @@ fn malformed_and_unsupported_checkpoints_are_errors() {
         e.contains(&format!("{q}.qzeros")) && e.contains("missing"),
         "{e}"
     );
-    let e = open(&|t| {
-        for (n, _, s, _) in t.iter_mut() {
-            if n == &format!("{q}.scales") {
-                s.reverse();
-            }
-        }
-    });
+    let e = open(&|t| reverse_shape(t, &format!("{q}.scales")));
     assert!(
         e.contains(&format!("{q}.scales")) && e.contains("expected [groups, 128]"),
         "{e}"
@@ -528,22 +531,14 @@ fn malformed_and_unsupported_checkpoints_are_errors() {
     });
     assert!(e.contains(&format!("{q}.weight_shape")), "{e}");
     let e = open_fixture("qwen3-tiny-ct-w4a16-asym-g32", &|t| {
-        for (n, _, s, _) in t.iter_mut() {
-            if n == &format!("{q}.weight_zero_point") {
-                s.reverse();
-            }
-        }
+        reverse_shape(t, &format!("{q}.weight_zero_point"))
     });
     assert!(
         e.contains(&format!("{q}.weight_zero_point")) && e.contains("shape"),
         "{e}"
     );
     let e = open_fixture("qwen3-tiny-awq-w4g32", &|t| {
-        for (n, _, s, _) in t.iter_mut() {
-            if n == &format!("{q}.qzeros") {
-                s.reverse();
-            }
-        }
+        reverse_shape(t, &format!("{q}.qzeros"))
     });
     assert!(
         e.contains(&format!("{q}.qzeros")) && e.contains("shape"),

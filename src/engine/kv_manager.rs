@@ -92,7 +92,6 @@ const NIL: u32 = u32::MAX;
 struct Lru {
     prev: Vec<u32>,
     next: Vec<u32>,
-    linked: Vec<bool>,
     head: u32,
     tail: u32,
     len: usize,
@@ -103,15 +102,15 @@ impl Lru {
         Lru {
             prev: vec![NIL; n],
             next: vec![NIL; n],
-            linked: crate::resources::resident_zeroed(n),
             head: NIL,
             tail: NIL,
             len: 0,
         }
     }
 
+    /// Whether `b` is in the list: the head, or a block with a predecessor.
     fn contains(&self, b: u32) -> bool {
-        self.linked[b as usize]
+        self.head == b || self.prev[b as usize] != NIL
     }
 
     /// Appends `b` at the most-recent end.
@@ -125,7 +124,6 @@ impl Lru {
             t => self.next[t as usize] = b,
         }
         self.tail = b;
-        self.linked[i] = true;
         self.len += 1;
     }
 
@@ -141,7 +139,7 @@ impl Lru {
             NIL => self.tail = p,
             n => self.prev[n as usize] = p,
         }
-        self.linked[i] = false;
+        (self.prev[i], self.next[i]) = (NIL, NIL);
         self.len -= 1;
     }
 

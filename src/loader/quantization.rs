@@ -462,17 +462,8 @@ mod tests {
         let values: Vec<f32> = (0..n)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
             .collect();
-        let data: Vec<u8> = match dtype {
-            DType::BF16 => values
-                .iter()
-                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                .collect(),
-            DType::F16 => values
-                .iter()
-                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                .collect(),
-            _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        };
+        let mut data = vec![0u8; dtype.bytes_for(n).unwrap()];
+        crate::quant::quantize_row(dtype, &values, &mut data);
         HostTensor {
             name: name.into(),
             dtype,
